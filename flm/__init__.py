@@ -1,0 +1,1 @@
+"""FLM: growth-based LLM pre-training."""

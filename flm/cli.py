@@ -1,0 +1,108 @@
+"""`flm`: the command line. Every user error exits with code 2 and one line that names what to change."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, load_plan, load_yaml, parse
+from flm.plan import Hardware, plan_cost
+
+console = Console(width=max(120, shutil.get_terminal_size().columns))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_plan(args) -> None:
+    plan = load_plan(args.plan)
+    hw = parse(Hardware, {k: v for k, v in dict(gpus=args.gpus, tflops_per_gpu=args.tflops_per_gpu, mfu=args.mfu,
+                                                  peak_tflops=args.peak_tflops,
+                                                  price_per_gpu_hour=args.price).items() if v is not None},
+               "hardware")
+    try:
+        cost = plan_cost(plan, hw)
+    except ValueError as e:
+        raise FLMConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps(cost.model_dump(), indent=2))
+        return
+    table = Table(title=f"plan {plan.name}: growth vs training the final size from scratch")
+    for col in ("stage", "params", "tokens", "FLOPs", "GPUs", "TFLOP/s/GPU", "days", "GPU-days", "$"):
+        table.add_column(col, justify="right")
+    for s in cost.stages:
+        table.add_row(s.name, f"{s.params / 1e9:.2f}B", f"{s.tokens / 1e9:.2f}B", f"{s.flops:.3e}", str(s.gpus),
+                      f"{s.tflops_per_gpu:.0f}", f"{s.days:.2f}", f"{s.gpu_days:.0f}", f"{s.dollars:,.0f}")
+    table.add_row("growth total", "", f"{cost.total_tokens / 1e9:.2f}B", f"{cost.total_flops:.3e}", "", "",
+                  f"{cost.total_days:.2f}", "", f"{cost.total_dollars:,.0f}", style="bold")
+    last = cost.stages[-1]
+    table.add_row("from scratch", f"{last.params / 1e9:.2f}B", f"{cost.total_tokens / 1e9:.2f}B",
+                  f"{cost.scratch_flops:.3e}", str(last.gpus), f"{last.tflops_per_gpu:.0f}",
+                  f"{cost.scratch_days:.2f}", "", f"{cost.scratch_dollars:,.0f}")
+    console.print(table)
+    console.print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
+
+
+def cmd_check(args) -> None:
+    """Validate a YAML file as a growth plan or a proxy family."""
+    data = load_yaml(args.file)
+    kind = ProxyFamily if "widths" in data else GrowthPlan
+    obj = parse(kind, data, args.file)
+    console.print(f"{args.file}: valid {kind.__name__}")
+    if isinstance(obj, GrowthPlan):
+        for k, cfg in enumerate(obj.model_configs()):
+            console.print(f"  stage {k}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, "
+                          f"ffn {cfg.d_ffn}, {obj.steps(k)} steps")
+
+
+def cmd_demo(args) -> None:
+    from flm.demo import run_demo
+
+    run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="cost of a growth plan vs training the final size from scratch")
+    p.add_argument("plan", help="growth plan YAML, e.g. configs/flm-101b.yaml")
+    p.add_argument("--gpus", type=int, help="GPUs in every stage (default: each stage's layout tp*pp*dp)")
+    p.add_argument("--tflops-per-gpu", type=_floats, help="achieved TFLOP/s per GPU: one value or one per stage")
+    p.add_argument("--mfu", type=float, help="used when --tflops-per-gpu is not given (default 0.5)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for --mfu (default 312)")
+    p.add_argument("--price", type=float, help="US$ per GPU-hour (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("check", help="validate a plan or proxy YAML")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="the main job end to end on this machine")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FLMConfigError as e:
+        print(f"flm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Typed configuration: the model shape, one growth stage, and a whole growth plan.
+
+Every config is a pydantic model with `extra="forbid"`, so a typo in a YAML preset is an error that names the
+field, never a silently ignored key. `GrowthPlan.resolve()` turns stages given as deltas into full
+`ModelConfig`s; validation guarantees that every stage only grows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROWTH_DIMS = ("n_layer", "d_model", "n_head", "d_ffn")
+Operator = Literal["width", "ffn", "heads", "depth"]
+DEFAULT_OPERATOR_ORDER: tuple[Operator, ...] = ("width", "ffn", "heads", "depth")
+
+
+class FLMConfigError(ValueError):
+    """A configuration a user wrote is invalid; the message names the field and what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Shape and parametrisation of the GPT-3 style decoder (DESIGN §2).
+
+    The attention width `n_head * head_dim` may differ from `d_model`: MSG grows the residual width and the
+    head count independently (head_dim stays fixed). Presets keep them equal, as GPT-3 and FLM-101B do.
+    """
+
+    n_layer: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    head_dim: int = Field(default=0, ge=0, description="0: d_model // n_head")
+    d_ffn: int = Field(default=0, ge=0, description="0: 4 * d_model")
+    vocab_size: int = Field(ge=2)
+    seq_len: int = Field(default=2048, ge=1)
+    pos: Literal["xpos", "rope"] = "xpos"
+    xpos_scale_base: float = Field(default=512.0, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    base_width: int = Field(default=256, ge=1, description="μP: width at which multipliers are 1")
+    input_mult: float = Field(default=1.0, gt=0)
+    output_mult: float = Field(default=1.0, gt=0, description="μP output softmax temperature")
+    init_std: float = Field(default=0.02, gt=0)
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    ln_eps: float = Field(default=1e-5, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_derived(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            d, h = data.get("d_model"), data.get("n_head")
+            if not data.get("head_dim") and isinstance(d, int) and isinstance(h, int) and h > 0:
+                if d % h:
+                    raise ValueError(f"n_head: {h} heads do not divide d_model={d}; set head_dim explicitly "
+                                     f"or choose n_head dividing d_model")
+                data["head_dim"] = d // h
+            if not data.get("d_ffn") and isinstance(d, int):
+                data["d_ffn"] = 4 * d
+        return data
+
+    @field_validator("head_dim")
+    @classmethod
+    def _head_dim_even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"head_dim: {v} must be even (rotary positions rotate pairs of channels)")
+        return v
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def width_mult(self) -> float:
+        """μP width multiplier w = d_model / base_width."""
+        return self.d_model / self.base_width
+
+
+class ModelDelta(_Strict):
+    """The dimensions a stage changes, as new absolute values; the rest is inherited from the previous stage."""
+
+    n_layer: int | None = Field(default=None, ge=1)
+    d_model: int | None = Field(default=None, ge=1)
+    n_head: int | None = Field(default=None, ge=1)
+    d_ffn: int | None = Field(default=None, ge=1)
+
+
+class ParallelLayout(_Strict):
+    """Where a stage runs: a hint for cluster/ and the cost planner. `workers` may be (min, max) for elastic runs."""
+
+    workers: int | tuple[int, int] = 1
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class GrowthStage(_Strict):
+    """One stage of a growth plan: the model to train (full, or a delta from the previous stage) and its budget."""
+
+    name: str | None = None
+    model: ModelConfig | None = None
+    grow: ModelDelta | None = None
+    tokens: int = Field(gt=0, description="training tokens in this stage")
+    lr: float = Field(gt=0, description="peak learning rate at base width (μP), as the paper's 'start LR'")
+    batch_size: int = Field(gt=0, description="global batch, in sequences of seq_len tokens")
+    warmup_samples: int = Field(default=0, ge=0, description="LR warmup, in sequences")
+    ramp_steps: int = Field(default=0, ge=0, description="MSG mask ramp 0 -> 1, in optimizer steps")
+    depth_placement: Literal["stack", "interleave"] = "stack"
+    operator_order: tuple[Operator, ...] = DEFAULT_OPERATOR_ORDER
+    layout: ParallelLayout = ParallelLayout()
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if self.model is not None and self.grow is not None:
+            raise ValueError("give either 'model' (the full shape) or 'grow' (a delta), not both")
+        if sorted(self.operator_order) != sorted(set(self.operator_order)):
+            raise ValueError(f"operator_order: {list(self.operator_order)} repeats an operator")
+        return self
+
+
+class GrowthPlan(_Strict):
+    """An ordered list of stages; stage k+1 starts from stage k's grown checkpoint."""
+
+    name: str = "flm"
+    seed: int = 0
+    min_lr: float = Field(default=6e-6, ge=0, description="end of the one cosine schedule across stages")
+    stages: list[GrowthStage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_stages(self):
+        if self.stages[0].model is None:
+            raise ValueError("stages.0.model: the first stage needs a full model config")
+        prev: ModelConfig | None = None
+        for k, (stage, cfg) in enumerate(zip(self.stages, _resolve(self.stages), strict=True)):
+            steps = stage.tokens // (stage.batch_size * cfg.seq_len)
+            if stage.ramp_steps > steps:
+                raise ValueError(f"stages.{k}.ramp_steps: {stage.ramp_steps} is longer than the stage "
+                                 f"({steps} steps of {stage.batch_size}x{cfg.seq_len} tokens)")
+            if prev is not None:
+                _check_growth(prev, cfg, k)
+            prev = cfg
+        return self
+
+    def model_configs(self) -> list[ModelConfig]:
+        """The full model config of every stage, deltas applied."""
+        return _resolve(self.stages)
+
+    def steps(self, k: int) -> int:
+        """Optimizer steps of stage k."""
+        stage = self.stages[k]
+        return stage.tokens // (stage.batch_size * self.model_configs()[k].seq_len)
+
+
+class ProxyFamily(_Strict):
+    """The μP proxy: one shape at several widths (head_dim fixed), trained briefly with shared hyperparameters.
+    The grid search runs at `model.d_model`; loss prediction fits over `widths`."""
+
+    model: ModelConfig
+    widths: list[int] = Field(min_length=1)
+    tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _widths(self):
+        for w in self.widths:
+            if w <= 0 or w % self.model.head_dim:
+                raise ValueError(f"widths: {w} is not a positive multiple of head_dim={self.model.head_dim}")
+        return self
+
+    def at_width(self, width: int) -> ModelConfig:
+        """The proxy shape at `width` (heads follow the width, head_dim and base_width stay)."""
+        return ModelConfig(**{**self.model.model_dump(), "d_model": width, "n_head": width // self.model.head_dim,
+                              "d_ffn": 4 * width})
+
+
+def _resolve(stages: list[GrowthStage]) -> list[ModelConfig]:
+    configs: list[ModelConfig] = []
+    for k, stage in enumerate(stages):
+        if stage.model is not None:
+            configs.append(stage.model)
+            continue
+        if not configs:
+            raise ValueError("stages.0.model: the first stage needs a full model config")
+        prev = configs[-1]
+        delta = stage.grow.model_dump(exclude_none=True) if stage.grow else {}
+        if "d_model" in delta and "d_ffn" not in delta and prev.d_ffn == 4 * prev.d_model:
+            delta["d_ffn"] = 4 * delta["d_model"]  # keep the 4·d ratio unless the stage says otherwise
+        try:
+            configs.append(ModelConfig(**{**prev.model_dump(), **delta}))
+        except ValidationError as e:
+            raise ValueError(f"stages.{k}.grow: {_first_error(e)}") from None
+    return configs
+
+
+def _check_growth(old: ModelConfig, new: ModelConfig, k: int) -> None:
+    for dim in GROWTH_DIMS:
+        if getattr(new, dim) < getattr(old, dim):
+            raise ValueError(f"stages.{k}.{dim}: {getattr(new, dim)} < {getattr(old, dim)} in the previous "
+                             f"stage; growth plans may only grow")
+    if new.head_dim != old.head_dim:
+        raise ValueError(f"stages.{k}.head_dim: {new.head_dim} != {old.head_dim}; MSG grows heads at a fixed "
+                         f"head_dim, so n_head and d_model must grow together")
+    fixed = [f for f in ModelConfig.model_fields if f not in (*GROWTH_DIMS, "head_dim", "init_std", "dropout")]
+    for f in fixed:
+        if getattr(new, f) != getattr(old, f):
+            raise ValueError(f"stages.{k}.{f}: {getattr(new, f)!r} differs from the previous stage's "
+                             f"{getattr(old, f)!r}; only {', '.join(GROWTH_DIMS)} may change across stages")
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FLMConfigError(f"{p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise FLMConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise FLMConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict, source: str = "config"):
+    """Validate `data` as `model`, turning pydantic's report into one FLMConfigError line naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise FLMConfigError(f"{source}: {_first_error(e)}") from None
+
+
+def load_plan(path: str | Path) -> GrowthPlan:
+    return parse(GrowthPlan, load_yaml(path), str(path))

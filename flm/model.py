@@ -1,0 +1,281 @@
+"""The FLM decoder (DESIGN §2): GPT-3 style, pre-LayerNorm, xPos or RoPE rotary positions, μP multipliers,
+tied embeddings, SDPA attention, a KV cache, and the MSG growth masks.
+
+Growth masks are buffers that exist only while a growth is being ramped in (`flm.growth` installs them, `MaskRamp`
+moves them from 0 to 1 and then removes them). Their values are 1 on old coordinates and m < 1 on new ones, so the
+new coordinates are exactly those below 1. Without masks the forward pass is a plain GPT: no extra kernels.
+
+- hidden_mask (d_model,): multiplies every write into the residual stream and every LayerNorm output; LayerNorm
+  statistics are taken over the masked coordinates only, so at m = 0 old coordinates see the old function.
+- mlp.ffn_mask (d_ffn,): multiplies the FFN pre-activation (GELU(0) = 0).
+- attn.head_mask (n_head,): multiplies the new heads' q, k and v.
+- gate (): a new block's output h <- h + gate · (block(h) - h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flm import mup
+from flm.config import ModelConfig
+
+MASK_NAMES = ("hidden_mask", "ffn_mask", "head_mask", "gate")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias whose statistics can be restricted to masked coordinates (MSG width growth)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        mask = mask.to(x.dtype)
+        total = mask.sum()
+        mu = (x * mask).sum(-1, keepdim=True) / total
+        var = ((x - mu).square() * mask).sum(-1, keepdim=True) / total
+        y = (x - mu) * torch.rsqrt(var + self.eps) * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y * mask
+
+
+class Rotary(nn.Module):
+    """Rotary positions (GPT-NeoX "rotate half" layout), optionally with xPos decay.
+
+    xPos scales q at absolute position n by ζ^((n - c)/scale_base) and k by its inverse, so q·k decays with
+    distance as ζ^((n - m)/scale_base); ζ_i = (2i/head_dim + 0.4) / 1.4 per rotated pair. We centre the exponent
+    at c = seq_len // 2 (our choice) to keep both factors near 1 over the training window, in bf16 too.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.xpos = cfg.pos == "xpos"
+        self.scale_base = cfg.xpos_scale_base
+        self.center = cfg.seq_len // 2
+        self._last: tuple | None = None  # (key, tables): training asks for the same positions every step
+
+    def tables(self, start: int, length: int, dtype: torch.dtype, device: torch.device):
+        """cos, sin and (xPos) scale for positions start..start+length, each (length, head_dim); computed in
+        float64 whatever the model dtype, so every model of the same config sees the same angles."""
+        key = (start, length, dtype, device)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        f64 = dict(dtype=torch.float64, device=device)
+        pairs = torch.arange(0, self.head_dim, 2, **f64)
+        inv_freq = 1.0 / (self.theta ** (pairs / self.head_dim))
+        pos = torch.arange(start, start + length, **f64)
+        emb = torch.outer(pos, inv_freq).repeat(1, 2)
+        scale = None
+        if self.xpos:
+            log_zeta = ((pairs + 0.4 * self.head_dim) / (1.4 * self.head_dim)).log()
+            scale = torch.exp(torch.outer((pos - self.center) / self.scale_base, log_zeta)).repeat(1, 2).to(dtype)
+        out = (emb.cos().to(dtype), emb.sin().to(dtype), scale)
+        self._last = (key, out)
+        return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin, scale):
+    """Rotate q, k of shape (B, h, T, hd); xPos multiplies q by `scale` and divides k by it."""
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    if scale is not None:
+        q = q * scale
+        k = k / scale
+    return q, k
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per layer, (B, h, max_len, hd); `pos` is the number of filled positions."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pos: int = 0
+    max_len: int = field(init=False)
+
+    def __post_init__(self):
+        self.max_len = self.k[0].shape[2]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
+        shape = (batch, cfg.n_head, max_len, cfg.head_dim)
+        make = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]  # noqa: E731
+        return cls(make(), make())
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=cfg.bias)  # rows: [q heads | k heads | v heads]
+        self.proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.register_buffer("head_mask", None)
+
+    def forward(self, x, rope, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        if self.head_mask is not None:
+            qkv = qkv * self.head_mask.view(1, 1, 1, -1, 1).to(qkv.dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
+        q, k = apply_rotary(q, k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:B, :, start:start + T] = k
+            cache.v[layer][:B, :, start:start + T] = v
+            k = cache.k[layer][:B, :, :start + T]
+            v = cache.v[layer][:B, :, :start + T]
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # decoding: query i sits at absolute position start + i
+            allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
+        self.register_buffer("ffn_mask", None)
+
+    def forward(self, x):
+        a = self.fc(x)
+        if self.ffn_mask is not None:
+            a = a * self.ffn_mask.to(a.dtype)
+        return self.proj(F.gelu(a, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln_2 = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("gate", None)
+
+    def forward(self, x, rope, hidden_mask=None, cache=None, layer=0):
+        a = self.drop(self.attn(self.ln_1(x, hidden_mask), rope, cache, layer))
+        if hidden_mask is not None:
+            a = a * hidden_mask
+        h = x + a
+        m = self.drop(self.mlp(self.ln_2(h, hidden_mask)))
+        if hidden_mask is not None:
+            m = m * hidden_mask
+        h = h + m
+        if self.gate is not None:
+            h = torch.lerp(x, h, self.gate.to(h.dtype))  # exact x at gate 0
+        return h
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        self.register_buffer("hidden_mask", None)
+        for name, p in self.named_parameters():
+            mup.init_parameter(cfg, name, p, generator)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, V), float32 under autocast; the mean cross-entropy if targets."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        c = self.hidden_mask
+        x = self.wte(idx)
+        if self.cfg.input_mult != 1.0:
+            x = x * self.cfg.input_mult
+        if c is not None:
+            c = c.to(x.dtype)
+            x = x * c
+        x = self.drop(x)
+        rope = self.rotary.tables(start, T, x.dtype, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, c, cache, i)
+        x = self.ln_f(x, c)
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head) * mup.logit_scale(self.cfg)
+        if cache is not None:
+            cache.pos += T
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @classmethod
+    def from_state(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A model holding `state` (masks included), built without a wasted random init."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        ref = state["wte.weight"]
+        model = model.to_empty(device=ref.device).to(ref.dtype)
+        model.load_state_dict(state)
+        return model
+
+    # --- growth masks ----------------------------------------------------------------------------------------
+    def growth_masks(self) -> dict[str, torch.Tensor]:
+        """The mask buffers present now, by state-dict name (empty when no growth is in progress)."""
+        return {n: b for n, b in self.named_buffers() if n.rsplit(".", 1)[-1] in MASK_NAMES}
+
+    @property
+    def growing(self) -> bool:
+        return bool(self.growth_masks())
+
+    @torch.no_grad()
+    def set_mask_value(self, m: float) -> None:
+        """Move every new coordinate (mask < 1) to m, 0 <= m < 1."""
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"mask value {m} must be in [0, 1); use clear_masks() at 1")
+        for buf in self.growth_masks().values():
+            buf[buf < 1] = m
+
+    def clear_masks(self) -> None:
+        """End of a ramp (m = 1): drop every mask, leaving a plain model of the same function."""
+        for name in self.growth_masks():
+            owner, attr = self._owner(name)
+            setattr(owner, attr, None)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like nn.Module's, but first installs (or removes) mask buffers to match the state being loaded."""
+        self.clear_masks()
+        for name, t in state_dict.items():
+            if name.rsplit(".", 1)[-1] in MASK_NAMES:
+                owner, attr = self._owner(name)
+                setattr(owner, attr, torch.empty_like(t, device=self.wte.weight.device))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        path, _, attr = name.rpartition(".")
+        return (self.get_submodule(path) if path else self), attr
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
