@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, load_plan, load_yaml, parse
+from flm.data import add_data_cli
 from flm.plan import Hardware, plan_cost
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a plan or proxy YAML")
     p.add_argument("file")
     p.set_defaults(func=cmd_check)
+
+    add_data_cli(sub)
 
     p = sub.add_parser("demo", help="the main job end to end on this machine")
     p.add_argument("--out", default="runs/demo", help="output directory")

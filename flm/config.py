@@ -200,6 +200,14 @@ def _resolve(stages: list[GrowthStage]) -> list[ModelConfig]:
         delta = stage.grow.model_dump(exclude_none=True) if stage.grow else {}
         if "d_model" in delta and "d_ffn" not in delta and prev.d_ffn == 4 * prev.d_model:
             delta["d_ffn"] = 4 * delta["d_model"]  # keep the 4·d ratio unless the stage says otherwise
+        if prev.attn_dim == prev.d_model and ("d_model" in delta or "n_head" in delta):
+            # heads follow the width at the fixed head_dim, as in GPT-3 shapes
+            d = delta.get("d_model", prev.d_model)
+            h = delta.setdefault("n_head", d // prev.head_dim)
+            if h * prev.head_dim != d:
+                raise ValueError(f"stages.{k}.head_dim: d_model={d} with n_head={h} would change head_dim "
+                                 f"{prev.head_dim}; MSG keeps head_dim fixed, so use n_head={d // prev.head_dim}"
+                                 f" and a d_model that is a multiple of {prev.head_dim}")
         try:
             configs.append(ModelConfig(**{**prev.model_dump(), **delta}))
         except ValidationError as e:

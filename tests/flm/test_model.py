@@ -1,0 +1,103 @@
+"""flm/model.py against the independent reference implementation, the KV cache, and the cost of idle masks."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flm.config import ModelConfig
+from flm.growth import grow_model
+from flm.model import GPT, KVCache
+from flm.reference import ReferenceGPT
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(n_layer=2, d_model=32, n_head=4, vocab_size=61, seq_len=24, base_width=16, output_mult=2.0,
+                input_mult=1.5, init_std=0.05)
+    return ModelConfig(**{**base, **kw})
+
+
+def perturbed(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A float64 model whose every parameter (LN and biases too) is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    model = GPT(cfg, generator=g).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("pos", ["xpos", "rope"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(pos, tied, bias):
+    cfg = small(pos=pos, tie_embeddings=tied, bias=bias)
+    model = perturbed(cfg)
+    ref = ReferenceGPT(cfg).double()
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
+    ours, _ = model(idx)
+    assert torch.allclose(ours, ref(idx), atol=1e-12, rtol=0)
+
+
+def test_xpos_differs_from_rope():
+    idx = torch.randint(0, 61, (2, 24))
+    a = perturbed(small(pos="xpos"))
+    b = perturbed(small(pos="rope"))
+    assert not torch.allclose(a(idx)[0], b(idx)[0])
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    cfg = small()
+    model = perturbed(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    full, _ = model(idx)
+    cache = KVCache.empty(cfg, batch=2, max_len=20, dtype=torch.float64)
+    pieces = [model(idx[:, :7], cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 20)]
+    assert cache.pos == 20
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-12, rtol=0)
+
+
+def test_loss_is_cross_entropy_of_logits():
+    cfg = small()
+    model = perturbed(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    logits, loss = model(idx, idx)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_mup_init_scales_with_width():
+    narrow, wide = GPT(small(d_model=32, n_head=4)), GPT(small(d_model=128, n_head=16))
+    ratio = wide.blocks[0].mlp.fc.weight.std() / narrow.blocks[0].mlp.fc.weight.std()
+    assert ratio.item() == pytest.approx(0.5, rel=0.1)  # σ²/w: 4x the width, half the std
+    assert wide.wte.weight.std().item() == pytest.approx(narrow.wte.weight.std().item(), rel=0.1)
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def forward_ops(model, idx) -> list[str]:
+    with torch.no_grad():
+        model(idx)  # warm the rotary table cache, as every training step after the first does
+        with OpRecorder() as rec:
+            model(idx)
+    return rec.ops
+
+
+def test_idle_masks_cost_no_kernels():
+    """After a ramp ends the grown model runs exactly the ops of a never-grown model of the same shape."""
+    small_cfg, big_cfg = small(), small(n_layer=3, d_model=48, n_head=6, d_ffn=160)
+    grown = grow_model(GPT(small_cfg), big_cfg)
+    idx = torch.randint(0, 61, (2, 24))
+    ramping = forward_ops(grown, idx)
+    grown.clear_masks()
+    assert forward_ops(grown, idx) == forward_ops(GPT(big_cfg), idx)
+    assert len(ramping) > len(forward_ops(grown, idx))  # the recorder does see the masks while they act
