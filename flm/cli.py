@@ -65,6 +65,37 @@ def cmd_check(args) -> None:
                           f"ffn {cfg.d_ffn}, {obj.steps(k)} steps")
 
 
+def cmd_train(args) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flm.train import Trainer
+
+    plan = load_plan(args.plan)
+    overrides = {k: v for k, v in dict(out=args.out, data=args.data).items() if v is not None}
+    if overrides:
+        plan = parse(GrowthPlan, {**plan.model_dump(), "train": {**plan.train.model_dump(), **overrides}}, args.plan)
+    total = plan.stage_starts()[-1]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("preparing", total=total)
+
+        def show(record: dict) -> None:
+            if "loss" in record:
+                val = f" val {record['val_loss']:.3f}" if "val_loss" in record else ""
+                progress.update(task, completed=record["step"],
+                                description=f"stage {record['stage']} loss {record['loss']:.3f}{val}")
+
+        trainer = Trainer(plan, on_record=show)
+        summaries = trainer.fit(max_steps=args.max_steps)
+    table = Table(title=f"{plan.name}: {trainer.run_dir}")
+    for col in ("stage", "params", "steps", "tokens", "FLOPs", "loss", "val loss", "seconds"):
+        table.add_column(col, justify="right")
+    for s in summaries:
+        table.add_row(s["name"], f"{s['params'] / 1e6:.2f}M", str(s["steps"]), f"{s['tokens']:,}",
+                      f"{s['flops']:.3e}", f"{s['loss']:.4f}", f"{s['val_loss']:.4f}", f"{s['seconds']:.1f}")
+    console.print(table)
+
+
 def cmd_demo(args) -> None:
     from flm.demo import run_demo
 
@@ -90,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     add_data_cli(sub)
+
+    p = sub.add_parser("train", help="train a growth plan on this machine (resumes where it stopped)")
+    p.add_argument("plan", help="growth plan YAML, e.g. configs/tiny.yaml")
+    p.add_argument("--out", help="run directory (default: the plan's train.out or $FLM_HOME/runs/<name>)")
+    p.add_argument("--data", help="prepared dataset dir or a source such as 'shakespeare' or a path")
+    p.add_argument("--max-steps", type=int, help="stop at this global step (resume later with the same command)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job end to end on this machine")
     p.add_argument("--out", default="runs/demo", help="output directory")

@@ -120,6 +120,8 @@ class GrowthStage(_Strict):
     warmup_samples: int = Field(default=0, ge=0, description="LR warmup, in sequences")
     ramp_steps: int = Field(default=0, ge=0, description="MSG mask ramp 0 -> 1, in optimizer steps")
     depth_placement: Literal["stack", "interleave"] = "stack"
+    growth: Literal["offline", "online"] = Field(
+        default="offline", description="offline: checkpoint -> grow -> reload (FLM-101B); online: grow in memory (MSG)")
     operator_order: tuple[Operator, ...] = DEFAULT_OPERATOR_ORDER
     layout: ParallelLayout = ParallelLayout()
 
@@ -132,13 +134,41 @@ class GrowthStage(_Strict):
         return self
 
 
+class OptimConfig(_Strict):
+    """AdamW as in FLM-101B (DESIGN §4)."""
+
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class TrainSettings(_Strict):
+    """How a plan is trained: data, run directory, logging and checkpoint cadence (in optimizer steps)."""
+
+    data: str = Field(default="shakespeare", description="a prepared dataset dir, or a source to prepare")
+    tokenizer: Literal["bpe", "cl100k", "gpt2"] = "bpe"
+    out: str = Field(default="", description="run directory; empty: $FLM_HOME/runs/<plan name>")
+    micro_batch_size: int | None = Field(default=None, ge=1, description="per-rank micro batch; None: no accumulation")
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=50, ge=1)
+    eval_batches: int = Field(default=4, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, description="besides the stage-end checkpoints, always kept")
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    peak_tflops: float | None = Field(default=None, gt=0, description="per device, for MFU; None: not reported")
+    optim: OptimConfig = OptimConfig()
+
+
 class GrowthPlan(_Strict):
     """An ordered list of stages; stage k+1 starts from stage k's grown checkpoint."""
 
-    name: str = "flm"
+    name: str = Field(default="flm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
     min_lr: float = Field(default=6e-6, ge=0, description="end of the one cosine schedule across stages")
     stages: list[GrowthStage] = Field(min_length=1)
+    train: TrainSettings = TrainSettings()
 
     @model_validator(mode="after")
     def _check_stages(self):
@@ -163,6 +193,13 @@ class GrowthPlan(_Strict):
         """Optimizer steps of stage k."""
         stage = self.stages[k]
         return stage.tokens // (stage.batch_size * self.model_configs()[k].seq_len)
+
+    def stage_starts(self) -> list[int]:
+        """Global step at which each stage starts, plus the total number of steps at the end."""
+        starts = [0]
+        for k in range(len(self.stages)):
+            starts.append(starts[-1] + self.steps(k))
+        return starts
 
 
 class ProxyFamily(_Strict):

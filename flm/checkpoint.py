@@ -1,0 +1,143 @@
+"""The one checkpoint format (DESIGN §1): a directory that is both a resumable training state and a servable model.
+
+    config.json          the ModelConfig
+    model.safetensors    weights, and the growth masks while a ramp is in progress
+    optimizer.pt         AdamW state (optional)
+    trainer_state.json   step, stage, data position, mask ramp, counters (optional)
+    rng.pt               torch RNG state (optional)
+    tokenizer/           the tokenizer the model was trained with (optional)
+    checkpoint.json      size and sha256 of every file above: written last, so a checkpoint without it is partial
+
+Writes are atomic: everything goes into a temporary sibling directory that is renamed into place. A checkpoint
+that fails verification (missing or truncated file, wrong hash) is skipped with a warning by `latest_checkpoint`,
+which then falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flm.config import ModelConfig
+
+STEP_PREFIX = "step_"
+MANIFEST = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is partial or corrupted."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    model: dict[str, torch.Tensor]
+    optimizer: dict | None
+    trainer_state: dict
+    rng: dict | None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, config: ModelConfig, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict | None = None, trainer_state: dict | None = None, rng: dict | None = None,
+                    tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a checkpoint atomically to `directory` (replacing an older one of the same name)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "config.json").write_text(config.model_dump_json(indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    if trainer_state is not None:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    if rng is not None:
+        torch.save(rng, tmp / "rng.pt")
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.rename(tmp, directory)
+    return directory
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise CheckpointError unless every file listed in checkpoint.json is there with its size and hash."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST} (partial write)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({e})") from None
+    for name, meta in manifest.items():
+        p = directory / name
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"{directory}: {name} is missing or corrupted")
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    directory = Path(directory)
+    if verify:
+        verify_checkpoint(directory)
+    config = ModelConfig.model_validate_json((directory / "config.json").read_text())
+    model = load_file(directory / "model.safetensors", device=str(map_location))
+    opt_path, state_path, rng_path = directory / "optimizer.pt", directory / "trainer_state.json", directory / "rng.pt"
+    optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.exists() else None
+    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
+    return Checkpoint(directory, config, model, optimizer, trainer_state, rng)
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (temporary and foreign entries ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupted ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path, map_location)
+        except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints and every stage-end checkpoint (a stage's output)."""
+    paths = list_checkpoints(run_dir)
+    for path in paths[:-keep] if keep > 0 else paths:
+        state = path / "trainer_state.json"
+        if state.exists() and json.loads(state.read_text()).get("stage_end"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The FLM-101B "IQ test": generated items (rule, pattern, interference), symbolic mapping, scoring, suite runner."""

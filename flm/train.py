@@ -1,0 +1,342 @@
+"""The training loop every backend runs: one process here, DDP or DeepSpeed workers under Ray Train in cluster/.
+
+A plan trains stage by stage. Within a stage: AdamW with μP per-parameter LR groups, gradient accumulation, the
+mask ramp after a growth, eval loss every `eval_every` steps, metrics as JSON lines. Between stages the model grows:
+offline (save the stage-end checkpoint, reload it, grow: FLM-101B's way) or online (grow the live model: MSG's).
+
+Learning rate (our reading of "one cosine schedule across stages, each stage starting at its own LR"): stage k
+warms up linearly to its `lr` over its warmup, then follows a cosine from `lr` down to the plan's `min_lr` at the
+end of the *whole plan*; the next stage restarts at its own `lr` on a cosine over the remaining steps.
+
+Everything a run needs to continue lives in its checkpoints (model with masks, optimizer, ramp, data position,
+RNG, counters, metric-stream length), so a killed run resumes bit-identically: same losses to the last digit.
+The loop knows nothing of Ray: a `Dist` object carries rank, world size, device and the few collective hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flm import mup
+from flm.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
+from flm.config import FLMConfigError, GrowthPlan, ModelConfig
+from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
+from flm.flops import flops_per_token
+from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
+from flm.model import GPT
+from flm.precision import autocast_dtype
+
+
+def flm_home() -> Path:
+    return Path(os.environ.get("FLM_HOME", "runs"))
+
+
+@dataclass
+class Dist:
+    """What the loop needs from a distributed backend; the defaults are a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: GPT) -> nn.Module:
+        """The module to run forward/backward through (DDP wraps it); called again after every growth."""
+        return model
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        """Called on every rank at each checkpoint (Ray Train reports here)."""
+
+
+def lr_at(plan: GrowthPlan, step: int) -> float:
+    """Base learning rate (before μP scaling) at global optimizer step `step`."""
+    starts = plan.stage_starts()
+    total = starts[-1]
+    k = max(i for i in range(len(plan.stages)) if starts[i] <= step) if step < total else len(plan.stages) - 1
+    stage, local = plan.stages[k], step - starts[k]
+    warmup = stage.warmup_samples // stage.batch_size
+    if local < warmup:
+        return stage.lr * (local + 1) / warmup
+    progress = (step - starts[k] - warmup) / max(1, total - 1 - starts[k] - warmup)  # min_lr at the last step
+    return plan.min_lr + (stage.lr - plan.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_run_dir(plan: GrowthPlan) -> Path:
+    return Path(plan.train.out) if plan.train.out else flm_home() / "runs" / plan.name
+
+
+def resolve_dataset(plan: GrowthPlan) -> Path:
+    """The prepared dataset directory: `train.data` itself, or the source prepared once under $FLM_HOME/data."""
+    settings, vocab = plan.train, plan.model_configs()[0].vocab_size
+    path = Path(settings.data)
+    if (path / "manifest.json").is_file():
+        return path
+    spec = TokenizerSpec(kind=settings.tokenizer, vocab_size=vocab if settings.tokenizer == "bpe" else None)
+    slug = "".join(c if c.isalnum() else "-" for c in settings.data).strip("-")
+    out = flm_home() / "data" / f"{slug}-{settings.tokenizer}{spec.vocab_size or ''}"
+    if not (out / "manifest.json").is_file():
+        prepare_dataset(settings.data, out, spec, seed=plan.seed)
+    return out
+
+
+class Trainer:
+    """Runs a growth plan (or some of its stages) to the end, resuming from the run directory's checkpoints."""
+
+    def __init__(self, plan: GrowthPlan, dist: Dist | None = None, on_record: Callable[[dict], None] | None = None):
+        self.plan, self.settings = plan, plan.train
+        self.dist = dist or Dist(device=_default_device(plan.train.device))
+        self.on_record = on_record
+        self.configs = plan.model_configs()
+        self.starts = plan.stage_starts()
+        self.run_dir = resolve_run_dir(plan)
+        self.data_dir = resolve_dataset(plan) if self.dist.is_main else None
+        self.dist.barrier()
+        self.data_dir = self.data_dir or resolve_dataset(plan)
+        manifest = Manifest.load(self.data_dir)
+        if manifest.vocab_size > self.configs[0].vocab_size:
+            raise FLMConfigError(f"stages.0.model.vocab_size: {self.configs[0].vocab_size} is smaller than the "
+                                 f"tokenizer's {manifest.vocab_size} tokens ({self.data_dir})")
+        self.train_data = TokenDataset(self.data_dir, "train", seed=plan.seed)
+        self.val_data = TokenDataset(self.data_dir, "val", seed=plan.seed)
+        self.autocast = autocast_dtype(self.dist.device.type, self.settings.precision)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._check_plan_file()
+
+    # --- public -----------------------------------------------------------------------------------------------
+    def fit(self, stages: list[int] | None = None, max_steps: int | None = None) -> list[dict]:
+        """Train the given stages (default: all). `max_steps` stops early at that global step (simulating an
+        interruption). Returns one summary per stage trained."""
+        wanted = list(range(len(self.plan.stages))) if stages is None else stages
+        self._restore(first_stage=wanted[0])
+        summaries = []
+        while self.stage in wanted:
+            summary = self._train_stage(max_steps)
+            if summary is None:  # stopped early
+                break
+            summaries.append(summary)
+            nxt = self.stage + 1
+            if nxt >= len(self.plan.stages) or nxt not in wanted:
+                break
+            self._grow_into(nxt, reload=self.plan.stages[nxt].growth == "offline")
+        return summaries
+
+    # --- state --------------------------------------------------------------------------------------------------
+    def _restore(self, first_stage: int) -> None:
+        ck = latest_checkpoint(self.run_dir, self.dist.device)
+        if ck is None:
+            if first_stage != 0:
+                raise FLMConfigError(f"stage {first_stage}: no checkpoint of the previous stage in {self.run_dir}")
+            self._fresh()
+            return
+        ts = ck.trainer_state
+        self.stage, self.step, self.position = ts["stage"], ts["step"], ts["position"]
+        self.tokens, self.flops = ts["tokens"], ts["flops"]
+        self._set_model(GPT.from_state(ck.config, ck.model), ck.optimizer)
+        self.ramp = MaskRamp.from_state(ts["ramp"]) if ts.get("ramp") else None
+        if ck.rng is not None:
+            torch.set_rng_state(ck.rng["torch"])
+        self._truncate_metrics(ts["metrics_lines"])
+        if ts.get("stage_end") and self.stage + 1 < len(self.plan.stages) and first_stage > self.stage:
+            self._grow_into(self.stage + 1, reload=False)
+
+    def _fresh(self) -> None:
+        self.stage, self.step, self.position, self.tokens, self.flops = 0, 0, 0, 0, 0.0
+        self.ramp = None
+        gen = torch.Generator().manual_seed(self.plan.seed)
+        self._set_model(GPT(self.configs[0], generator=gen).to(self.dist.device), None)
+        self._truncate_metrics(0)
+
+    def _set_model(self, model: GPT, optimizer_state: dict | None) -> None:
+        self.raw = model.to(self.dist.device)
+        self.model = self.dist.wrap(self.raw)
+        self.optimizer = self._make_optimizer(self.raw)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def _make_optimizer(self, model: GPT) -> torch.optim.AdamW:
+        o = self.settings.optim
+        groups = mup.param_groups(model, model.cfg, self.plan.stages[self.stage].lr, o.weight_decay)
+        return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), fused=False)
+
+    def _grow_into(self, k: int, reload: bool) -> None:
+        """Grow the stage k-1 model into stage k's shape; optimizer state follows, the mask ramp starts now."""
+        stage = self.plan.stages[k]
+        if reload:  # offline growth: the next stage starts from what is on disk, as a new Train run would
+            ck = load_checkpoint(step_dir(self.run_dir, self.step), self.dist.device)
+            self._set_model(GPT.from_state(ck.config, ck.model), ck.optimizer)
+        old, old_opt = self.raw, self.optimizer
+        gen = torch.Generator(device=self.dist.device).manual_seed(self.plan.seed * 1009 + k)
+        new = grow_model(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
+        x, y = self.val_data.batch_at(0, min(8, self.val_data.num_windows(old.cfg.seq_len)), old.cfg.seq_len)
+        kept = check_preservation(old, new, x.to(self.dist.device), y.to(self.dist.device))
+        self.stage = k
+        self.raw, self.model = new, self.dist.wrap(new)
+        self.optimizer = self._make_optimizer(new)
+        transfer_adamw_state(old_opt, old, self.optimizer, new, stage.depth_placement)
+        self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
+        if self.ramp is None:
+            new.clear_masks()
+        self._record({"event": "growth", "step": self.step, "stage": k, "mode": "offline" if reload else "online",
+                      "params": new.num_params(), "max_abs_dlogits": kept.max_abs, "dloss": kept.dloss})
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def _train_stage(self, max_steps: int | None) -> dict | None:
+        k, s = self.stage, self.settings
+        stage, cfg = self.plan.stages[k], self.configs[k]
+        end = self.starts[k + 1]
+        micro = s.micro_batch_size or stage.batch_size // self.dist.world_size
+        accum, rest = divmod(stage.batch_size, micro * self.dist.world_size)
+        if accum == 0 or rest:
+            raise FLMConfigError(f"stages.{k}.batch_size: {stage.batch_size} is not a multiple of micro batch "
+                                 f"{micro} x {self.dist.world_size} workers")
+        per_token = flops_per_token(cfg)
+        t_start, t_log, tokens_log = time.perf_counter(), time.perf_counter(), self.tokens
+        self.model.train()
+        loss = val_loss = float("nan")
+        while self.step < end:
+            if max_steps is not None and self.step >= max_steps:
+                return None
+            if self.ramp is not None and not self.ramp.apply(self.raw, self.step):
+                self.ramp = None
+            lr = lr_at(self.plan, self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss = self._step(cfg, micro, accum)
+            self.step += 1
+            self.position += stage.batch_size
+            self.tokens += stage.batch_size * cfg.seq_len
+            self.flops += per_token * stage.batch_size * cfg.seq_len
+            last = self.step == end
+            do_eval = self.step % s.eval_every == 0 or last
+            if self.step % s.log_every == 0 or do_eval:
+                now = time.perf_counter()
+                tps = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
+                t_log, tokens_log = now, self.tokens
+                record = {"step": self.step, "stage": k, "tokens": self.tokens, "flops": self.flops,
+                          "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": self._mfu(per_token, tps)}
+                if do_eval:
+                    record["val_loss"] = val_loss = self.evaluate()
+                self._record(record)
+            if self.step % s.checkpoint_every == 0 or last:
+                self._checkpoint(stage_end=last)
+        return {"stage": k, "name": stage.name or f"stage{k}", "params": self.raw.num_params(), "steps": self.step,
+                "tokens": self.tokens, "flops": self.flops, "loss": loss, "val_loss": val_loss,
+                "seconds": time.perf_counter() - t_start}
+
+    def _step(self, cfg: ModelConfig, micro: int, accum: int) -> float:
+        total = torch.zeros((), device=self.dist.device)
+        for i in range(accum):
+            start = self.position + (self.dist.rank * accum + i) * micro
+            x, y = (t.to(self.dist.device) for t in self.train_data.batch_at(start, micro, cfg.seq_len))
+            sync = i == accum - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
+                _, loss = self.model(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.settings.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (self.dist.all_reduce_sum(total) / (accum * self.dist.world_size)).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, split across ranks."""
+        cfg, s = self.raw.cfg, self.settings
+        bs = min(8, self.val_data.num_windows(cfg.seq_len))
+        n = min(s.eval_batches, self.val_data.num_windows(cfg.seq_len) // bs)
+        if n == 0:
+            raise FLMConfigError(f"{self.data_dir}: the validation split has fewer than one window of {cfg.seq_len}")
+        was = self.model.training
+        self.model.eval()
+        sums = torch.zeros(2, device=self.dist.device, dtype=torch.float64)
+        for i in range(self.dist.rank, n, self.dist.world_size):
+            x, y = (t.to(self.dist.device) for t in self.val_data.batch_at(i * bs, bs, cfg.seq_len))
+            with self._autocast():
+                _, loss = self.raw(x, y)
+            sums += torch.tensor([loss.item(), 1.0], device=self.dist.device, dtype=torch.float64)
+        self.model.train(was)
+        sums = self.dist.all_reduce_sum(sums)
+        return (sums[0] / sums[1]).item()
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast)
+
+    def _mfu(self, per_token: float, tps: float) -> float | None:
+        peak = self.settings.peak_tflops
+        return None if peak is None else per_token * tps / (peak * 1e12 * self.dist.world_size)
+
+    # --- files ----------------------------------------------------------------------------------------------------
+    def _checkpoint(self, stage_end: bool) -> None:
+        path = step_dir(self.run_dir, self.step)
+        if self.dist.is_main:
+            state = {"step": self.step, "stage": self.stage, "stage_end": stage_end, "position": self.position,
+                     "tokens": self.tokens, "flops": self.flops, "plan": self.plan.name,
+                     "ramp": self.ramp.state_dict() if self.ramp else None, "metrics_lines": self._metrics_lines}
+            save_checkpoint(path, self.raw.cfg, self.raw.state_dict(), self.optimizer.state_dict(), state,
+                            {"torch": torch.get_rng_state()}, self.data_dir / "tokenizer")
+            prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)
+        self.dist.barrier()
+        self.dist.report({"step": self.step, "stage": self.stage}, path)
+
+    def _record(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._metrics_lines += 1
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _truncate_metrics(self, lines: int) -> None:
+        """Drop metric records written after the checkpoint we resume from, so the stream has no duplicates."""
+        self._metrics_lines = lines
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = self.metrics_path.read_text().splitlines(keepends=True)[:lines] if self.metrics_path.exists() else []
+        self.metrics_path.write_text("".join(kept))
+
+    def _check_plan_file(self) -> None:
+        """A run directory belongs to one plan: refuse to resume it with different stages."""
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "plan.json"
+        stages = self.plan.model_dump(mode="json", exclude={"train"})
+        if path.exists():
+            if json.loads(path.read_text()) != stages:
+                raise FLMConfigError(f"{self.run_dir}: holds a run of a different plan; choose another train.out")
+        else:
+            path.write_text(json.dumps(stages, indent=2))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _default_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
