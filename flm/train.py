@@ -36,6 +36,8 @@ from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_
 from flm.model import GPT
 from flm.precision import autocast_dtype
 
+GrowFn = Callable[..., GPT]
+
 
 def flm_home() -> Path:
     return Path(os.environ.get("FLM_HOME", "runs"))
@@ -101,8 +103,12 @@ def resolve_dataset(plan: GrowthPlan) -> Path:
 class Trainer:
     """Runs a growth plan (or some of its stages) to the end, resuming from the run directory's checkpoints."""
 
-    def __init__(self, plan: GrowthPlan, dist: Dist | None = None, on_record: Callable[[dict], None] | None = None):
+    def __init__(self, plan: GrowthPlan, dist: Dist | None = None, on_record: Callable[[dict], None] | None = None,
+                 grow_fn: GrowFn = grow_model):
+        """`grow_fn(model, new_config, operator_order, depth_placement, generator) -> GPT` is MSG by default;
+        benchmarks swap in baselines (e.g. depth stacking by copying layers) without touching the loop."""
         self.plan, self.settings = plan, plan.train
+        self.grow_fn = grow_fn
         self.dist = dist or Dist(device=_default_device(plan.train.device))
         self.on_record = on_record
         self.configs = plan.model_configs()
@@ -185,7 +191,7 @@ class Trainer:
             self._set_model(GPT.from_state(ck.config, ck.model), ck.optimizer)
         old, old_opt = self.raw, self.optimizer
         gen = torch.Generator(device=self.dist.device).manual_seed(self.plan.seed * 1009 + k)
-        new = grow_model(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
+        new = self.grow_fn(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
         x, y = self.val_data.batch_at(0, min(8, self.val_data.num_windows(old.cfg.seq_len)), old.cfg.seq_len)
         kept = check_preservation(old, new, x.to(self.dist.device), y.to(self.dist.device))
         self.stage = k
