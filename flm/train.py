@@ -234,9 +234,7 @@ class Trainer:
             last = self.step == end
             do_eval = self.step % s.eval_every == 0 or last
             if self.step % s.log_every == 0 or do_eval:
-                now = time.perf_counter()
-                tps = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
-                t_log, tokens_log = now, self.tokens
+                tps = (self.tokens - tokens_log) / max(time.perf_counter() - t_log, 1e-9)
                 record = {"step": self.step, "stage": k, "tokens": self.tokens, "flops": self.flops,
                           "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": self._mfu(per_token, tps)}
                 if do_eval:
@@ -244,6 +242,8 @@ class Trainer:
                 self._record(record)
             if self.step % s.checkpoint_every == 0 or last:
                 self._checkpoint(stage_end=last)
+            if tokens_log != self.tokens and (self.step % s.log_every == 0 or do_eval):
+                t_log, tokens_log = time.perf_counter(), self.tokens  # tokens/s counts training time only
         return {"stage": k, "name": stage.name or f"stage{k}", "params": self.raw.num_params(), "steps": self.step,
                 "tokens": self.tokens, "flops": self.flops, "loss": loss, "val_loss": val_loss,
                 "seconds": time.perf_counter() - t_start}

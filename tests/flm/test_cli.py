@@ -72,3 +72,23 @@ def test_plan_table_is_printed():
     out = run_cli("plan", PLAN_101B, "--gpus", "192", "--tflops-per-gpu", "162,160,165")
     assert out.returncode == 0
     assert "from scratch" in out.stdout and "time saved by growth: 72.0%" in out.stdout
+
+
+def test_train_command_runs_a_plan_and_resumes(tmp_path, micro_data):
+    from tests.conftest import micro_plan
+
+    plan_path = tmp_path / "micro.yaml"
+    plan_path.write_text(yaml.safe_dump(micro_plan(micro_data, tmp_path / "run").model_dump(mode="json")))
+    first = run_cli("train", str(plan_path), "--max-steps", "20")
+    assert first.returncode == 0, first.stderr
+    done = run_cli("train", str(plan_path))
+    assert done.returncode == 0, done.stderr
+    assert "stage" in done.stdout and (tmp_path / "run" / "checkpoints" / "step_00000036").is_dir()
+
+
+def test_train_command_rejects_bad_input(tmp_path):
+    plan = write_plan(tmp_path, lambda d: d["stages"][0].update(batch_size=0))
+    out = run_cli("train", plan)
+    assert out.returncode == 2 and "stages.0.batch_size" in out.stderr and "Traceback" not in out.stderr
+    missing = run_cli("train", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tmp_path / "no-such-dir"))
+    assert missing.returncode == 2 and "no-such-dir" in missing.stderr and "Traceback" not in missing.stderr
