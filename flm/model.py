@@ -71,24 +71,41 @@ class Rotary(nn.Module):
         self.center = cfg.seq_len // 2
         self._last: tuple | None = None  # (key, tables): training asks for the same positions every step
 
-    def tables(self, start: int, length: int, dtype: torch.dtype, device: torch.device):
+    def tables(self, start: int, length: int, dtype: torch.dtype, device: torch.device,
+               pad: torch.Tensor | None = None):
         """cos, sin and (xPos) scale for positions start..start+length, each (length, head_dim); computed in
-        float64 whatever the model dtype, so every model of the same config sees the same angles."""
+        float64 whatever the model dtype, so every model of the same config sees the same angles. With `pad`
+        (B,) left-padding counts, row b's positions are shifted by -pad[b] and the tables are (B, 1, T, hd)."""
         key = (start, length, dtype, device)
-        if self._last is not None and self._last[0] == key:
+        if pad is None and self._last is not None and self._last[0] == key:
             return self._last[1]
         f64 = dict(dtype=torch.float64, device=device)
         pairs = torch.arange(0, self.head_dim, 2, **f64)
         inv_freq = 1.0 / (self.theta ** (pairs / self.head_dim))
         pos = torch.arange(start, start + length, **f64)
-        emb = torch.outer(pos, inv_freq).repeat(1, 2)
+        if pad is not None:
+            pos = (pos - pad.to(**f64).unsqueeze(-1)).clamp(min=0)  # (B, T)
+        emb = pos.unsqueeze(-1) * inv_freq
+        emb = torch.cat((emb, emb), dim=-1)
         scale = None
         if self.xpos:
             log_zeta = ((pairs + 0.4 * self.head_dim) / (1.4 * self.head_dim)).log()
-            scale = torch.exp(torch.outer((pos - self.center) / self.scale_base, log_zeta)).repeat(1, 2).to(dtype)
+            s = torch.exp(((pos - self.center) / self.scale_base).unsqueeze(-1) * log_zeta)
+            scale = torch.cat((s, s), dim=-1).to(dtype)
         out = (emb.cos().to(dtype), emb.sin().to(dtype), scale)
+        if pad is not None:
+            return tuple(None if t is None else t.unsqueeze(1) for t in out)
         self._last = (key, out)
         return out
+
+
+def padding_mask(pad: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(B, 1, T, start+T) boolean attention mask: causal, and blind to each row's left padding (a padding query
+    sees itself only, so no row is all -inf)."""
+    q = torch.arange(start, start + length, device=pad.device)
+    k = torch.arange(start + length, device=pad.device)
+    allowed = (k <= q.unsqueeze(-1)) & (k >= pad.view(-1, 1, 1))
+    return (allowed | (k == q.unsqueeze(-1))).unsqueeze(1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +151,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.register_buffer("head_mask", None)
 
-    def forward(self, x, rope, hidden_mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope, hidden_mask=None, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
         B, T, _ = x.shape
         rows = None if self.head_mask is None else self.head_mask.repeat_interleave(self.head_dim).repeat(3)
         qkv = masked_linear(x, self.qkv, rows).view(B, T, 3, self.n_head, self.head_dim)
@@ -147,7 +164,9 @@ class Attention(nn.Module):
             cache.v[layer][:B, :, start:start + T] = v
             k = cache.k[layer][:B, :, :start + T]
             v = cache.v[layer][:B, :, :start + T]
-        if start == 0:
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # decoding: query i sits at absolute position start + i
@@ -178,8 +197,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("gate", None)
 
-    def forward(self, x, rope, hidden_mask=None, cache=None, layer=0):
-        h = x + self.drop(self.attn(self.ln_1(x, hidden_mask), rope, hidden_mask, cache, layer))
+    def forward(self, x, rope, hidden_mask=None, cache=None, layer=0, attn_mask=None):
+        h = x + self.drop(self.attn(self.ln_1(x, hidden_mask), rope, hidden_mask, cache, layer, attn_mask))
         h = h + self.drop(self.mlp(self.ln_2(h, hidden_mask), hidden_mask))
         if self.gate is not None:
             h = torch.lerp(x, h, self.gate.to(h.dtype))  # exact x at gate 0
@@ -201,8 +220,12 @@ class GPT(nn.Module):
             mup.init_parameter(cfg, name, p, generator)
 
     # --- forward -------------------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) token ids -> logits (B, T, V), float32 under autocast; the mean cross-entropy if targets."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, V), float32 under autocast; the mean cross-entropy if targets.
+
+        `pad` (B,) counts left-padding tokens per row (batched prompts of different lengths): padded rows see
+        the same positions and keys as they would alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         c = self.hidden_mask
@@ -215,9 +238,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         dev = x.device.type
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        rope = self.rotary.tables(start, T, compute, x.device)
+        rope = self.rotary.tables(start, T, compute, x.device, pad)
+        attn_mask = None if pad is None else padding_mask(pad, start, T)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, c, cache, i)
+            x = block(x, rope, c, cache, i, attn_mask)
         x = self.ln_f(x, c)
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head) * mup.logit_scale(self.cfg)
