@@ -161,8 +161,10 @@ class Trainer:
         if ck.rng is not None:
             torch.set_rng_state(ck.rng["torch"])
         self._truncate_metrics(ts["metrics_lines"])
-        if ts.get("stage_end") and self.stage + 1 < len(self.plan.stages) and first_stage > self.stage:
-            self._grow_into(self.stage + 1, reload=False)
+        if first_stage > self.stage:
+            if not ts.get("stage_end") or first_stage != self.stage + 1:
+                raise FLMConfigError(f"stage {first_stage}: stage {self.stage} has not finished in {self.run_dir}")
+            self._grow_into(first_stage, reload=False)
 
     def _fresh(self) -> None:
         self.stage, self.step, self.position, self.tokens, self.flops = 0, 0, 0, 0, 0.0

@@ -109,3 +109,12 @@ def test_metrics_are_json_lines_with_the_documented_fields(reference_run):
     out, _ = reference_run
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "stage", "tokens", "flops", "loss", "lr", "tokens_per_s", "mfu"} <= set(first)
+
+
+def test_a_stage_needs_its_predecessor_finished(micro_data, tmp_path):
+    plan = micro_plan(micro_data, tmp_path)
+    with pytest.raises(ValueError, match="no checkpoint of the previous stage"):
+        Trainer(plan).fit(stages=[1])
+    Trainer(plan).fit(max_steps=5)
+    with pytest.raises(ValueError, match="stage 0 has not finished"):
+        Trainer(plan).fit(stages=[1])
