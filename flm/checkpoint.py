@@ -111,6 +111,19 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return Checkpoint(directory, config, model, optimizer, trainer_state, rng)
 
 
+def load_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """A checkpoint as something to run: (GPT in eval mode, its Tokenizer or None)."""
+    from flm.data import Tokenizer
+    from flm.model import GPT
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint (no config.json)")
+    ck = load_checkpoint(directory, device, verify=(directory / MANIFEST).exists())
+    tokenizer = Tokenizer.load(directory / "tokenizer") if (directory / "tokenizer").is_dir() else None
+    return GPT.from_state(ck.config, ck.model).eval(), tokenizer
+
+
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 
@@ -96,6 +97,20 @@ def cmd_train(args) -> None:
     console.print(table)
 
 
+def cmd_eval(args) -> None:
+    from flm.iq.backends import backend_for
+    from flm.iq.suite import print_result, run_suite, save_result
+
+    if args.suite != "iq":
+        raise FLMConfigError(f"--suite: unknown suite {args.suite!r}; available: iq")
+    backend = backend_for(args.model, os.environ.get("FLM_API_KEY"), args.model_name)
+    result = run_suite(backend, args.subtasks.split(",") if "," in args.subtasks else args.subtasks,
+                       seed=args.seed, n_items=args.n_items)
+    print_result(result, console)
+    json_path, png_path = save_result(result, args.out)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
 def cmd_demo(args) -> None:
     from flm.demo import run_demo
 
@@ -128,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset dir or a source such as 'shakespeare' or a path")
     p.add_argument("--max-steps", type=int, help="stop at this global step (resume later with the same command)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="the IQ-test suite on a checkpoint or an OpenAI-compatible endpoint")
+    p.add_argument("model", help="checkpoint directory, or http(s)://host/v1 of an endpoint (key: $FLM_API_KEY)")
+    p.add_argument("--suite", default="iq")
+    p.add_argument("--subtasks", default="offline", help="a suite name (offline, paper, rule, ...) or a,b,c")
+    p.add_argument("--n-items", type=int, help="items per subtask (default: the paper's counts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-name", default="", help="the endpoint's model name")
+    p.add_argument("--out", default="runs/eval", help="where iq.json and iq.png go")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job end to end on this machine")
     p.add_argument("--out", default="runs/demo", help="output directory")

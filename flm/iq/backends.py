@@ -1,0 +1,69 @@
+"""Model backends for the IQ suite: our checkpoints (local decoding with the KV cache) and any OpenAI-compatible
+completions endpoint (a deployed model, ours or anyone's). Greedy decoding, as the paper scores exact matches."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from flm.config import FLMConfigError
+from flm.generate import SamplingParams, generate
+
+
+class FLMBackend:
+    """A checkpoint directory of ours (config.json + model.safetensors + tokenizer/)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from flm.checkpoint import CheckpointError, load_model
+
+        try:
+            self.model, self.tokenizer = load_model(checkpoint, device)
+        except (CheckpointError, OSError) as e:
+            raise FLMConfigError(str(e)) from None
+        if self.tokenizer is None:
+            raise FLMConfigError(f"{checkpoint}: the checkpoint has no tokenizer/ to read prompts with")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
+        params = SamplingParams(max_tokens=max_tokens, stop=stop)
+        return [c.text for c in generate(self.model, self.tokenizer, prompts, params)]
+
+
+class OpenAIBackend:
+    """POST {base_url}/completions with the batch of prompts (OpenAI legacy completions schema)."""
+
+    def __init__(self, base_url: str, model: str = "", api_key: str | None = None, timeout: float = 60.0):
+        self.url = base_url.rstrip("/") + "/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+
+    def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
+        body = {"model": self.model, "prompt": prompts, "max_tokens": max_tokens, "stop": stop or None,
+                "temperature": 0.0}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                choices = json.loads(response.read())["choices"]
+        except urllib.error.HTTPError as e:
+            raise FLMConfigError(f"{self.url}: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise FLMConfigError(f"{self.url}: endpoint unreachable ({getattr(e, 'reason', e)})") from None
+        except (KeyError, ValueError) as e:
+            raise FLMConfigError(f"{self.url}: not an OpenAI completions response ({e})") from None
+        texts = [""] * len(prompts)
+        for i, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):
+            texts[choice.get("index", i)] = choice["text"]
+        return texts
+
+
+def backend_for(model: str, api_key: str | None = None, model_name: str = "") -> FLMBackend | OpenAIBackend:
+    """An http(s) URL is an endpoint; anything else a checkpoint directory."""
+    if model.startswith(("http://", "https://")):
+        return OpenAIBackend(model, model_name, api_key)
+    return FLMBackend(model)

@@ -1,0 +1,65 @@
+"""IQ backends end to end: a trained checkpoint of ours, and an OpenAI-compatible endpoint (a real HTTP server)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from flm.config import FLMConfigError
+from flm.iq.backends import FLMBackend, OpenAIBackend
+from flm.iq.suite import build_items, run_suite
+from flm.train import Trainer
+from tests.conftest import micro_plan
+
+
+@pytest.fixture(scope="module")
+def checkpoint(micro_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("iq-run")
+    Trainer(micro_plan(micro_data, out)).fit(stages=[0])
+    return out / "checkpoints" / "step_00000012"
+
+
+def test_checkpoint_backend_runs_the_suite(checkpoint):
+    result = run_suite(FLMBackend(checkpoint), ["counting", "head_tail"], n_items=3, progress=False)
+    assert [r.n_items for r in result.subtasks] == [3, 3]
+    assert all(0.0 <= r.accuracy <= 100.0 and len(r.predictions) == 3 for r in result.subtasks)
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FLMConfigError, match="not a checkpoint"):
+        FLMBackend(tmp_path)
+
+
+@pytest.fixture()
+def oracle_server():
+    answers = {it.prompt: it.answer for its in build_items(["counting"], n_items=5).values() for it in its}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/v1/completions" and self.headers["Authorization"] == "Bearer k"
+            choices = [{"index": i, "text": answers[p] + "\nmore"} for i, p in enumerate(body["prompt"])]
+            data = json.dumps({"choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_endpoint_backend(oracle_server):
+    result = run_suite(OpenAIBackend(oracle_server, "m", "k"), ["counting"], n_items=5, progress=False)
+    assert result.subtasks[0].accuracy == 100.0
+
+
+def test_unreachable_endpoint_is_a_clear_error():
+    with pytest.raises(FLMConfigError, match="unreachable"):
+        OpenAIBackend("http://127.0.0.1:9/v1", timeout=5).generate(["x"], 4, [])
