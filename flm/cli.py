@@ -111,6 +111,12 @@ def cmd_eval(args) -> None:
     console.print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_export_hf(args) -> None:
+    from flm.export import export_hf
+
+    console.print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
+
+
 def cmd_demo(args) -> None:
     from flm.demo import run_demo
 
@@ -153,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="", help="the endpoint's model name")
     p.add_argument("--out", default="runs/eval", help="where iq.json and iq.png go")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-hf", help="export a RoPE checkpoint as a Hugging Face GPTNeoXForCausalLM")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("demo", help="the main job end to end on this machine")
     p.add_argument("--out", default="runs/demo", help="output directory")
