@@ -33,6 +33,29 @@ class FLMBackend:
         return [c.text for c in generate(self.model, self.tokenizer, prompts, params)]
 
 
+class HFBackend:
+    """Any local Hugging Face causal LM directory, through `transformers` (the [hf] extra)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+        except OSError as e:
+            raise FLMConfigError(f"{path}: not a Hugging Face model directory ({str(e).splitlines()[0]})") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        out = self.model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [min((t.split(s, 1)[0] for s in stop), key=len) if stop else t for t in texts]
+
+
 class OpenAIBackend:
     """POST {base_url}/completions with the batch of prompts (OpenAI legacy completions schema)."""
 
@@ -62,8 +85,11 @@ class OpenAIBackend:
         return texts
 
 
-def backend_for(model: str, api_key: str | None = None, model_name: str = "") -> FLMBackend | OpenAIBackend:
-    """An http(s) URL is an endpoint; anything else a checkpoint directory."""
+def backend_for(model: str, api_key: str | None = None, model_name: str = ""):
+    """An http(s) URL is an endpoint; a directory with model.safetensors + config.json of ours a checkpoint;
+    any other directory a Hugging Face model."""
     if model.startswith(("http://", "https://")):
         return OpenAIBackend(model, model_name, api_key)
-    return FLMBackend(model)
+    if (Path(model) / "trainer_state.json").exists() or (Path(model) / "checkpoint.json").exists():
+        return FLMBackend(model)
+    return HFBackend(model)

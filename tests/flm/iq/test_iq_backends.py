@@ -26,6 +26,28 @@ def test_checkpoint_backend_runs_the_suite(checkpoint):
     assert all(0.0 <= r.accuracy <= 100.0 and len(r.predictions) == 3 for r in result.subtasks)
 
 
+def test_hf_export_of_our_checkpoint_answers_like_our_model(micro_data, tmp_path):
+    """The GPT-NeoX export of a RoPE checkpoint, run by transformers, makes our model's greedy predictions."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from flm.checkpoint import save_checkpoint
+    from flm.config import ModelConfig
+    from flm.export import export_hf
+    from flm.iq.backends import HFBackend
+    from flm.model import GPT
+
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=64, pos="rope", output_mult=8.0,
+                      base_width=32)
+    model = GPT(cfg, generator=torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ck", cfg, model.state_dict(), trainer_state={}, tokenizer_dir=micro_data / "tokenizer")
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    ours = run_suite(FLMBackend(tmp_path / "ck"), ["head_tail"], n_items=4, progress=False)
+    theirs = run_suite(HFBackend(tmp_path / "hf"), ["head_tail"], n_items=4, progress=False)
+    assert ours.subtasks[0].predictions == theirs.subtasks[0].predictions
+    assert any(p for p in ours.subtasks[0].predictions)  # non-trivial text was compared
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FLMConfigError, match="not a checkpoint"):
         FLMBackend(tmp_path)
