@@ -11,7 +11,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, load_plan, load_yaml, parse
+from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
 from flm.data import add_data_cli
 from flm.plan import Hardware, plan_cost
 
@@ -117,6 +117,19 @@ def cmd_export_hf(args) -> None:
     console.print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
 
 
+def cmd_mup_check(args) -> None:
+    from flm.coord_check import coord_check, logit_growth, plot
+
+    base = ModelConfig(n_layer=args.layers, d_model=args.widths[0], n_head=1, head_dim=args.head_dim,
+                       vocab_size=args.vocab, seq_len=args.seq_len)
+    if any(w % args.head_dim for w in args.widths):
+        raise FLMConfigError(f"--widths: every width must be a multiple of --head-dim {args.head_dim}")
+    result = coord_check(base, [int(w) for w in args.widths], args.steps, args.lr)
+    path = plot(result, args.out)
+    console.print(f"logits scale, widest / narrowest width: μP {logit_growth(result, 'mup'):.2f}x, "
+                  f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
+
+
 def cmd_demo(args) -> None:
     from flm.demo import run_demo
 
@@ -164,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("mup", help="μP diagnostics")
+    mup_sub = p.add_subparsers(dest="mup_command", required=True)
+    p = mup_sub.add_parser("check", help="coordinate check: activation scale vs width, μP vs standard")
+    p.add_argument("--widths", type=lambda t: [int(x) for x in _floats(t)], default=[64, 128, 256, 512])
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--out", default="runs/mup/coord_check.png")
+    p.set_defaults(func=cmd_mup_check)
 
     p = sub.add_parser("demo", help="the main job end to end on this machine")
     p.add_argument("--out", default="runs/demo", help="output directory")

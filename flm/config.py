@@ -47,6 +47,8 @@ class ModelConfig(_Strict):
     input_mult: float = Field(default=1.0, gt=0)
     output_mult: float = Field(default=1.0, gt=0, description="μP output softmax temperature")
     init_std: float = Field(default=0.02, gt=0)
+    parametrization: Literal["mup", "sp"] = Field(
+        default="mup", description="sp: standard parametrisation (no width scaling), for μP comparisons")
     tie_embeddings: bool = True
     bias: bool = True
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -80,8 +82,8 @@ class ModelConfig(_Strict):
 
     @property
     def width_mult(self) -> float:
-        """μP width multiplier w = d_model / base_width."""
-        return self.d_model / self.base_width
+        """μP width multiplier w = d_model / base_width (1 under standard parametrisation: nothing scales)."""
+        return self.d_model / self.base_width if self.parametrization == "mup" else 1.0
 
 
 class ModelDelta(_Strict):
