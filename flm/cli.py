@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from importlib.metadata import entry_points
 
 from rich.console import Console
 from rich.table import Table
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     add_data_cli(sub)
+    for plugin in entry_points(group="flm.cli"):  # commands of the layers above flm/ (cluster, ...)
+        plugin.load()(sub)
 
     p = sub.add_parser("train", help="train a growth plan on this machine (resumes where it stopped)")
     p.add_argument("plan", help="growth plan YAML, e.g. configs/tiny.yaml")

@@ -104,6 +104,8 @@ class ParallelLayout(_Strict):
     dp: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    backend: Literal["ddp", "zero1", "zero2", "zero3"] = Field(
+        default="ddp", description="cluster/: torch DDP, or DeepSpeed ZeRO stage 1/2/3")
 
     @property
     def gpus(self) -> int:

@@ -68,6 +68,31 @@ class Dist:
     def report(self, record: dict, checkpoint: Path | None) -> None:
         """Called on every rank at each checkpoint (Ray Train reports here)."""
 
+    # --- hooks for backends that own the gradient reduction or the optimizer (cluster/: DeepSpeed ZeRO) --------
+    def prepare(self, model: GPT, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Called before a stage's first step, once `optimizer` holds its final state (loaded or transferred by a
+        growth); returns the module to train through. ZeRO builds its engine here and takes the state over."""
+        return module
+
+    def forward_context(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps a micro batch's forward: DDP skips the gradient all-reduce except after the `last` one."""
+        return contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's loss, already divided by the number of micro batches."""
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, model: GPT, grad_clip: float) -> None:
+        """After the last micro batch: clip the global gradient norm, update, zero the gradients."""
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dicts(self, model: GPT, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Full model and optimizer state dicts to checkpoint; called on every rank (ZeRO gathers its shards here),
+        only rank 0's are saved."""
+        return model.state_dict(), optimizer.state_dict()
+
 
 def lr_at(plan: GrowthPlan, step: int) -> float:
     """Base learning rate (before μP scaling) at global optimizer step `step`."""
@@ -164,7 +189,7 @@ class Trainer:
         if first_stage > self.stage:
             if not ts.get("stage_end") or first_stage != self.stage + 1:
                 raise FLMConfigError(f"stage {first_stage}: stage {self.stage} has not finished in {self.run_dir}")
-            self._grow_into(first_stage, reload=False)
+            self._grow_into(first_stage, reload=False, mode="offline")  # the checkpoint was just read from disk
 
     def _fresh(self) -> None:
         self.stage, self.step, self.position, self.tokens, self.flops = 0, 0, 0, 0, 0.0
@@ -185,7 +210,7 @@ class Trainer:
         groups = mup.param_groups(model, model.cfg, self.plan.stages[self.stage].lr, o.weight_decay)
         return torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), fused=False)
 
-    def _grow_into(self, k: int, reload: bool) -> None:
+    def _grow_into(self, k: int, reload: bool, mode: str | None = None) -> None:
         """Grow the stage k-1 model into stage k's shape; optimizer state follows, the mask ramp starts now."""
         stage = self.plan.stages[k]
         if reload:  # offline growth: the next stage starts from what is on disk, as a new Train run would
@@ -203,7 +228,8 @@ class Trainer:
         self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
         if self.ramp is None:
             new.clear_masks()
-        self._record({"event": "growth", "step": self.step, "stage": k, "mode": "offline" if reload else "online",
+        mode = mode or ("offline" if reload else "online")
+        self._record({"event": "growth", "step": self.step, "stage": k, "mode": mode,
                       "params": new.num_params(), "max_abs_dlogits": kept.max_abs, "dloss": kept.dloss})
 
     # --- the loop -----------------------------------------------------------------------------------------------
@@ -217,6 +243,7 @@ class Trainer:
             raise FLMConfigError(f"stages.{k}.batch_size: {stage.batch_size} is not a multiple of micro batch "
                                  f"{micro} x {self.dist.world_size} workers")
         per_token = flops_per_token(cfg)
+        self.model = self.dist.prepare(self.raw, self.model, self.optimizer)
         t_start, t_log, tokens_log = time.perf_counter(), time.perf_counter(), self.tokens
         self.model.train()
         loss = val_loss = float("nan")
@@ -255,14 +282,11 @@ class Trainer:
         for i in range(accum):
             start = self.position + (self.dist.rank * accum + i) * micro
             x, y = (t.to(self.dist.device) for t in self.train_data.batch_at(start, micro, cfg.seq_len))
-            sync = i == accum - 1 or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
+            with self.dist.forward_context(self.model, last=i == accum - 1), self._autocast():
                 _, loss = self.model(x, y)
-            (loss / accum).backward()
+            self.dist.backward(loss / accum)
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.settings.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.dist.step(self.optimizer, self.raw, self.settings.optim.grad_clip)
         return (self.dist.all_reduce_sum(total) / (accum * self.dist.world_size)).item()
 
     @torch.no_grad()
@@ -297,11 +321,12 @@ class Trainer:
     # --- files ----------------------------------------------------------------------------------------------------
     def _checkpoint(self, stage_end: bool) -> None:
         path = step_dir(self.run_dir, self.step)
+        model_state, optimizer_state = self.dist.state_dicts(self.raw, self.optimizer)
         if self.dist.is_main:
             state = {"step": self.step, "stage": self.stage, "stage_end": stage_end, "position": self.position,
                      "tokens": self.tokens, "flops": self.flops, "plan": self.plan.name,
                      "ramp": self.ramp.state_dict() if self.ramp else None, "metrics_lines": self._metrics_lines}
-            save_checkpoint(path, self.raw.cfg, self.raw.state_dict(), self.optimizer.state_dict(), state,
+            save_checkpoint(path, self.raw.cfg, model_state, optimizer_state, state,
                             {"torch": torch.get_rng_state()}, self.data_dir / "tokenizer")
             prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)
         self.dist.barrier()

@@ -1,0 +1,115 @@
+"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage.
+
+Wired into `flm` by `flm/cli.py` through `add_cluster_cli(subparsers)`; user errors raise FLMConfigError, which the
+`flm` command prints as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+
+from rich.console import Console
+from rich.table import Table
+
+from flm.config import FLMConfigError, load_plan
+
+console = Console(width=max(120, shutil.get_terminal_size().columns))
+
+
+def workers(run) -> str:
+    """'2', or '2 of (1, 4)' for an elastic stage."""
+    if isinstance(run.workers, int) or run.world_size is None:
+        return str(run.world_size or run.workers)
+    return f"{run.world_size} of {tuple(run.workers)}"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at a host:port address."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise FLMConfigError(f"--address: nothing answers at {address} ({e.strerror or e}); start the cluster "
+                             f"(ray start --head) or fix the address") from None
+
+
+def cmd_cluster_train(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from cluster.train import StageRun, check_plan, check_storage, run_plan, stage_end_checkpoint
+    from flm.train import flm_home
+
+    # everything that can be wrong with the input fails here, before a cluster starts
+    plan = load_plan(args.plan)
+    storage = check_storage(args.storage or flm_home() / "runs")
+    check_plan(plan, args.backend)
+    if args.max_failures < -1:
+        raise FLMConfigError(f"--max-failures: {args.max_failures}; use -1 (retry forever) or a count >= 0")
+
+    name = args.name or plan.name
+    finished = all(stage_end_checkpoint(storage / name, k) for k in range(len(plan.stages)))
+    started = not finished and not ray.is_initialized()  # a finished run needs no cluster
+    if started:
+        if args.address:
+            check_reachable(args.address)
+        try:
+            ray.init(address=args.address or "local")
+        except ConnectionError as e:
+            raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {args.address} ({e})") from None
+
+    def show(run: StageRun) -> None:
+        if not args.json:
+            s = run.summary or {}
+            loss = f", loss {s['loss']:.4f}" if "loss" in s else ""
+            console.print(f"stage {run.stage}: {run.status} ({run.backend or '-'}, {workers(run)} workers, "
+                          f"{run.seconds:.1f} s{loss}) -> {run.checkpoint}", soft_wrap=True)
+
+    try:
+        runs = run_plan(plan, storage, name, backend=args.backend, max_failures=args.max_failures,
+                        check_cluster=not (args.no_resource_check or finished), on_stage=show)
+    finally:
+        if started:
+            ray.shutdown()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs], indent=2))
+        return
+    table = Table(title=f"{name}: {storage / name}")
+    for col in ("stage", "status", "backend", "workers", "params", "steps", "loss", "val loss", "seconds"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        s = r.summary or {}
+        table.add_row(str(r.stage), r.status, r.backend or "-", workers(r),
+                      f"{s['params'] / 1e6:.2f}M" if "params" in s else "", str(s.get("steps", "")),
+                      f"{s['loss']:.4f}" if "loss" in s else "", f"{s['val_loss']:.4f}" if "val_loss" in s else "",
+                      f"{r.seconds:.1f}")
+    console.print(table)
+
+
+def add_cluster_cli(subparsers) -> None:
+    """Register `cluster train` on the `flm` command's subparsers."""
+    p = subparsers.add_parser("cluster", help="run on a Ray cluster (Ray Train)")
+    sub = p.add_subparsers(dest="cluster_command", required=True)
+    t = sub.add_parser("train", help="train a growth plan with Ray Train, one run per stage (resumes where it "
+                                     "stopped: relaunch with the same --name)")
+    t.add_argument("plan", help="growth plan YAML; each stage's layout gives its workers, GPUs and CPUs")
+    t.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); "
+                                     "default: start a local one")
+    t.add_argument("--storage", help="directory holding the run and Ray's records; on several nodes a shared "
+                                     "mount (default: $FLM_HOME/runs)")
+    t.add_argument("--name", help="run name (default: the plan's name): the run directory is STORAGE/NAME")
+    t.add_argument("--backend", help="gradient backend for every stage, overriding the plan: ddp (torch DDP) or "
+                                     "zero1, zero2, zero3 (DeepSpeed ZeRO stage 1/2/3)")
+    t.add_argument("--max-failures", type=int, default=3,
+                   help="worker-group restarts allowed per stage (-1: unlimited; default 3)")
+    t.add_argument("--no-resource-check", action="store_true",
+                   help="start even if the cluster has fewer CPUs/GPUs now than a stage needs (autoscaling)")
+    t.add_argument("--json", action="store_true", help="print the stage results as JSON")
+    t.set_defaults(func=cmd_cluster_train)

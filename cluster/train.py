@@ -1,0 +1,249 @@
+"""Ray Train runs a growth plan: one TorchTrainer run per stage, DDP or DeepSpeed ZeRO workers, elastic and
+fault tolerant.
+
+    storage_path/
+      <name>/              the run directory (plan.train.out): checkpoints/ in our format, metrics.jsonl, plan.json
+      <name>-stage0/       Ray Train's run of stage 0 (its state, and pointers to our checkpoints)
+      <name>-stage1/ ...
+
+Stage k is the Ray Train run `<name>-stage<k>` with the stage's own `ScalingConfig` (layout.workers: a count, or
+(min, max) for an elastic run; use_gpu; cpus_per_worker). Every worker runs `Trainer(plan, dist).fit(stages=[k])`:
+the trainer resumes from the newest checkpoint in the run directory, so
+
+- growth between stages happens offline, as in FLM-101B: stage k starts from stage k-1's stage-end checkpoint,
+  grows it and trains on its own layout (the world size may change between stages);
+- a worker failure restarts the worker group (`FailureConfig(max_failures)`) from the latest checkpoint, and an
+  elastic resize does the same at the new world size: the global batch and the data order do not depend on it;
+- relaunching the same name skips the finished stages (those with a stage-end checkpoint) and resumes the
+  interrupted one.
+
+Every metric goes to our own stream `<run dir>/metrics.jsonl` (rank 0 writes it); Ray gets a report only at
+checkpoints (each costs about a second), with the latest metrics and a pointer to our checkpoint.
+
+Storage: the run directory must be one directory that every worker of every stage reads and writes. A local path
+is enough on one node. On a multi-node cluster give a shared filesystem mounted at the same path on every node
+(NFS, Lustre, a FUSE-mounted bucket); an object store URI (s3://) is not enough by itself, because the trainer
+writes and reads its checkpoints as files. Syncing node-local run directories through Ray checkpoints instead
+would copy every checkpoint once per report; it is not implemented.
+
+The gradient backend of each stage is `layout.backend` ("ddp", or "zero1" / "zero2" / "zero3" for DeepSpeed ZeRO);
+`run_plan(backend=...)` overrides it for every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from flm.checkpoint import MANIFEST, list_checkpoints
+from flm.config import FLMConfigError, GrowthPlan, GrowthStage
+from flm.train import Trainer
+
+BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+
+
+@dataclass
+class StageRun:
+    """What happened to one stage: trained now, or skipped because an earlier launch finished it."""
+
+    stage: int
+    status: str  # "trained" | "skipped"
+    backend: str | None  # what trained it now (None when skipped: an earlier launch's choice is not recorded)
+    workers: int | tuple[int, int]  # the layout's: a count, or (min, max) for an elastic run
+    checkpoint: str | None  # our stage-end checkpoint
+    seconds: float  # wall clock of the Ray Train run, start-up included (0 when skipped)
+    summary: dict | None = None  # Trainer.fit's summary from rank 0 (params, steps, tokens, loss, val_loss, ...)
+    ray_path: str | None = None  # Ray Train's run directory
+    world_size: int | None = None  # workers in the attempt that finished the stage
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the plan, checked before any training ------------------------------------------------------------------
+def stage_backend(stage: GrowthStage, override: str | None = None) -> str:
+    backend = override or stage.layout.backend
+    if backend not in BACKENDS:
+        raise FLMConfigError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def worker_range(stage: GrowthStage) -> tuple[int, int]:
+    w = stage.layout.workers
+    lo, hi = (w, w) if isinstance(w, int) else w
+    return lo, hi
+
+
+def check_plan(plan: GrowthPlan, backend: str | None = None) -> list[str]:
+    """What can be checked without a cluster: each stage's backend (returned) and its worker counts."""
+    backends = [stage_backend(s, backend) for s in plan.stages]
+    check_layouts(plan)
+    return backends
+
+
+def check_layouts(plan: GrowthPlan) -> None:
+    """Every world size a stage may run at must split its global batch into whole micro batches."""
+    mbs = plan.train.micro_batch_size
+    for k, stage in enumerate(plan.stages):
+        lo, hi = worker_range(stage)
+        if lo < 1 or hi < lo:
+            raise FLMConfigError(f"stages.{k}.layout.workers: {stage.layout.workers} must be a count >= 1 or "
+                                 f"(min, max) with 1 <= min <= max")
+        for w in range(lo, hi + 1):
+            micro = mbs or stage.batch_size // w
+            if micro == 0 or stage.batch_size % (micro * w):
+                raise FLMConfigError(f"stages.{k}.layout.workers: batch_size {stage.batch_size} does not split "
+                                     f"into micro batches of {micro or 1} on {w} workers; use worker counts that "
+                                     f"divide it (or set train.micro_batch_size)")
+
+
+def check_resources(plan: GrowthPlan, resources: dict[str, float]) -> None:
+    """Fail fast when a stage needs more CPUs or GPUs (at its minimum worker count) than the cluster has."""
+    for k, stage in enumerate(plan.stages):
+        lay, (lo, _) = stage.layout, worker_range(stage)
+        need = {"CPU": lo * lay.cpus_per_worker, "GPU": float(lo) if lay.use_gpu else 0.0}
+        for kind, amount in need.items():
+            have = resources.get(kind, 0.0)
+            if amount > have:
+                per = f"{lay.cpus_per_worker:g} CPU" if kind == "CPU" else "1 GPU"
+                fix = "layout.workers or layout.cpus_per_worker" if kind == "CPU" else "layout.workers or use_gpu"
+                raise FLMConfigError(f"stages.{k}.layout: needs {amount:g} {kind}s ({lo} workers x {per} each) but "
+                                     f"the Ray cluster has {have:g}; lower {fix}, or add nodes")
+
+
+def check_storage(storage_path: str | os.PathLike) -> Path:
+    """The storage root as an absolute path, created and proven writable (before any training starts)."""
+    text = str(storage_path)
+    if "://" in text:
+        raise FLMConfigError(f"storage: {text} is a URI; cluster training needs a filesystem path every worker can "
+                             f"write (a local directory, or a shared mount such as NFS on a multi-node cluster)")
+    root = Path(text).expanduser().absolute()
+    probe = root / f".flm-write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FLMConfigError(f"storage: {root} is not a writable directory ({e.strerror or e}); "
+                             f"choose another --storage") from None
+    return root
+
+
+def with_run_dir(plan: GrowthPlan, run_dir: Path) -> GrowthPlan:
+    """The plan with train.out = run_dir, and a local dataset path made absolute (workers may run elsewhere)."""
+    data = plan.train.data
+    if Path(data).expanduser().is_dir():
+        data = str(Path(data).expanduser().absolute())
+    train = plan.train.model_copy(update={"out": str(run_dir), "data": data})
+    return plan.model_copy(update={"train": train})
+
+
+def check_run_dir(plan: GrowthPlan, run_dir: Path) -> None:
+    """A run directory holds one plan (the trainer refuses another): say so before a Ray Train run retries it."""
+    path = run_dir / "plan.json"
+    if path.is_file() and json.loads(path.read_text()) != plan.model_dump(mode="json", exclude={"train"}):
+        raise FLMConfigError(f"name: {run_dir} holds a run of a different plan; choose another name")
+
+
+def stage_end_checkpoint(run_dir: Path, k: int) -> Path | None:
+    """Stage k's output if a launch finished it: its stage-end checkpoint. Saves are atomic (a directory renamed
+    into place, its manifest written last); the trainer verifies the hashes when it loads one."""
+    for path in reversed(list_checkpoints(run_dir)):
+        state_file = path / "trainer_state.json"
+        if not (state_file.is_file() and (path / MANIFEST).is_file()):
+            continue
+        state = json.loads(state_file.read_text())
+        if state.get("stage") == k and state.get("stage_end"):
+            return path
+    return None
+
+
+# --- one Ray Train run per stage ------------------------------------------------------------------------------
+def _train_worker(config: dict) -> dict:
+    """The train function of every worker of stage `config['stage']`."""
+    from cluster.dist import RayDist
+
+    plan, k = GrowthPlan.model_validate(config["plan"]), config["stage"]
+    backend = config["backend"]
+    if backend == "ddp":
+        dist = RayDist.from_context()
+    else:
+        from cluster.zero import ZeroDist
+
+        ctx = ray.train.get_context()
+        world, batch = ctx.get_world_size(), plan.stages[k].batch_size
+        micro = plan.train.micro_batch_size or batch // world
+        dist = ZeroDist.from_context(zero_stage=int(backend[-1]), micro_batch=micro,
+                                     accum=batch // (micro * world), grad_clip=plan.train.optim.grad_clip)
+    trainer = Trainer(plan, dist, on_record=dist.observe)  # called on rank 0 only
+    return {"summaries": trainer.fit(stages=[k]), "world_size": dist.world_size}
+
+
+def scaling_config(stage: GrowthStage) -> ScalingConfig:
+    lay, (lo, hi) = stage.layout, worker_range(stage)
+    resources = {"CPU": lay.cpus_per_worker, **({"GPU": 1} if lay.use_gpu else {})}
+    return ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=lay.use_gpu,
+                         resources_per_worker=resources)
+
+
+def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None = None, *,
+             backend: str | None = None, max_failures: int = 3, check_cluster: bool = True,
+             on_stage=None) -> list[StageRun]:
+    """Train `plan` stage by stage on the connected Ray cluster (ray.init first); returns one StageRun per stage.
+
+    `name` (default: the plan's) names the run directory `storage_path/name` and the Ray Train runs
+    `name-stage<k>`; launching the same name again continues that run. `backend` overrides every stage's
+    `layout.backend`. `max_failures` worker-group restarts are allowed per stage. `on_stage(StageRun)` is called
+    after each stage; `check_cluster=False` skips the resource check (an autoscaling cluster whose nodes are not up
+    yet). The plan's `train.out` is replaced by the run directory. User errors (unwritable storage, a
+    layout the cluster cannot hold, a batch the workers cannot split, a run directory of another plan) raise
+    FLMConfigError before anything trains."""
+    root = check_storage(storage_path)
+    name = name or plan.name
+    if not name or "/" in name or name.startswith("."):
+        raise FLMConfigError(f"name: {name!r} must be a plain directory name")
+    backends = check_plan(plan, backend)
+    if check_cluster:
+        check_resources(plan, ray.cluster_resources())
+    run_dir = root / name
+    check_run_dir(plan, run_dir)
+    plan = with_run_dir(plan, run_dir)
+    runs = []
+    for k, stage in enumerate(plan.stages):
+        done = stage_end_checkpoint(run_dir, k)
+        if done is not None:
+            state = json.loads((done / "trainer_state.json").read_text())
+            summary = {key: state[key] for key in ("stage", "step", "tokens", "flops") if key in state}
+            summary["steps"] = summary.pop("step", None)
+            run = StageRun(k, "skipped", None, stage.layout.workers, str(done), 0.0, summary)
+        else:
+            trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config={"plan": plan.model_dump(mode="json"), "stage": k, "backend": backends[k]},
+                scaling_config=scaling_config(stage),
+                run_config=RunConfig(name=f"{name}-stage{k}", storage_path=str(root),
+                                     failure_config=FailureConfig(max_failures=max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=plan.train.keep_checkpoints)),
+            )
+            t0 = time.perf_counter()
+            result = trainer.fit()
+            seconds = time.perf_counter() - t0
+            done = stage_end_checkpoint(run_dir, k)
+            if done is None:
+                raise RuntimeError(f"stage {k}: the Ray Train run {result.path} ended without a stage-end checkpoint")
+            value = result.return_value or {}
+            summaries = value.get("summaries") or [None]
+            run = StageRun(k, "trained", backends[k], stage.layout.workers, str(done), seconds, summaries[0],
+                           result.path, value.get("world_size"))
+        runs.append(run)
+        if on_stage is not None:
+            on_stage(run)
+    return runs
