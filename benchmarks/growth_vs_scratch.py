@@ -40,6 +40,7 @@ from flm.model import GPT
 from flm.train import Trainer, flm_home
 
 ARMS = ("scratch", "msg", "stack")
+LABELS = {"scratch": "4x256", "msg": "MSG 2x128 > 4x128 > 4x256", "stack": "stacking 2x256 > 4x256"}
 COLORS = {"scratch": "#555555", "msg": "#2a7f62", "stack": "#d0702a"}
 HEAD_DIM = 64
 MODEL = {"vocab_size": 2048, "seq_len": 128, "pos": "xpos", "xpos_scale_base": 512, "base_width": 128,
@@ -80,28 +81,26 @@ def split_steps(total: int, fractions: list[float]) -> list[int]:
 
 
 def arm_stages(arm: str, args, lr: float) -> list[dict]:
-    """The stages of one arm; every arm trains args.steps steps of batch x seq_len tokens."""
+    """The stages of one arm. Every arm trains args.steps steps of batch x seq_len tokens on one LR schedule: the
+    stages split the steps at the same boundaries (--split) and each stage restarts its cosine at its LR. MSG grows
+    at both boundaries, stacking at the first, scratch never (its later stages only restart the LR)."""
     tok = args.batch * MODEL["seq_len"]
-    if arm == "scratch":
-        return [{"name": "4x256", "model": shape(4, 256), "tokens": args.steps * tok, "lr": lr,
-                 "batch_size": args.batch, "warmup_samples": args.warmup * args.batch}]
-    split = args.msg_split if arm == "msg" else args.stack_split
-    lrs = (args.msg_lrs if arm == "msg" else args.stack_lrs) or [lr] * len(split)
+    same = ("4x256", {"grow": {}})
+    shapes = {"msg": [("2x128", {"model": shape(2, 128)}), ("4x128", {"grow": {"n_layer": 4}}),
+                      ("4x256", {"grow": {"d_model": 256}})],
+              "stack": [("2x256", {"model": shape(2, 256)}), ("4x256", {"grow": {"n_layer": 4}}), same],
+              "scratch": [("4x256", {"model": shape(4, 256)}), same, same]}[arm]
+    split = [1.0] if arm == "scratch" and args.scratch_single_cosine else args.split
     steps = split_steps(args.steps, split)
-    if arm == "msg":
-        shapes = [("2x128", {"model": shape(2, 128)}), ("4x128", {"grow": {"n_layer": 4}}),
-                  ("4x256", {"grow": {"d_model": 256}})]
-        extra = {"ramp_steps": args.ramp, "depth_placement": args.msg_placement}
-    else:
-        shapes = [("2x256", {"model": shape(2, 256)}), ("4x256", {"grow": {"n_layer": 4}})]
-        extra = {"ramp_steps": 0, "depth_placement": "stack"}
+    lrs = {"scratch": None, "msg": args.msg_lrs, "stack": args.stack_lrs}[arm] or [lr] * len(steps)
     stages = []
-    for k, ((name, model), n, stage_lr) in enumerate(zip(shapes, steps, lrs, strict=True)):
-        warm = args.warmup if k == 0 else args.rewarmup
+    for k, ((name, model), n, stage_lr) in enumerate(zip(shapes[: len(steps)], steps, lrs, strict=True)):
         stage = {"name": name, **model, "tokens": n * tok, "lr": stage_lr, "batch_size": args.batch,
-                 "warmup_samples": warm * args.batch}
+                 "warmup_samples": (args.warmup if k == 0 else args.rewarmup) * args.batch}
         if k:
-            stage |= {**extra, "growth": "online", "ramp_steps": min(extra["ramp_steps"], n)}
+            msg = arm == "msg"  # stacking copies layers on top: its optimizer moments follow the "stack" layout
+            stage |= {"growth": "online", "ramp_steps": min(args.ramp, n) if msg else 0,
+                      "depth_placement": args.msg_placement if msg else "stack"}
         stages.append(stage)
     return stages
 
@@ -134,13 +133,15 @@ def run_plan(plan: GrowthPlan, grow_fn=None) -> dict:
     (wall-clock since fit() began, minus evaluation)."""
     out = Path(plan.train.out)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the Trainer would otherwise resume
-    evals, events = [], []
+    evals, events, cfgs = [], [], plan.model_configs()
     t0 = 0.0
 
     def stamp(record: dict) -> None:
         wall = time.perf_counter() - t0
         row = {**record, "wall_s": wall, "train_s": wall - trainer.eval_seconds}
         if record.get("event") == "growth":
+            if cfgs[record["stage"]] == cfgs[record["stage"] - 1]:
+                return  # a stage that only restarts the LR
             events.append({k: row[k] for k in ("step", "stage", "dloss", "params", "train_s")})
         elif "val_loss" in record:
             evals.append({k: row[k] for k in ("step", "stage", "tokens", "flops", "loss", "val_loss", "train_s")})
@@ -238,7 +239,7 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     target = statistics.fmean(r["final_val_loss"] for r in runs["scratch"].values())
     for ax, axis, label in ((axes[0], "flops", "cumulative training FLOPs"),
                             (axes[1], "train_s", "wall-clock seconds (evaluation excluded)")):
@@ -250,12 +251,12 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
             n = min(len(r["evals"]) for r in seeds.values())
             xs = [statistics.fmean(r["evals"][i][axis] for r in seeds.values()) for i in range(n)]
             ys = [statistics.fmean(r["evals"][i]["val_loss"] for r in seeds.values()) for i in range(n)]
-            ax.plot(xs, ys, color=c, lw=2, label=f"{arm} (mean of {len(seeds)})")
+            ax.plot(xs, ys, color=c, lw=2, label=f"{arm}: {LABELS[arm]} (mean of {len(seeds)})")
             first = next(iter(seeds.values()))
             for k in range(len(first["growth"])):
                 gx = statistics.fmean(r["growth"][k][axis] for r in seeds.values())
                 ax.axvline(gx, color=c, ls="--", lw=0.9, alpha=0.8)
-        ax.axhline(target, color="k", ls=":", lw=0.8, label="scratch final val loss")
+        ax.axhline(target, color="k", ls=":", lw=0.8, label="scratch final val loss; dashed: growth")
         ax.set_xscale("log" if axis == "flops" else "linear")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, which="both")
@@ -277,7 +278,7 @@ def log(msg: str) -> None:
 
 
 def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -289,8 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3, help="scratch LR when there is no sweep")
     ap.add_argument("--sweep-lrs", type=floats, default=[1e-3, 2e-3, 4e-3], help="comma list; empty: no sweep")
     ap.add_argument("--sweep-fraction", type=float, default=0.25, help="sweep run length, as a fraction of --steps")
-    ap.add_argument("--msg-split", type=floats, default=[0.5, 0.25, 0.25], help="token fractions 2x128,4x128,4x256")
-    ap.add_argument("--stack-split", type=floats, default=[0.5, 0.5], help="token fractions 2x256,4x256")
+    ap.add_argument("--split", type=floats, default=[0.5, 0.25, 0.25],
+                    help="token fractions of the 3 stages (MSG: 2x128, 4x128, 4x256; stack: 2x256, 4x256, 4x256)")
+    ap.add_argument("--scratch-single-cosine", action="store_true", help="scratch without the stage LR restarts")
     ap.add_argument("--msg-lrs", type=floats, default=None, help="per-stage LRs (default: scratch's LR)")
     ap.add_argument("--stack-lrs", type=floats, default=None, help="per-stage LRs (default: scratch's LR)")
     ap.add_argument("--ramp", type=int, default=16, help="MSG mask ramp, optimizer steps")
@@ -298,22 +300,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=16, help="LR warmup of the first stage, steps")
     ap.add_argument("--rewarmup", type=int, default=0, help="LR warmup of later stages, steps")
     ap.add_argument("--min-lr", type=float, default=3e-5)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--eval-batches", type=int, default=6, help="fixed val batches of 8 x 128 tokens")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma list of arms (scratch is always run)")
     ap.add_argument("--data", type=Path, default=None, help="prepared dataset (default: $FLM_HOME/data/...)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench/growth_vs_scratch"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/growth_vs_scratch.json"))
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw the PNG next to this result JSON")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.sweep_lrs, args.eval_every, args.eval_batches = 1, 40, [], 8, 2
-        args.warmup, args.ramp = 4, 4
+        args.seeds, args.steps, args.batch, args.sweep_lrs = 1, 32, 8, []
+        args.eval_every, args.eval_batches, args.warmup, args.ramp = 8, 2, 4, 4
     args.arms = ["scratch", *[a for a in args.arms.split(",") if a in ARMS and a != "scratch"]]
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        plot_result(result, args.replot.with_suffix(".png"))
+        return result
     t_start, load_start = time.perf_counter(), os.getloadavg()
     data = args.data or flm_home() / "data" / "shakespeare-bpe2048"
     if not (data / "manifest.json").is_file():  # the split the Trainer itself would make for a seed-0 plan
@@ -338,7 +345,7 @@ def main(argv=None) -> dict:
         "benchmark": "growth_vs_scratch",
         "command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("workdir", "out", "data")},
+                     if k not in ("workdir", "out", "data", "replot")},
         "data": {"dir": str(data), "tokenizer": "bpe", "vocab_size": MODEL["vocab_size"],
                  "seq_len": MODEL["seq_len"], "tokens_per_arm": args.steps * args.batch * MODEL["seq_len"]},
         "lr_sweep": sweep,
@@ -361,13 +368,21 @@ def main(argv=None) -> dict:
                         for arm, seeds in runs.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.2f}x +- {s['std']:.2f}"  # noqa: E731
-    title = "; ".join(f"{a}: {fmt(s['flops'])} FLOPs, {fmt(s['wall'])} wall ({s['reached']})"
-                      for a, s in speedup.items())
-    plot(runs, args.out.with_suffix(".png"), f"Shakespeare BPE-2048, target 4x256, {args.steps} steps x "
-             f"{args.batch * MODEL['seq_len']} tokens, {args.seeds} seed(s). Speedup to scratch's final loss: {title}")
+    plot_result(result, args.out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
     return result
+
+
+def plot_result(result: dict, path: Path) -> None:
+    """The PNG from a result JSON (also `--replot`)."""
+    runs = {arm: {int(seed): {**r, "final_val_loss": r["evals"][-1]["val_loss"]} for seed, r in seeds.items()}
+            for arm, seeds in result["curves"].items()}
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.2f}x +- {s['std']:.2f}"  # noqa: E731
+    lines = "\n".join(f"{a}: {fmt(s['flops'])} in FLOPs, {fmt(s['wall'])} in wall-clock (reached on {s['reached']})"
+                       for a, s in result["speedup_to_scratch_final_loss"].items())
+    st = result["settings"]
+    plot(runs, path, f"Shakespeare BPE-2048, target 4x256, {st['steps']} steps x {st['batch'] * MODEL['seq_len']} "
+                     f"tokens per arm, {st['seeds']} seed(s); speedup to scratch's final val loss:\n{lines}")
 
 
 if __name__ == "__main__":
