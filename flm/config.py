@@ -256,19 +256,23 @@ def _resolve(stages: list[GrowthStage]) -> list[ModelConfig]:
     return configs
 
 
-def _check_growth(old: ModelConfig, new: ModelConfig, k: int) -> None:
+def growth_problem(old: ModelConfig, new: ModelConfig) -> tuple[str, str] | None:
+    """(field, why) if `old` cannot grow into `new` by MSG, else None: the one rule for plans and growth alike."""
     for dim in GROWTH_DIMS:
         if getattr(new, dim) < getattr(old, dim):
-            raise ValueError(f"stages.{k}.{dim}: {getattr(new, dim)} < {getattr(old, dim)} in the previous "
-                             f"stage; growth plans may only grow")
+            return dim, f"cannot shrink {getattr(old, dim)} -> {getattr(new, dim)}; growth may only grow"
     if new.head_dim != old.head_dim:
-        raise ValueError(f"stages.{k}.head_dim: {new.head_dim} != {old.head_dim}; MSG grows heads at a fixed "
-                         f"head_dim, so n_head and d_model must grow together")
-    fixed = [f for f in ModelConfig.model_fields if f not in (*GROWTH_DIMS, "head_dim", "init_std", "dropout")]
-    for f in fixed:
-        if getattr(new, f) != getattr(old, f):
-            raise ValueError(f"stages.{k}.{f}: {getattr(new, f)!r} differs from the previous stage's "
-                             f"{getattr(old, f)!r}; only {', '.join(GROWTH_DIMS)} may change across stages")
+        return "head_dim", (f"{old.head_dim} -> {new.head_dim}; MSG grows heads at a fixed head_dim, so n_head and "
+                            f"d_model must grow together")
+    for f in ModelConfig.model_fields:
+        if f not in (*GROWTH_DIMS, "head_dim", "init_std", "dropout") and getattr(new, f) != getattr(old, f):
+            return f, f"{getattr(old, f)!r} -> {getattr(new, f)!r}; only {', '.join(GROWTH_DIMS)} may change"
+    return None
+
+
+def _check_growth(old: ModelConfig, new: ModelConfig, k: int) -> None:
+    if problem := growth_problem(old, new):
+        raise ValueError(f"stages.{k}.{problem[0]}: {problem[1]}")
 
 
 def _first_error(e: ValidationError) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from flm import mup
-from flm.config import DEFAULT_OPERATOR_ORDER, GROWTH_DIMS, ModelConfig, Operator
+from flm.config import DEFAULT_OPERATOR_ORDER, ModelConfig, Operator, growth_problem
 from flm.model import GPT, MASK_NAMES
 
 State = dict[str, torch.Tensor]
@@ -79,15 +79,8 @@ def grow_model(model: GPT, new: ModelConfig, order: Sequence[Operator] = DEFAULT
 
 # --- surgery ----------------------------------------------------------------------------------------------------
 def check_growth(old: ModelConfig, new: ModelConfig) -> None:
-    for dim in GROWTH_DIMS:
-        if getattr(new, dim) < getattr(old, dim):
-            raise GrowthError(f"{dim}: cannot shrink {getattr(old, dim)} -> {getattr(new, dim)}")
-    if new.head_dim != old.head_dim:
-        raise GrowthError(f"head_dim: MSG keeps it fixed ({old.head_dim} -> {new.head_dim} requested)")
-    keep = set(ModelConfig.model_fields) - {*GROWTH_DIMS, "init_std", "dropout"}
-    changed = [f for f in sorted(keep) if getattr(old, f) != getattr(new, f)]
-    if changed:
-        raise GrowthError(f"{changed[0]}: only {', '.join(GROWTH_DIMS)} may change in a growth")
+    if problem := growth_problem(old, new):
+        raise GrowthError(f"{problem[0]}: {problem[1]}")
 
 
 def layer_sources(old_layers: int, new_layers: int, placement: str) -> list[int | None]:
