@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.15"
-	$(BIN)/pip install --quiet -e ".[dev,hf]" torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,hf,eval]" torch==2.13.0
 	touch $(STAMP)
 
 lint: setup
