@@ -59,7 +59,7 @@ def cmd_check(args) -> None:
     """Validate a YAML file as a growth plan or a proxy family."""
     data = load_yaml(args.file)
     kind = ProxyFamily if "widths" in data else GrowthPlan
-    obj = parse(kind, data, args.file)
+    obj = load_plan(args.file) if kind is GrowthPlan else parse(kind, data, args.file)  # load_plan: hparams_from
     console.print(f"{args.file}: valid {kind.__name__}")
     if isinstance(obj, GrowthPlan):
         for k, cfg in enumerate(obj.model_configs()):

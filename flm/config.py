@@ -165,10 +165,32 @@ class TrainSettings(_Strict):
     optim: OptimConfig = OptimConfig()
 
 
+class SearchedHparams(_Strict):
+    """The best point of a μP proxy search (`best.yaml`, written by `flm tune`), as a growth plan includes it with
+    `hparams_from`. `lr` is the base LR at `base_width`: it transfers only to models with the same base width and
+    parametrisation."""
+
+    lr: float = Field(gt=0)
+    init_std: float = Field(gt=0)
+    output_mult: float = Field(gt=0)
+    base_width: int = Field(ge=1)
+    parametrization: Literal["mup", "sp"] = "mup"
+    val_loss: float | None = Field(default=None, description="the proxy's final validation loss at this point")
+    source: dict = Field(default_factory=dict, description="provenance: search name, proxy width, tokens, ...")
+
+
 class GrowthPlan(_Strict):
-    """An ordered list of stages; stage k+1 starts from stage k's grown checkpoint."""
+    """An ordered list of stages; stage k+1 starts from stage k's grown checkpoint.
+
+    `hparams_from: path/to/best.yaml` (relative to the plan file) is resolved when the plan is loaded
+    (`load_plan`): every stage without an `lr` takes the searched LR, every stage `model` without `init_std`,
+    `output_mult`, `base_width` or `parametrization` takes the searched one. Values written in the plan win (as
+    with any include, the including file has the last word), so stage 2 may still lower its LR; a written
+    `base_width` or `parametrization` that differs from the search's is an error, because μP hyperparameters mean
+    the same thing only at the same base width. After loading, the field holds the resolved absolute path."""
 
     name: str = Field(default="flm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    hparams_from: str | None = Field(default=None, description="best.yaml of a proxy search (see the docstring)")
     seed: int = 0
     min_lr: float = Field(default=6e-6, ge=0, description="end of the one cosine schedule across stages")
     stages: list[GrowthStage] = Field(min_length=1)
@@ -304,4 +326,41 @@ def parse(model: type[BaseModel], data: dict, source: str = "config"):
 
 
 def load_plan(path: str | Path) -> GrowthPlan:
-    return parse(GrowthPlan, load_yaml(path), str(path))
+    data = load_yaml(path)
+    if data.get("hparams_from") is not None:
+        data = apply_hparams(data, Path(path).parent, str(path))
+    return parse(GrowthPlan, data, str(path))
+
+
+HPARAM_MODEL_FIELDS = ("init_std", "output_mult", "base_width", "parametrization")
+
+
+def apply_hparams(data: dict, base_dir: str | Path, source: str = "plan") -> dict:
+    """Plan data with its `hparams_from` file merged in (see GrowthPlan); values written in the plan win."""
+    ref = data["hparams_from"]
+    if not isinstance(ref, str) or not ref:
+        raise FLMConfigError(f"{source}: hparams_from: expected the path of a best.yaml, got {ref!r}")
+    path = Path(ref).expanduser()
+    path = (path if path.is_absolute() else Path(base_dir) / path).resolve()
+    best = parse(SearchedHparams, load_yaml(path), str(path))
+    data = {**data, "hparams_from": str(path)}
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return data  # validation reports the missing stages
+    merged = []
+    for k, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            merged.append(stage)
+            continue
+        stage = {"lr": best.lr, **stage}
+        if isinstance(stage.get("model"), dict):
+            model = stage["model"]
+            for f in ("base_width", "parametrization"):
+                if f in model and model[f] != getattr(best, f):
+                    raise FLMConfigError(
+                        f"{source}: stages.{k}.model.{f}: {model[f]!r}, but {path} was searched at {f} "
+                        f"{getattr(best, f)!r}; μP hyperparameters transfer only at the same {f}: remove it from "
+                        f"the plan or search again")
+            stage["model"] = {**{f: getattr(best, f) for f in HPARAM_MODEL_FIELDS}, **model}
+        merged.append(stage)
+    return {**data, "stages": merged}
