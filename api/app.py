@@ -1,0 +1,454 @@
+"""The FastAPI gateway: jobs, deployments and model routes behind API keys.
+
+Every error, 4xx or 5xx, is an `ErrorResponse` JSON body (`{"error": "...", "field": "..."}`) whose message names
+the problem and what to change; every route documents the errors it can return, so `/openapi.json` is complete.
+`POST /v1/jobs` validates the request (a plan by `flm.config.GrowthPlan`), writes the job's files and its store
+row, and answers 201 at once: the reconciler (api/jobs.py) submits it to Ray within `poll_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.jobs import JobRunner, RayUnavailable, relative
+from api.runs import RunReader, checkpoints, plan_totals, read_json
+from api.schemas import (
+    TERMINAL,
+    ErrorResponse,
+    EvalJob,
+    JobList,
+    JobRequest,
+    JobState,
+    JobView,
+    LogsView,
+    MetricsPage,
+    PipelineJob,
+    PipelineStep,
+    Progress,
+    TrainJob,
+    TuneJob,
+)
+from api.settings import GatewaySettings
+from api.store import Job, key_owner, open_store, utcnow
+from flm.config import GrowthPlan
+
+log = logging.getLogger("flm.gateway")
+KINDS = ("train", "tune", "eval", "pipeline")
+JOB_ID = re.compile(r"^job-[0-9a-f]{10}$")
+DATA_SOURCES = ("shakespeare",)  # besides hf:NAME; anything else is a path inside the storage root
+ERROR_TEXT = {
+    400: "Bad request: a path or a value the gateway cannot use",
+    401: "Missing, unknown or revoked API key",
+    403: "Another owner's resource, or a path outside the storage root",
+    404: "No such job or deployment",
+    409: "The job's state does not allow this",
+    413: "Request body larger than the gateway's limit",
+    422: "A field is missing, of the wrong type, or invalid (a shrinking growth stage, ...)",
+    503: "The Ray cluster (or Serve) does not answer",
+}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` for these error codes (401 always: every route but /health needs a key)."""
+    return {c: {"model": ErrorResponse, "description": ERROR_TEXT[c]} for c in sorted({401, *codes})}
+
+
+class ApiError(StarletteHTTPException):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(status, message, headers)
+        self.field = field
+
+
+# --- request checks ---------------------------------------------------------------------------------------------
+def resolve_path(root: Path, text: str, field: str) -> Path:
+    """`text` (relative to the storage root, or absolute) as a path inside the root; '..' and anything resolving
+    outside (absolute paths elsewhere, symlinks out) are refused, naming the field."""
+    path = Path(text).expanduser()
+    if ".." in path.parts:
+        raise ApiError(400, f"{field}: {text!r} contains '..'; give a path inside the storage root {root}", field)
+    full = (path if path.is_absolute() else root / path).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise ApiError(403, f"{field}: {text!r} is outside the storage root {root}; paths must lie inside it", field)
+    return full
+
+
+def format_validation(request: Request, exc: RequestValidationError) -> tuple[str, str | None]:
+    """pydantic's first error as one line 'field: what is wrong' (the body's kind tag left out of the name)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    if request.url.path == "/v1/jobs" and loc and loc[0] in KINDS:
+        loc = loc[1:]  # the discriminated union's tag
+    kind, msg = err.get("type", ""), err.get("msg", "").removeprefix("Value error, ")
+    if kind == "union_tag_not_found":
+        loc, msg = ["kind"], f"required; one of {', '.join(KINDS)}"
+    elif kind == "union_tag_invalid":
+        loc, msg = ["kind"], f"{err.get('input', {}).get('kind')!r} is not one of {', '.join(KINDS)}"
+    elif kind == "json_invalid":
+        loc, msg = [], f"the body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+    elif kind == "missing":
+        msg = "required"
+    field = ".".join(loc) or None
+    return (f"{field}: {msg}" if field else msg), field
+
+
+class BodyLimit:
+    """413 for bodies above `limit` bytes, by Content-Length up front or by counting a chunked body."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send, int(length))
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge as e:
+            await self._reject(send, e.args[0])
+
+    async def _reject(self, send, size: int):
+        body = json.dumps({"error": f"request body: {size} bytes is over the limit of {self.limit} bytes",
+                           "field": None}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# --- the gateway's state ----------------------------------------------------------------------------------------
+class Gateway:
+    """The store, the Ray runner and the readers of job files, shared by all requests."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.root = settings.home
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sessions = open_store(settings.db_url)
+        self.runner = JobRunner(settings, self.sessions)
+        self.reader = RunReader()
+        self._totals: dict[str, tuple[int, int, int]] = {}
+
+    # jobs ---------------------------------------------------------------------------------------------------------
+    def owned_job(self, owner: str, job_id: str) -> Job:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+        if job is None:
+            raise ApiError(404, f"job {job_id!r}: no such job; see GET /v1/jobs", "job_id")
+        if job.owner != owner:
+            raise ApiError(403, f"job {job_id!r} belongs to another owner", "job_id")
+        return job
+
+    def check_plan_paths(self, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
+        """The dataset path made absolute inside the root; the run directory is the gateway's to choose."""
+        if plan.train.out:
+            raise ApiError(422, f"{field}.train.out: the gateway chooses the run directory (runs/<job id>); "
+                                f"leave it empty", f"{field}.train.out")
+        data = plan.train.data
+        if data in DATA_SOURCES or data.startswith("hf:"):
+            return plan
+        path = resolve_path(self.root, data, f"{field}.train.data")
+        if not path.exists():
+            raise ApiError(400, f"{field}.train.data: {data!r} does not exist in the storage root; give a prepared "
+                                f"dataset or corpus there, 'shakespeare' or hf:NAME", f"{field}.train.data")
+        return plan.model_copy(update={"train": plan.train.model_copy(update={"data": str(path)})})
+
+    def resolve_checkpoint(self, owner: str, text: str, field: str = "checkpoint") -> Path:
+        """A checkpoint directory in the root, or a job id of `owner` (its newest complete checkpoint)."""
+        if JOB_ID.match(text):
+            job = self.owned_job(owner, text)
+            found = checkpoints(self.settings.run_dir(job.id))
+            if not found:
+                raise ApiError(409, f"{field}: job {text} has no checkpoint yet (state {job.state})", field)
+            return found[-1]
+        path = resolve_path(self.root, text, field)
+        if not (path / "config.json").is_file():
+            raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in {path})", field)
+        return path
+
+    def create_job(self, owner: str, req) -> Job:
+        job_id = f"job-{secrets.token_hex(5)}"
+        jd = self.settings.job_dir(job_id)
+        spec = req.model_dump(mode="json", exclude={"hold"})
+        files: dict[str, str] = {}
+        if isinstance(req, TrainJob | PipelineJob):
+            plan = self.check_plan_paths(req.plan)
+            spec["plan"] = plan.model_dump(mode="json")
+            files["plan.yaml"] = yaml.safe_dump(spec["plan"], sort_keys=False)
+        if isinstance(req, EvalJob):
+            spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
+        if isinstance(req, TuneJob):
+            files["search.yaml"] = yaml.safe_dump(req.search, sort_keys=False)
+        if isinstance(req, PipelineJob):
+            pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python}
+            files["spec.json"] = json.dumps(pipeline, indent=2)
+        jd.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (jd / name).write_text(text)
+        job = Job(id=job_id, owner=owner, kind=req.kind, spec=spec, state="HELD" if req.hold else "QUEUED",
+                  attempt=0, created_at=utcnow(), updated_at=utcnow())
+        with self.sessions.begin() as s:
+            s.add(job)
+        if not req.hold:
+            self.runner.wake()
+        return job
+
+    def totals(self, job: Job) -> tuple[int, int, int] | None:
+        """(stages, steps, tokens) of a training job's plan, computed once per job."""
+        if "plan" not in job.spec:
+            return None
+        if job.id not in self._totals:
+            plan = GrowthPlan.model_validate(job.spec["plan"])
+            self._totals[job.id] = (len(plan.stages), *plan_totals(plan))
+        return self._totals[job.id]
+
+    def view(self, job: Job) -> JobView:
+        v = JobView(id=job.id, kind=job.kind, owner=job.owner, state=job.state, attempt=job.attempt,
+                    ray_submission_id=job.ray_submission_id, created_at=job.created_at, updated_at=job.updated_at,
+                    error=job.error, spec=job.spec)
+        totals = self.totals(job)
+        if totals is not None:
+            run_dir = self.settings.run_dir(job.id)
+            records = self.reader.metrics(run_dir)
+            latest = next((r for r in reversed(records) if "loss" in r), None)
+            val = next((r for r in reversed(records) if "val_loss" in r), None)
+            v.stages = totals[0]
+            v.run_dir = relative(self.settings, run_dir)
+            step, tokens = (latest["step"], latest["tokens"]) if latest else (0, 0)
+            v.progress = Progress(step=step, total_steps=totals[1], tokens=tokens, total_tokens=totals[2],
+                                  percent=round(100 * tokens / totals[2], 2))
+            if latest:
+                v.stage, v.metrics = latest["stage"], latest
+            v.val_loss = val["val_loss"] if val else None
+            v.checkpoints = [relative(self.settings, p) for p in checkpoints(run_dir)]
+        jd = self.settings.job_dir(job.id)
+        if job.kind == "pipeline":
+            steps = (read_json(jd / "pipeline.json") or {}).get("steps")
+            if steps:
+                v.steps = [PipelineStep(**s) for s in steps]
+                v.results = {s["name"]: s["result"] for s in steps if s.get("result")}
+        elif job.kind == "eval":
+            result = read_json(jd / "eval" / "iq.json")
+            v.results = {"categories": result["categories"], "path": relative(self.settings, jd / "eval")} \
+                if result else None
+        elif job.kind == "tune":
+            best = jd / "tune" / "best.yaml"
+            v.results = {"best": yaml.safe_load(best.read_text()), "path": relative(self.settings, best)} \
+                if best.is_file() else None
+        return v
+
+
+# --- the app ----------------------------------------------------------------------------------------------------
+bearer = HTTPBearer(auto_error=False, description="an API key from `flm keys create --name NAME`")
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def owner(request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    gw = gateway(request)
+    if cred is None:
+        raise ApiError(401, "Authorization: missing; send 'Authorization: Bearer <key>' (create a key with "
+                            "`flm keys create --name NAME`)", "Authorization", {"WWW-Authenticate": "Bearer"})
+    who, revoked = key_owner(gw.sessions, cred.credentials)
+    if who is None or revoked:
+        why = "was revoked" if revoked else "is not a key of this gateway"
+        raise ApiError(401, f"Authorization: the API key {why}", "Authorization", {"WWW-Authenticate": "Bearer"})
+    return who
+
+
+Owner = Annotated[str, Depends(owner)]
+GW = Annotated[Gateway, Depends(gateway)]
+
+
+def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) -> FastAPI:
+    """The gateway app. `reconcile=False` leaves jobs QUEUED (no Ray): in-process tests of the HTTP surface."""
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        gw = Gateway(settings)
+        app.state.gateway = gw
+        if reconcile:
+            gw.runner.start()
+        yield
+        gw.runner.shutdown()
+
+    app = FastAPI(title="FLM gateway", version="0.1.0", lifespan=lifespan,
+                  description="Submit, watch and cancel growth-training jobs (Ray Jobs), deploy checkpoints (Ray "
+                              "Serve) and query them. Every route but /health needs `Authorization: Bearer KEY`.")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, ApiError):
+            body = ErrorResponse(error=exc.detail, field=exc.field)
+        elif exc.status_code == 404:
+            body = ErrorResponse(error=f"no route {request.method} {request.url.path}; see /docs")
+        else:
+            body = ErrorResponse(error=str(exc.detail))
+        return JSONResponse(body.model_dump(), exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, field = format_validation(request, exc)
+        return JSONResponse(ErrorResponse(error=message, field=field).model_dump(), 422)
+
+    @app.exception_handler(RayUnavailable)
+    async def ray_down(request: Request, exc: RayUnavailable):
+        return JSONResponse(ErrorResponse(error=str(exc)).model_dump(), 503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(ErrorResponse(error=f"internal error: {type(exc).__name__}: {exc}").model_dump(), 500)
+
+    # --- routes -------------------------------------------------------------------------------------------------
+    @app.get("/health", tags=["health"])
+    def health(gw: GW) -> dict[str, Any]:
+        """Liveness, and whether the Ray job server answered the reconciler's last call (no key needed)."""
+        return {"status": "ok", "ray": gw.runner.last_error or "ok", "ray_address": gw.settings.ray_address}
+
+    @app.post("/v1/jobs", status_code=201, tags=["jobs"], responses=errors(400, 403, 404, 409, 413, 422))
+    def submit_job(gw: GW, who: Owner, body: Annotated[JobRequest, Body()]) -> JobView:
+        """Validate and store a job; it is submitted to Ray at once (or held, with `hold: true`)."""
+        return gw.view(gw.create_job(who, body))
+
+    @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
+    def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
+                  limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                  offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+        """The owner's jobs, newest first."""
+        q = select(Job).where(Job.owner == who)
+        if state:
+            q = q.where(Job.state == state)
+        if kind:
+            q = q.where(Job.kind == kind)
+        with gw.sessions() as s:
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            jobs = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)))
+        return JobList(jobs=[gw.view(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=errors(403, 404))
+    def get_job(gw: GW, who: Owner, job_id: str) -> JobView:
+        """State, stage, progress in tokens and %, newest metrics, checkpoints, error."""
+        return gw.view(gw.owned_job(who, job_id))
+
+    @app.get("/v1/jobs/{job_id}/metrics", tags=["jobs"], responses={
+        **errors(403, 404, 422),
+        200: {"description": "JSON page of records, or with `stream=true` (or `Accept: text/event-stream`) "
+                             "server-sent events: `metric` per record, `state` on each change, `end` last",
+              "content": {"text/event-stream": {}}}})
+    def job_metrics(request: Request, gw: GW, who: Owner, job_id: str,
+                    after: Annotated[int, Query(ge=0, description="skip the first `after` records")] = 0,
+                    stream: bool = False) -> MetricsPage:
+        """The training metric stream (`metrics.jsonl`): one record per logged step, plus growth events."""
+        job = gw.owned_job(who, job_id)
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(events(gw, job, after), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        records = gw.reader.metrics(gw.settings.run_dir(job.id))
+        return MetricsPage(records=records[after:], next=max(len(records), after), state=job.state)
+
+    @app.get("/v1/jobs/{job_id}/logs", tags=["jobs"], responses=errors(403, 404, 422, 503))
+    def job_logs(gw: GW, who: Owner, job_id: str,
+                 tail: Annotated[int | None, Query(ge=1, description="only the last lines")] = None) -> LogsView:
+        """The job's driver output from Ray (every attempt's)."""
+        job = gw.owned_job(who, job_id)
+        text = gw.runner.logs(job) if job.attempt else ""
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return LogsView(id=job.id, ray_submission_id=job.ray_submission_id, logs=text)
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 503))
+    def cancel_job(gw: GW, who: Owner, job_id: str) -> JobView:
+        """Cancel: Ray stops the job's driver, and with it its Ray Train workers (state STOPPING, then STOPPED)."""
+        job = gw.owned_job(who, job_id)
+        if job.state in TERMINAL:
+            raise ApiError(409, f"job {job_id} is already {job.state}", "job_id")
+        if job.state in ("HELD", "QUEUED") and gw.runner.set_state(job, job.state, state="STOPPED"):
+            return gw.view(gw.owned_job(who, job_id))
+        job = gw.owned_job(who, job_id)  # the reconciler may have submitted it meanwhile
+        if job.state in ("PENDING", "RUNNING", "STOPPING"):
+            gw.runner.stop(job)
+            gw.runner.set_state(job, job.state, state="STOPPING")
+        return gw.view(gw.owned_job(who, job_id))
+
+    @app.post("/v1/jobs/{job_id}/resume", status_code=202, tags=["jobs"], responses=errors(403, 404, 409))
+    def resume_job(gw: GW, who: Owner, job_id: str) -> JobView:
+        """Start a held job, or submit a stopped or failed one again: training continues from its newest
+        checkpoint (same run name), finished pipeline steps are skipped."""
+        job = gw.owned_job(who, job_id)
+        if job.state not in ("HELD", "STOPPED", "FAILED") or not gw.runner.set_state(job, job.state, state="QUEUED",
+                                                                                 error=None):
+            raise ApiError(409, f"job {job_id} is {job.state}; only HELD, STOPPED or FAILED jobs can be resumed",
+                           "job_id")
+        gw.runner.wake()
+        return gw.view(gw.owned_job(who, job_id))
+
+    return app
+
+
+async def events(gw: Gateway, job: Job, after: int):
+    """Server-sent events of a job: its metric records as they are written, its state changes, then `end`."""
+    sent, state, idle = after, None, 0.0
+    run_dir = gw.settings.run_dir(job.id)
+    while True:
+        records = await run_in_threadpool(gw.reader.metrics, run_dir)
+        sent = min(sent, len(records))  # a resumed trainer truncated the stream to its checkpoint
+        for record in records[sent:]:
+            yield f"event: metric\ndata: {json.dumps(record)}\n\n"
+        if len(records) > sent:
+            idle = 0.0
+        sent = len(records)
+        with gw.sessions() as s:
+            job = s.get(Job, job.id)
+        if job.state != state:
+            state = job.state
+            view = await run_in_threadpool(gw.view, job)
+            yield f"event: state\ndata: {view.model_dump_json(exclude={'spec', 'metrics'})}\n\n"
+            idle = 0.0
+        if state in TERMINAL:
+            records = await run_in_threadpool(gw.reader.metrics, run_dir)  # written before the job ended
+            for record in records[sent:]:
+                yield f"event: metric\ndata: {json.dumps(record)}\n\n"
+            yield f"event: end\ndata: {json.dumps({'state': state, 'error': job.error})}\n\n"
+            return
+        if idle >= 15:
+            yield ": keep-alive\n\n"
+            idle = 0.0
+        await asyncio.sleep(0.5)
+        idle += 0.5

@@ -1,0 +1,253 @@
+"""Jobs run as Ray Jobs: what each kind's entrypoint is, submitting, cancelling, and the reconciler that keeps
+the store's states equal to Ray's.
+
+The job id is the Ray Train run name (the run directory `$FLM_HOME/runs/<id>`), so every attempt of a job trains
+into the same checkpoints and a resubmission resumes. Ray never reuses a submission id, so attempt 1 is submitted
+as `<id>` and attempt n as `<id>.r<n>`; `Job.ray_submission_id` is the current one.
+
+The reconciler is one thread: every `poll_s` it submits QUEUED jobs and copies Ray's state into the store for the
+others (one `list_jobs` call per tick). It is also what makes a gateway restart lose nothing: the store holds
+every job, Ray holds the truth about the ones it runs, and the first tick after start brings them together; a
+job submitted by a gateway that died before recording it is recognised by its submission id. A job Ray no
+longer knows (the cluster was restarted) becomes FAILED with a message saying that a resume continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.runs import read_json
+from api.schemas import TERMINAL
+from api.settings import GatewaySettings
+from api.store import Deployment, Job, utcnow
+
+log = logging.getLogger("flm.gateway")
+RAY_STATES = {"PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray job server does not answer."""
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    return job_id if attempt <= 1 else f"{job_id}.r{attempt}"
+
+
+def entrypoint(settings: GatewaySettings, job: Job) -> str:
+    """The shell command Ray runs for `job` (on the head node, with $FLM_HOME = the storage root)."""
+    spec, jd = job.spec, settings.job_dir(job.id)
+    py = shlex.quote(settings.job_python)
+    flm = f"{py} -m flm.cli"
+    if job.kind == "train":
+        cmd = (f"{flm} cluster train {shlex.quote(str(jd / 'plan.yaml'))} --name {job.id} "
+               f"--storage {shlex.quote(str(settings.home / 'runs'))} --address auto "
+               f"--max-failures {spec['max_failures']}")
+        return cmd + (f" --backend {spec['backend']}" if spec.get("backend") else "")
+    if job.kind == "eval":
+        cmd = (f"{flm} eval {shlex.quote(spec['checkpoint_path'])} --subtasks {shlex.quote(spec['subtasks'])} "
+               f"--seed {spec['seed']} --out {shlex.quote(str(jd / 'eval'))}")
+        return cmd + (f" --n-items {spec['n_items']}" if spec.get("n_items") else "")
+    if job.kind == "tune":
+        return f"{flm} tune {shlex.quote(str(jd / 'search.yaml'))} --out {shlex.quote(str(jd / 'tune'))}"
+    if job.kind == "pipeline":
+        return f"{py} -m api.pipeline {shlex.quote(str(jd / 'spec.json'))}"
+    raise ValueError(f"unknown job kind {job.kind!r}")
+
+
+def error_from_logs(logs: str, fallback: str | None) -> str:
+    """The line that says why a job failed: the `flm: error:` line of a user error, else the last line of a
+    traceback, else Ray's message."""
+    lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("flm: error:"):
+            return line.removeprefix("flm: error:").strip()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Traceback"):
+            tail = [ln for ln in lines[i + 1:] if not ln.startswith(("File ", "^", "~"))]
+            return tail[-1] if tail else lines[-1]
+    return fallback or (lines[-1] if lines else "the job failed without output")
+
+
+class JobRunner:
+    """The gateway's side of Ray Jobs. `client()` connects lazily, so a gateway starts (and accepts jobs, which
+    stay QUEUED) while the Ray cluster is down."""
+
+    def __init__(self, settings: GatewaySettings, sessions: sessionmaker[Session]):
+        self.settings, self.sessions = settings, sessions
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # --- Ray ------------------------------------------------------------------------------------------------------
+    def client(self):
+        with self._client_lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.settings.ray_address)
+                except Exception as e:  # ConnectionError, requests' errors, a version check failing
+                    raise RayUnavailable(f"the Ray job server at {self.settings.ray_address} does not answer "
+                                         f"({type(e).__name__}); start it (flm up) or set FLM_RAY_ADDRESS") from None
+            return self._client
+
+    def _call(self, method: str, *args, **kwargs):
+        """A JobSubmissionClient call; a connection failure drops the client (reconnect next time)."""
+        client = self.client()
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except RuntimeError:
+            raise  # the job server answered with an error (unknown id, ...)
+        except Exception as e:
+            with self._client_lock:
+                self._client = None
+            raise RayUnavailable(f"the Ray job server at {self.settings.ray_address} does not answer "
+                                 f"({type(e).__name__})") from None
+
+    def stop(self, job: Job) -> None:
+        self._call("stop_job", job.ray_submission_id)
+
+    def logs(self, job: Job) -> str:
+        """The logs of every attempt, oldest first."""
+        parts = []
+        for n in range(1, job.attempt + 1):
+            sid = submission_id(job.id, n)
+            try:
+                text = self._call("get_job_logs", sid)
+            except RuntimeError:
+                text = "(Ray has no logs of this attempt: the cluster was restarted)\n"
+            parts.append(text if job.attempt == 1 else f"=== attempt {n} ({sid}) ===\n{text}")
+        return "".join(parts)
+
+    # --- the reconciler ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="flm-reconciler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.tick()
+                self.last_error = None
+            except RayUnavailable as e:
+                if self.last_error != str(e):
+                    log.warning("%s", e)
+                self.last_error = str(e)
+            except Exception:  # never let the reconciler die; the next tick retries
+                log.exception("reconciler tick failed")
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """One reconciliation: submit what is queued, copy Ray's state into the store for what runs."""
+        with self.sessions() as s:
+            jobs = list(s.scalars(select(Job).where(Job.state.in_(("QUEUED", "PENDING", "RUNNING", "STOPPING")))))
+        if not jobs:
+            return
+        ray_jobs = {d.submission_id: d for d in self._call("list_jobs")}
+        for job in jobs:
+            if job.state == "QUEUED":
+                self._submit(job, ray_jobs)
+            else:
+                self._sync(job, ray_jobs.get(job.ray_submission_id))
+
+    def set_state(self, job: Job, expected: str, **values) -> bool:
+        """Update `job` only if its state is still `expected` (a cancel may have raced us); True if done."""
+        with self.sessions.begin() as s:
+            done = s.execute(update(Job).where(Job.id == job.id, Job.state == expected)
+                             .values(updated_at=utcnow(), **values)).rowcount == 1
+        return done
+
+    def _submit(self, job: Job, ray_jobs: dict) -> None:
+        attempt = job.attempt + 1
+        sid = submission_id(job.id, attempt)
+        if sid not in ray_jobs:  # else: submitted by a gateway that died before recording it
+            try:
+                self._call("submit_job", entrypoint=entrypoint(self.settings, job), submission_id=sid,
+                           runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home),
+                                                     "RAY_USAGE_STATS_ENABLED": "0"}},
+                           metadata={"flm_job": job.id, "owner": job.owner, "kind": job.kind})
+            except RuntimeError as e:
+                self.set_state(job, "QUEUED", state="FAILED", error=f"Ray refused the submission: {e}")
+                return
+        if not self.set_state(job, "QUEUED", state="PENDING", attempt=attempt, ray_submission_id=sid, error=None):
+            self._call("stop_job", sid)  # cancelled while we submitted
+        log.info("submitted %s as Ray job %s", job.id, sid)
+
+    def _sync(self, job: Job, details) -> None:
+        if details is None:
+            self.set_state(job, job.state, state="FAILED",
+                      error=f"Ray has no record of submission {job.ray_submission_id} (the cluster was restarted?); "
+                            f"POST /v1/jobs/{job.id}/resume continues from the last checkpoint")
+            return
+        self._register_deployment(job)
+        status = str(details.status)
+        if status == job.state or (job.state == "STOPPING" and status not in TERMINAL):
+            return
+        error = None
+        if status == "FAILED":
+            try:
+                logs = self._call("get_job_logs", job.ray_submission_id)
+            except (RuntimeError, RayUnavailable):
+                logs = ""
+            error = error_from_logs(logs, details.message)
+        self.set_state(job, job.state, state=status, error=error)
+
+    def _register_deployment(self, job: Job) -> None:
+        """A pipeline's deploy step (run inside its Ray job) becomes a deployment of the job's owner."""
+        if job.kind != "pipeline" or not job.spec.get("deploy"):
+            return
+        steps = (read_json(self.settings.job_dir(job.id) / "pipeline.json") or {}).get("steps", [])
+        result = next((st.get("result") for st in steps if st["name"] == "deploy" and st["state"] == "SUCCEEDED"),
+                      None)
+        if not result:
+            return
+        with self.sessions.begin() as s:
+            if s.get(Deployment, result["name"]) is None:
+                s.add(Deployment(id=result["name"], owner=job.owner, job_id=job.id, checkpoint=result["checkpoint"],
+                                 spec=job.spec["deploy"], state="RUNNING", url=result["url"]))
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
+    """Poll `predicate()` until it returns something truthy; None after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return None
+
+
+def relative(settings: GatewaySettings, path: Path) -> str:
+    try:
+        return str(path.relative_to(settings.home))
+    except ValueError:
+        return str(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,82 @@
+"""What a job has done so far, read from its files (never from Ray): the training run directory's metric stream
+and checkpoints (layout in cluster/train.py), a pipeline's `pipeline.json`, an eval's `iq.json`.
+
+Reads are incremental and cached on (size, mtime) of each file, so polling `GET /v1/jobs/{id}` costs a `stat`
+while nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flm.config import GrowthPlan
+
+CHECKPOINT_MANIFEST = "checkpoint.json"  # flm.checkpoint.MANIFEST (not imported: flm.checkpoint imports torch)
+
+
+@dataclass
+class MetricStream:
+    """The records of one metrics.jsonl read so far; `offset` is the byte position of the first unread line."""
+
+    records: list[dict] = field(default_factory=list)
+    offset: int = 0
+    key: tuple[int, int] = (-1, -1)
+
+
+class RunReader:
+    def __init__(self):
+        self._streams: dict[Path, MetricStream] = {}
+        self._lock = threading.Lock()
+
+    def metrics(self, run_dir: Path) -> list[dict]:
+        """Every complete record of `run_dir/metrics.jsonl` (a resumed trainer truncates the file: re-read then)."""
+        path = run_dir / "metrics.jsonl"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        key = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            stream = self._streams.setdefault(path, MetricStream())
+            if stream.key == key:
+                return stream.records
+            if st.st_size < stream.offset:
+                stream.records, stream.offset = [], 0
+            with open(path, "rb") as f:
+                f.seek(stream.offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # a line being written has no newline yet: leave it for the next read
+            new = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+            stream.records = stream.records + new  # a new list: callers may hold the old one
+            stream.offset += end
+            stream.key = key
+            return stream.records
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (their manifest is written last), oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / CHECKPOINT_MANIFEST).is_file())
+
+
+def plan_totals(plan: GrowthPlan) -> tuple[int, int]:
+    """(steps, tokens) of the whole plan: what 100% progress means."""
+    configs = plan.model_configs()
+    steps = tokens = 0
+    for k, stage in enumerate(plan.stages):
+        n = plan.steps(k)
+        steps += n
+        tokens += n * stage.batch_size * configs[k].seq_len
+    return steps, tokens
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # absent, or being rewritten

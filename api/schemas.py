@@ -1,0 +1,213 @@
+"""The gateway's request and response bodies. Requests are strict (`extra="forbid"`): a misspelt field is a 422
+naming it, never silently ignored. A growth plan is validated by `flm.config.GrowthPlan` itself, so a shrinking
+stage is refused by the same rule as on the command line."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flm.config import GrowthPlan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"  # a deployment name: also a Serve application name and a URL path segment
+
+JobState = Literal["HELD", "QUEUED", "PENDING", "RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "STOPPED"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+Backend = Literal["ddp", "zero1", "zero2", "zero3"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if "stages" in yaml.safe_load(p.read_text()))
+
+
+def plan_or_preset(value: Any) -> Any:
+    """A plan given as a preset name ("tiny") is read from configs/<name>.yaml; a mapping is validated as is."""
+    if not isinstance(value, str):
+        return value
+    if value not in preset_names():
+        raise ValueError(f"unknown preset {value!r}; give a plan mapping or one of: {', '.join(preset_names())}")
+    return yaml.safe_load((CONFIGS / f"{value}.yaml").read_text())
+
+
+# --- requests -------------------------------------------------------------------------------------------------
+class Autoscaling(_Request):
+    """Ray Serve autoscaling of a deployment's replicas (each replica holds `tp` shards)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
+class DeploySettings(_Request):
+    name: str | None = Field(default=None, pattern=NAME, description="model name in /v1/completions; "
+                                                                    "default: the job id or a generated one")
+    tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree: shards per replica")
+    replicas: int = Field(default=1, ge=1, le=64, description="replicas when autoscaling is not given")
+    autoscaling: Autoscaling | None = None
+
+
+class EvalSettings(_Request):
+    subtasks: str = Field(default="offline", min_length=1, description="an IQ suite name or subtasks a,b,c")
+    n_items: int | None = Field(default=None, ge=1, le=10_000, description="items per subtask")
+    seed: int = 0
+
+
+class TrainJob(_Request):
+    """Train a growth plan with Ray Train (`flm cluster train`), one run per stage."""
+
+    kind: Literal["train"]
+    plan: GrowthPlan = Field(description="a growth plan, or the name of a preset in configs/ such as 'tiny'")
+    backend: Backend | None = Field(default=None, description="overrides every stage's layout.backend")
+    max_failures: int = Field(default=3, ge=-1, description="worker-group restarts per stage (-1: unlimited)")
+    hold: bool = Field(default=False, description="create the job but start it only on POST .../resume")
+
+    _preset = field_validator("plan", mode="before")(plan_or_preset)
+
+
+class TuneJob(_Request):
+    """The μP proxy search (`flm tune SEARCH.yaml`) with Ray Tune."""
+
+    kind: Literal["tune"]
+    search: dict[str, Any] = Field(description="the SEARCH.yaml document of `flm tune`")
+    hold: bool = False
+
+
+class EvalJob(EvalSettings):
+    """The IQ suite (`flm eval`) on a checkpoint."""
+
+    kind: Literal["eval"]
+    checkpoint: str = Field(min_length=1, description="a checkpoint directory inside the storage root, or a job "
+                                                      "id (its newest checkpoint)")
+    hold: bool = False
+
+
+class PipelineJob(_Request):
+    """tune (optional) -> train -> eval (optional) -> deploy (optional), as one Ray Job (`python -m api.pipeline`)."""
+
+    kind: Literal["pipeline"]
+    plan: GrowthPlan = Field(description="a growth plan, or the name of a preset in configs/")
+    tune: dict[str, Any] | None = Field(default=None, description="a SEARCH.yaml document; its best point is "
+                                                                   "applied to the plan before training")
+    eval: EvalSettings | None = Field(default=None, description="the IQ suite on the final checkpoint")
+    deploy: DeploySettings | None = Field(default=None, description="serve the final checkpoint")
+    backend: Backend | None = None
+    max_failures: int = Field(default=3, ge=-1)
+    hold: bool = False
+
+    _preset = field_validator("plan", mode="before")(plan_or_preset)
+
+
+JobRequest = Annotated[TrainJob | TuneJob | EvalJob | PipelineJob, Field(discriminator="kind")]
+
+
+class DeploymentRequest(DeploySettings):
+    """Serve a checkpoint (a path inside the storage root) or a finished job's final checkpoint."""
+
+    checkpoint: str | None = Field(default=None, min_length=1)
+    job_id: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.checkpoint is None) == (self.job_id is None):
+            raise ValueError("give exactly one of checkpoint or job_id")
+        return self
+
+
+# --- responses ------------------------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx of the gateway: one line that names the problem (and the field, when there is one)."""
+
+    error: str
+    field: str | None = None
+
+
+class Progress(BaseModel):
+    step: int = Field(description="optimizer steps done")
+    total_steps: int | None = None
+    tokens: int = Field(description="training tokens done")
+    total_tokens: int | None = None
+    percent: float | None = Field(default=None, description="tokens done / tokens of the whole plan, in %")
+
+
+class PipelineStep(BaseModel):
+    name: Literal["tune", "train", "eval", "deploy"]
+    state: Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "SKIPPED"]
+    seconds: float | None = None
+    result: dict[str, Any] | None = None
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    owner: str
+    state: JobState
+    attempt: int = Field(description="Ray submissions so far (a resume adds one)")
+    ray_submission_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    error: str | None = None
+    stage: int | None = Field(default=None, description="the growth stage training now (or last trained)")
+    stages: int | None = Field(default=None, description="stages in the plan")
+    progress: Progress | None = None
+    metrics: dict[str, Any] | None = Field(default=None, description="the newest record of the metric stream")
+    val_loss: float | None = Field(default=None, description="the newest validation loss")
+    checkpoints: list[str] = Field(default=[], description="checkpoint directories, relative to the storage root")
+    run_dir: str | None = Field(default=None, description="the training run directory, relative to the root")
+    steps: list[PipelineStep] | None = Field(default=None, description="a pipeline's steps")
+    results: dict[str, Any] | None = Field(default=None, description="eval scores, tune's best point, deployment")
+    spec: dict[str, Any]
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricsPage(BaseModel):
+    records: list[dict[str, Any]]
+    next: int = Field(description="pass as ?after= to get only newer records")
+    state: JobState
+
+
+class LogsView(BaseModel):
+    id: str
+    ray_submission_id: str | None
+    logs: str
+
+
+class DeploymentView(BaseModel):
+    id: str
+    owner: str
+    job_id: str | None
+    checkpoint: str
+    state: Literal["DEPLOYING", "RUNNING", "FAILED", "DELETED"]
+    url: str | None
+    error: str | None = None
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeploymentList(BaseModel):
+    deployments: list[DeploymentView]
+
+
+class KeyInfo(BaseModel):
+    owner: str

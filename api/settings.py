@@ -1,0 +1,47 @@
+"""Where the gateway keeps things and which clusters it talks to; every field has an environment variable.
+
+    $FLM_HOME/                the storage root: every path in a request is resolved inside it
+      gateway.db              the SQLite store (FLM_DATABASE_URL selects another database)
+      jobs/<id>/              a job's own files: spec.json, plan.yaml, eval/, pipeline.json
+      runs/<id>/              its training run directory (metrics.jsonl, checkpoints/), Ray Train's runs beside it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_PORT = 8080  # Ray Serve's HTTP proxy takes 8000 on the head node
+
+
+def flm_home() -> Path:
+    """$FLM_HOME (default ./runs) as an absolute path; the same rule as flm.train.flm_home, which imports torch."""
+    return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Field(default_factory=flm_home, description="storage root ($FLM_HOME)")
+    database_url: str = Field(default="", description="SQLAlchemy URL ($FLM_DATABASE_URL); empty: home/gateway.db")
+    ray_address: str = Field(default_factory=lambda: os.environ.get("FLM_RAY_ADDRESS", "http://127.0.0.1:8265"),
+                             description="the Ray dashboard (job server) URL ($FLM_RAY_ADDRESS)")
+    serve_url: str = Field(default_factory=lambda: os.environ.get("FLM_SERVE_URL", "http://127.0.0.1:8000"),
+                           description="Ray Serve's HTTP ingress, where model routes are proxied ($FLM_SERVE_URL)")
+    job_python: str = Field(default_factory=lambda: os.environ.get("FLM_JOB_PYTHON", sys.executable),
+                            description="the Python that runs job entrypoints on the head node ($FLM_JOB_PYTHON)")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger request bodies get 413")
+    poll_s: float = Field(default=1.0, gt=0, description="how often job states are reconciled with Ray")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or os.environ.get("FLM_DATABASE_URL") or f"sqlite:///{self.home / 'gateway.db'}"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.home / "jobs" / job_id
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.home / "runs" / job_id

@@ -1,0 +1,178 @@
+"""The gateway's store: API keys, jobs and deployments in SQLAlchemy 2 tables.
+
+SQLite under `$FLM_HOME/gateway.db` is the embedded default; `FLM_DATABASE_URL` selects any SQLAlchemy URL
+(`postgresql+psycopg://user:pw@host/db`, with the `psycopg` driver installed). The schema is owned by the alembic
+migrations in `api/migrations/`, applied by `open_store` (the gateway on start, `flm keys` before it writes), so a
+store written by an older gateway is upgraded in place and never recreated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from flm.config import FLMConfigError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+KEY_PREFIX = "flm_"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)  # stored naive, always UTC (SQLite has no time zones)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    """A bearer key: only its SHA-256 is stored (keys are 32 random bytes, so a slow hash buys nothing)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell keys apart in `flm keys list`
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Job(Base):
+    """One submitted job. `id` is also the Ray Train run name (so a resubmission resumes its checkpoints) and the
+    first attempt's Ray submission id; attempt n > 1 is submitted as `<id>.r<n>` (Ray never reuses an id)."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Deployment(Base):
+    """A checkpoint served by Ray Serve under `name` (an application of its own, reached at `url`)."""
+
+    __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    checkpoint: Mapped[str] = mapped_column(Text)
+    spec: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+# --- engine and migrations -------------------------------------------------------------------------------------
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL: readers never wait for the writer; busy_timeout: a second process (flm keys) waits instead of failing
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest alembic revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def open_store(url: str) -> sessionmaker[Session]:
+    """A session factory on a migrated database; a URL SQLAlchemy cannot use is a user error."""
+    try:
+        engine = make_engine(url)
+        migrate(engine)
+    except Exception as e:  # driver missing, server down, bad URL: all a configuration problem
+        if isinstance(e, FLMConfigError):
+            raise
+        raise FLMConfigError(f"FLM_DATABASE_URL: cannot open the store at {engine_repr(url)} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def engine_repr(url: str) -> str:
+    """The URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+# --- API keys ----------------------------------------------------------------------------------------------------
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(sessions: sessionmaker[Session], name: str, owner: str | None = None) -> tuple[str, ApiKey]:
+    """A new key for `owner` (default: `name`); the plain key is returned once and never stored."""
+    if not name.strip():
+        raise FLMConfigError("--name: give the key a non-empty name")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(name=name, owner=owner or name, key_hash=hash_key(key), prefix=key[:10])
+    with sessions.begin() as s:
+        s.add(row)
+    return key, row
+
+
+def key_owner(sessions: sessionmaker[Session], key: str) -> tuple[str | None, bool]:
+    """(owner, revoked) of a key; (None, False) for a key never issued."""
+    with sessions() as s:
+        row = s.execute(select(ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == hash_key(key))).first()
+    return (None, False) if row is None else (row.owner, row.revoked_at is not None)
+
+
+def revoke_key(sessions: sessionmaker[Session], ident: str) -> ApiKey:
+    """Revoke by id, by the key itself, or by name (when one key has it)."""
+    with sessions.begin() as s:
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(ident))))
+        if not rows and ident.isdigit():
+            rows = list(s.scalars(select(ApiKey).where(ApiKey.id == int(ident))))
+        if not rows:
+            rows = list(s.scalars(select(ApiKey).where(ApiKey.name == ident)))
+        if not rows:
+            raise FLMConfigError(f"no API key with id, name or value {ident!r}; see `flm keys list`")
+        if len(rows) > 1:
+            raise FLMConfigError(f"{len(rows)} keys are named {ident!r}; revoke one by its id (`flm keys list`)")
+        row = rows[0]
+        row.revoked_at = row.revoked_at or utcnow()
+    return row
+
+
+def list_keys(sessions: sessionmaker[Session]) -> list[ApiKey]:
+    with sessions() as s:
+        return list(s.scalars(select(ApiKey).order_by(ApiKey.id)))
