@@ -98,18 +98,55 @@ def cmd_train(args) -> None:
     console.print(table)
 
 
+def _data_files(pairs: list[str]) -> dict[str, str]:
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise FLMConfigError(f"--data-file: expected NAME=PATH (a symbolic-mapping subtask and its JSONL), "
+                             f"got {bad[0]!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
 def cmd_eval(args) -> None:
+    if args.suite == "perplexity":
+        from flm.perplexity import checkpoint_perplexity
+
+        result = checkpoint_perplexity(args.model, args.data, args.split, args.stride, args.max_tokens,
+                                       args.batch_size, progress=True)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "perplexity.json")
+        with open(path, "w") as f:
+            f.write(result.model_dump_json(indent=2) + "\n")
+        console.print(f"{result.split} perplexity [bold]{result.ppl:.3f}[/bold] (NLL {result.nll:.4f} nats/token) "
+                      f"over {result.tokens:,} tokens, {result.windows} windows of {result.seq_len} "
+                      f"(stride {result.stride}), {result.seconds:.1f} s; wrote {path}")
+        return
+    if args.suite != "iq":
+        raise FLMConfigError(f"--suite: unknown suite {args.suite!r}; available: iq, perplexity")
     from flm.iq.backends import backend_for
     from flm.iq.suite import print_result, run_suite, save_result
 
-    if args.suite != "iq":
-        raise FLMConfigError(f"--suite: unknown suite {args.suite!r}; available: iq")
+    data_files = _data_files(args.data_file)
+    subtasks = args.subtasks.split(",") if "," in args.subtasks else args.subtasks
     backend = backend_for(args.model, os.environ.get("FLM_API_KEY"), args.model_name)
-    result = run_suite(backend, args.subtasks.split(",") if "," in args.subtasks else args.subtasks,
-                       seed=args.seed, n_items=args.n_items)
+    result = run_suite(backend, subtasks, seed=args.seed, n_items=args.n_items, data_files=data_files)
     print_result(result, console)
     json_path, png_path = save_result(result, args.out)
     console.print(f"wrote {json_path} and {png_path}")
+
+
+def cmd_lm_eval(args) -> None:
+    """lm-eval's own command line, with our checkpoints registered as `--model flm` (see flm/lm_eval_model.py)."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import flm.lm_eval_model  # noqa: F401  (registers "flm")
+    except ImportError as e:
+        raise FLMConfigError(f"flm lm-eval needs lm-eval: pip install 'flm[eval]' ({e})") from None
+    argv, sys.argv = sys.argv, ["lm-eval", *args.args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
 
 
 def cmd_export_hf(args) -> None:
@@ -166,15 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop at this global step (resume later with the same command)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="the IQ-test suite on a checkpoint or an OpenAI-compatible endpoint")
-    p.add_argument("model", help="checkpoint directory, or http(s)://host/v1 of an endpoint (key: $FLM_API_KEY)")
-    p.add_argument("--suite", default="iq")
-    p.add_argument("--subtasks", default="offline", help="a suite name (offline, paper, rule, ...) or a,b,c")
-    p.add_argument("--n-items", type=int, help="items per subtask (default: the paper's counts)")
+    p = sub.add_parser("eval", help="the IQ-test suite (a checkpoint, HF model or endpoint) or held-out perplexity")
+    p.add_argument("model", help="checkpoint directory, Hugging Face model directory, or http(s)://host/v1 of an "
+                                 "endpoint (key: $FLM_API_KEY); perplexity: a checkpoint of ours")
+    p.add_argument("--suite", default="iq", help="iq (default) or perplexity")
+    p.add_argument("--subtasks", default="offline", help="iq: a suite name (offline, paper, rule, ...) or a,b,c")
+    p.add_argument("--n-items", type=int, help="iq: items per subtask (default: the paper's counts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-name", default="", help="the endpoint's model name")
-    p.add_argument("--out", default="runs/eval", help="where iq.json and iq.png go")
+    p.add_argument("--model-name", default="", help="iq: the endpoint's model name")
+    p.add_argument("--data-file", action="append", default=[], metavar="NAME=PATH",
+                   help="iq: a local JSONL of {text(s), label} for symbolic-mapping subtask NAME (repeatable)")
+    p.add_argument("--data", help="perplexity: prepared dataset dir (default: the run's dataset)")
+    p.add_argument("--split", default="val", help="perplexity: split to score (default val)")
+    p.add_argument("--stride", type=int, help="perplexity: window stride in tokens (default: the context length)")
+    p.add_argument("--max-tokens", type=int, help="perplexity: score only the split's first N tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="perplexity: windows per forward pass")
+    p.add_argument("--out", default="runs/eval", help="where iq.json + iq.png or perplexity.json go")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", add_help=False, prefix_chars="+",  # every argument goes to lm-eval unparsed
+                       help="lm-evaluation-harness with our checkpoints as --model flm --model_args checkpoint=PATH")
+    p.add_argument("args", nargs="*", help="lm-eval's arguments, e.g. --model flm --model_args checkpoint=PATH "
+                                           "--tasks arc_easy")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("export-hf", help="export a RoPE checkpoint as a Hugging Face GPTNeoXForCausalLM")
     p.add_argument("checkpoint")

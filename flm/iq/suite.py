@@ -28,7 +28,7 @@ from rich.table import Table
 from flm.config import FLMConfigError
 from flm.iq import interference, pattern, rule, symbolic
 from flm.iq.items import Item
-from flm.iq.scoring import PAPER_MODELS, accuracy, category_averages, exact_match, paper_numbers
+from flm.iq.scoring import PAPER_MODELS, accuracy, category_averages, exact_match, paper_cell, paper_numbers
 
 STOP = ["\n"]
 
@@ -219,22 +219,17 @@ def run_suite(backend: Backend, subtasks: str | Sequence[str] = "offline", seed:
     return SuiteResult(backend=type(backend).__name__, seed=seed, subtasks=results, categories=categories)
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
 def print_result(result: SuiteResult, console: Console | None = None) -> None:
     """Our accuracy beside the paper's three models, subtask by subtask, with each category's average."""
-    table = Table(title=f"IQ test: {result.backend}, seed {result.seed}")
+    table = Table(title=f"IQ test: {result.backend}, seed {result.seed}",
+                  caption="paper: – none reported; n/a not in DESIGN §5 (CLUE per subtask)")
     for col in ("category", "subtask", "n", "ours", *PAPER_MODELS):
         table.add_column(col, justify="left" if col in ("category", "subtask") else "right")
     for cat, avg in result.categories.items():
         for i, r in enumerate(r for r in result.subtasks if r.category == cat):
-            paper = paper_numbers.get(r.name, {})
-            table.add_row("" if i else CATEGORIES.get(cat, cat), r.title, str(r.n_items), _fmt(r.accuracy),
-                          *(_fmt(paper.get(m)) for m in PAPER_MODELS))
-        paper = paper_numbers.get(cat, {})
-        table.add_row("", "[b]average[/b]", "", f"[b]{avg:.2f}[/b]", *(_fmt(paper.get(m)) for m in PAPER_MODELS),
+            table.add_row("" if i else CATEGORIES.get(cat, cat), r.title, str(r.n_items), f"{r.accuracy:.2f}",
+                          *(paper_cell(r.name, m) for m in PAPER_MODELS))
+        table.add_row("", "[b]average[/b]", "", f"[b]{avg:.2f}[/b]", *(paper_cell(cat, m) for m in PAPER_MODELS),
                       end_section=True)
     (console or Console()).print(table)
 
