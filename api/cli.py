@@ -326,9 +326,57 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
     raise FLMConfigError(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
 
 
-def start_stack(home: Path, port: int, ray_port: int, dashboard_port: int, serve_port: int, num_cpus: int | None,
-                timeout_s: float = 180) -> dict:
-    """Start a Ray head and the gateway in the background; returns what `flm down` needs (written to
+def start_ray(home: Path, ray_port: int, dashboard_port: int, num_cpus: int | None, timeout_s: float = 180,
+              env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """A Ray head (`ray start --head --block`) in the background, answering on its dashboard.
+
+    Its own `--temp-dir`: Ray's job supervisor connects a job's driver to the cluster named in
+    `<temp dir>/ray_current_cluster` (the last `ray start` on the host, whichever), so with the shared /tmp/ray a
+    job could land on another cluster of the same machine."""
+    logs = home / "stack"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**(env or os.environ), "FLM_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # the dashboard listens on 127.0.0.1; the gateway has the keys
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={ray_port}",
+           f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--temp-dir=/tmp/flm-ray-{ray_port}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    with open(logs / "ray.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_http(f"{dashboard}/api/version", proc, timeout_s, logs / "ray.log")
+    except BaseException:
+        stop_processes({"ray": {"pid": proc.pid}})
+        raise
+    return proc, {"pid": proc.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard}
+
+
+def start_gateway(home: Path, port: int, dashboard: str, serve_url: str, timeout_s: float = 120,
+                  env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """The gateway (`python -m api.server`) in the background, answering on /health."""
+    logs = home / "stack"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**(env or os.environ), "FLM_HOME": str(home), "FLM_RAY_ADDRESS": dashboard, "FLM_SERVE_URL": serve_url,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    with open(logs / "gateway.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "api.server", "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, timeout_s, logs / "gateway.log")
+    except BaseException:
+        stop_processes({"gateway": {"pid": proc.pid}})
+        raise
+    return proc, {"pid": proc.pid, "url": url}
+
+
+def start_stack(home: Path, port: int, ray_port: int, dashboard_port: int, serve_port: int,
+                num_cpus: int | None) -> dict:
+    """Start a Ray head and the gateway in the background; returns what `flm down` needs (also written to
     home/stack.json)."""
     home = home.absolute()
     home.mkdir(parents=True, exist_ok=True)
@@ -341,39 +389,19 @@ def start_stack(home: Path, port: int, ray_port: int, dashboard_port: int, serve
     for flag, p in (("--port", port), ("--ray-port", ray_port), ("--dashboard-port", dashboard_port)):
         if not port_free(p):
             raise FLMConfigError(f"{flag}: port {p} is taken; choose another")
-    logs = home / "stack"
-    logs.mkdir(exist_ok=True)
-    env = {**os.environ, "FLM_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.setdefault("RAY_AUTH_MODE", "disabled")  # the dashboard listens on 127.0.0.1; the gateway has the keys
-    bin_dir = Path(sys.executable).parent
-    ray_cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={ray_port}",
-               f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               "--disable-usage-stats"]
-    if num_cpus is not None:
-        ray_cmd.append(f"--num-cpus={num_cpus}")
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    url = f"http://127.0.0.1:{port}"
-    procs = {}
-    with open(logs / "ray.log", "ab") as out:
-        ray = subprocess.Popen(ray_cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    procs["ray"] = {"pid": ray.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard}
+        if flag != "--port" and 10002 <= p <= 19999:
+            raise FLMConfigError(f"{flag}: port {p} is in the range Ray keeps for its workers (10002-19999)")
+    serve_url = f"http://127.0.0.1:{serve_port}"
+    _, ray = start_ray(home, ray_port, dashboard_port, num_cpus)
+    stack = {"home": str(home), "processes": {"ray": ray}, "serve_url": serve_url, "logs": str(home / "stack")}
+    stack_path.write_text(json.dumps(stack, indent=2))  # recorded at once: `flm down` works even if the rest fails
     try:
-        wait_http(f"{dashboard}/api/version", ray, timeout_s, logs / "ray.log")
-        gw_env = {**env, "FLM_RAY_ADDRESS": dashboard, "FLM_SERVE_URL": f"http://127.0.0.1:{serve_port}",
-                  "FLM_SERVE_PORT": str(serve_port)}
-        with open(logs / "gateway.log", "ab") as out:
-            gw = subprocess.Popen([sys.executable, "-m", "api.server", "--port", str(port)], stdout=out,
-                                  stderr=subprocess.STDOUT, env=gw_env, start_new_session=True)
-        procs["gateway"] = {"pid": gw.pid, "url": url}
-        stack = {"home": str(home), "processes": procs, "serve_url": f"http://127.0.0.1:{serve_port}",
-                 "logs": str(logs)}
-        stack_path.write_text(json.dumps(stack, indent=2))
-        wait_http(f"{url}/health", gw, timeout_s, logs / "gateway.log")
+        _, stack["processes"]["gateway"] = start_gateway(home, port, ray["dashboard"], serve_url)
     except BaseException:
-        stop_processes(procs)
+        stop_processes(stack["processes"])
         stack_path.unlink(missing_ok=True)
         raise
+    stack_path.write_text(json.dumps(stack, indent=2))
     return stack
 
 
