@@ -1,5 +1,11 @@
 """The FastAPI gateway: jobs, deployments and model routes behind API keys.
 
+Model routes are proxied: `/v1/models` lists the key owner's running deployments, and `/v1/completions` and
+`/v1/chat/completions` check the key and that the `model` (a deployment name) is the owner's, then stream the
+request to that Serve application (`<deployment url>/v1/...`, Serve's HTTP proxy on the head node) and its answer
+back unchanged (OpenAI bodies and errors, server-sent events for `stream: true`). Serve's own port answers too,
+without keys: keep it on 127.0.0.1 (the default) or behind a firewall.
+
 Every error, 4xx or 5xx, is an `ErrorResponse` JSON body (`{"error": "...", "field": "..."}`) whose message names
 the problem and what to change; every route documents the errors it can return, so `/openapi.json` is complete.
 `POST /v1/jobs` validates the request (a plan by `flm.config.GrowthPlan`), writes the job's files and its store
@@ -17,19 +23,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import yaml
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.jobs import JobRunner, RayUnavailable, relative
+from api.deploy import service_request
+from api.jobs import JobRunner, RayUnavailable, relative, write_json
 from api.runs import RunReader, checkpoints, plan_totals, read_json
 from api.schemas import (
     TERMINAL,
+    DeploymentList,
+    DeploymentRequest,
+    DeploymentView,
     ErrorResponse,
     EvalJob,
     JobList,
@@ -38,14 +50,16 @@ from api.schemas import (
     JobView,
     LogsView,
     MetricsPage,
+    ModelRequest,
     PipelineJob,
     PipelineStep,
     Progress,
     TrainJob,
     TuneJob,
+    searched_plan,
 )
 from api.settings import GatewaySettings
-from api.store import Job, key_owner, open_store, utcnow
+from api.store import Deployment, Job, key_owner, open_store, utcnow
 from flm.config import GrowthPlan
 
 log = logging.getLogger("flm.gateway")
@@ -159,6 +173,7 @@ class Gateway:
         self.sessions = open_store(settings.db_url)
         self.runner = JobRunner(settings, self.sessions)
         self.reader = RunReader()
+        self.http: httpx.AsyncClient | None = None
         self._totals: dict[str, tuple[int, int, int]] = {}
 
     # jobs ---------------------------------------------------------------------------------------------------------
@@ -203,16 +218,19 @@ class Gateway:
         jd = self.settings.job_dir(job_id)
         spec = req.model_dump(mode="json", exclude={"hold"})
         files: dict[str, str] = {}
-        if isinstance(req, TrainJob | PipelineJob):
-            plan = self.check_plan_paths(req.plan)
-            spec["plan"] = plan.model_dump(mode="json")
+        if isinstance(req, TrainJob):
+            spec["plan"] = self.check_plan_paths(req.plan).model_dump(mode="json")
             files["plan.yaml"] = yaml.safe_dump(spec["plan"], sort_keys=False)
+        if isinstance(req, PipelineJob):  # the plan stays as written: a tune step may fill in its hparams
+            data = self.check_plan_paths(req.growth_plan()).train.data
+            spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": data}}
         if isinstance(req, EvalJob):
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
             files["search.yaml"] = yaml.safe_dump(req.search, sort_keys=False)
         if isinstance(req, PipelineJob):
-            pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python}
+            pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python,
+                        "serve_url": self.settings.serve_url}
             files["spec.json"] = json.dumps(pipeline, indent=2)
         jd.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
@@ -230,7 +248,7 @@ class Gateway:
         if "plan" not in job.spec:
             return None
         if job.id not in self._totals:
-            plan = GrowthPlan.model_validate(job.spec["plan"])
+            plan = searched_plan(job.spec["plan"])
             self._totals[job.id] = (len(plan.stages), *plan_totals(plan))
         return self._totals[job.id]
 
@@ -269,6 +287,86 @@ class Gateway:
                 if best.is_file() else None
         return v
 
+    # deployments ------------------------------------------------------------------------------------------------
+    def owned_deployment(self, owner: str, name: str) -> Deployment:
+        with self.sessions() as s:
+            dep = s.get(Deployment, name)
+        if dep is None or dep.state == "DELETED":
+            raise ApiError(404, f"deployment {name!r}: no such deployment; see GET /v1/deployments", "name")
+        if dep.owner != owner:
+            raise ApiError(403, f"deployment {name!r} belongs to another owner", "name")
+        return dep
+
+    def create_deployment(self, owner: str, req: DeploymentRequest) -> Deployment:
+        if req.job_id is not None:
+            job = self.owned_job(owner, req.job_id)
+            if job.state != "SUCCEEDED":
+                raise ApiError(409, f"job_id: job {job.id} is {job.state}; deploy a SUCCEEDED job, or give one of "
+                                    f"its checkpoints as checkpoint", "job_id")
+            checkpoint = self.resolve_checkpoint(owner, job.id, "job_id")
+        else:
+            checkpoint = self.resolve_checkpoint(owner, req.checkpoint)
+        if not (checkpoint / "tokenizer").is_dir():
+            raise ApiError(400, f"checkpoint: {relative(self.settings, checkpoint)} has no tokenizer/; serving "
+                                f"needs the tokenizer the model was trained with", "checkpoint")
+        name = req.name or req.job_id or f"model-{secrets.token_hex(4)}"
+        settings = {**req.model_dump(mode="json", exclude={"checkpoint", "job_id"}), "name": name}
+        home = self.root / "deployments" / name
+        spec = {"request": service_request(str(checkpoint), settings), "serve_url": self.settings.serve_url,
+                "result": str(home / "result.json")}
+        with self.sessions.begin() as s:
+            dep = s.get(Deployment, name)
+            if dep is not None and dep.owner != owner:
+                raise ApiError(409, f"name: {name!r} is another owner's deployment name; choose another", "name")
+            if dep is not None and dep.state not in ("DELETED", "FAILED"):
+                raise ApiError(409, f"name: a deployment named {name!r} is {dep.state}; choose another name or "
+                                    f"DELETE /v1/deployments/{name} first", "name")
+            (home / "result.json").unlink(missing_ok=True)
+            write_json(home / "spec.json", spec)
+            values = dict(owner=owner, job_id=req.job_id, checkpoint=relative(self.settings, checkpoint),
+                          spec=settings, state="DEPLOYING", url=None, error=None, ray_submission_id=None,
+                          updated_at=utcnow())
+            if dep is None:
+                dep = Deployment(id=name, attempt=0, created_at=utcnow(), **values)
+                s.add(dep)
+            else:
+                for k, v in values.items():
+                    setattr(dep, k, v)
+        self.runner.wake()
+        return dep
+
+    def delete_deployment(self, owner: str, name: str) -> Deployment:
+        dep = self.owned_deployment(owner, name)
+        if dep.state == "DELETING":
+            raise ApiError(409, f"deployment {name!r} is already DELETING", "name")
+        if dep.state == "DEPLOYING" and dep.ray_submission_id:
+            self.runner.stop_submission(dep.ray_submission_id)
+        self.runner.set_deployment(dep, dep.state, state="DELETING", ray_submission_id=None)
+        self.runner.wake()
+        return self.owned_deployment(owner, name)
+
+    def deployment_view(self, dep: Deployment) -> DeploymentView:
+        return DeploymentView(id=dep.id, owner=dep.owner, job_id=dep.job_id, checkpoint=dep.checkpoint,
+                              state=dep.state, url=dep.url, error=dep.error, spec=dep.spec,
+                              created_at=dep.created_at, updated_at=dep.updated_at)
+
+    async def proxy(self, owner: str, body: ModelRequest, path: str) -> Response:
+        """Stream `body` to the deployment named by its `model` and the answer back, unchanged."""
+        dep = await run_in_threadpool(self.owned_deployment, owner, body.model)
+        if dep.state != "RUNNING" or not dep.url:
+            raise ApiError(409, f"model: {body.model!r} is {dep.state}, not RUNNING", "model")
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        upstream = self.http.build_request("POST", f"{dep.url}{path}", json=body.model_dump(),
+                                           headers={"Accept": "application/json, text/event-stream"})
+        try:
+            resp = await self.http.send(upstream, stream=True)
+        except httpx.TransportError as e:
+            raise ApiError(503, f"model: Serve does not answer at {dep.url} ({type(e).__name__}); see GET "
+                                f"/v1/deployments/{dep.id}", "model") from None
+        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code,
+                                 media_type=resp.headers.get("content-type"), background=BackgroundTask(resp.aclose))
+
 
 # --- the app ----------------------------------------------------------------------------------------------------
 bearer = HTTPBearer(auto_error=False, description="an API key from `flm keys create --name NAME`")
@@ -306,6 +404,8 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             gw.runner.start()
         yield
         gw.runner.shutdown()
+        if gw.http is not None:
+            await gw.http.aclose()
 
     app = FastAPI(title="FLM gateway", version="0.1.0", lifespan=lifespan,
                   description="Submit, watch and cancel growth-training jobs (Ray Jobs), deploy checkpoints (Ray "
@@ -362,7 +462,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             jobs = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)))
         return JobList(jobs=[gw.view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=errors(403, 404))
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=errors(403, 404, 422))
     def get_job(gw: GW, who: Owner, job_id: str) -> JobView:
         """State, stage, progress in tokens and %, newest metrics, checkpoints, error."""
         return gw.view(gw.owned_job(who, job_id))
@@ -393,7 +493,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             text = "".join(text.splitlines(keepends=True)[-tail:])
         return LogsView(id=job.id, ray_submission_id=job.ray_submission_id, logs=text)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 503))
+    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 422, 503))
     def cancel_job(gw: GW, who: Owner, job_id: str) -> JobView:
         """Cancel: Ray stops the job's driver, and with it its Ray Train workers (state STOPPING, then STOPPED)."""
         job = gw.owned_job(who, job_id)
@@ -407,7 +507,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             gw.runner.set_state(job, job.state, state="STOPPING")
         return gw.view(gw.owned_job(who, job_id))
 
-    @app.post("/v1/jobs/{job_id}/resume", status_code=202, tags=["jobs"], responses=errors(403, 404, 409))
+    @app.post("/v1/jobs/{job_id}/resume", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 422))
     def resume_job(gw: GW, who: Owner, job_id: str) -> JobView:
         """Start a held job, or submit a stopped or failed one again: training continues from its newest
         checkpoint (same run name), finished pipeline steps are skipped."""
@@ -419,12 +519,57 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         gw.runner.wake()
         return gw.view(gw.owned_job(who, job_id))
 
+    @app.post("/v1/deployments", status_code=201, tags=["deployments"],
+              responses=errors(400, 403, 404, 409, 413, 422))
+    def create_deployment(gw: GW, who: Owner, body: DeploymentRequest) -> DeploymentView:
+        """Serve a checkpoint (DEPLOYING, then RUNNING with its url, or FAILED with the reason)."""
+        return gw.deployment_view(gw.create_deployment(who, body))
+
+    @app.get("/v1/deployments", tags=["deployments"], responses=errors())
+    def list_deployments(gw: GW, who: Owner) -> DeploymentList:
+        """The owner's deployments (deleted ones left out)."""
+        with gw.sessions() as s:
+            deps = s.scalars(select(Deployment).where(Deployment.owner == who, Deployment.state != "DELETED")
+                             .order_by(Deployment.created_at.desc()))
+            return DeploymentList(deployments=[gw.deployment_view(d) for d in deps])
+
+    @app.get("/v1/deployments/{name}", tags=["deployments"], responses=errors(403, 404, 422))
+    def get_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
+        return gw.deployment_view(gw.owned_deployment(who, name))
+
+    @app.delete("/v1/deployments/{name}", status_code=202, tags=["deployments"], responses=errors(403, 404, 409, 422))
+    def delete_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
+        """Delete the Serve application (DELETING, then DELETED)."""
+        return gw.deployment_view(gw.delete_deployment(who, name))
+
+    @app.get("/v1/models", tags=["models"], responses=errors())
+    def list_models(gw: GW, who: Owner) -> dict[str, Any]:
+        """The owner's RUNNING deployments as OpenAI models."""
+        with gw.sessions() as s:
+            deps = list(s.scalars(select(Deployment).where(Deployment.owner == who, Deployment.state == "RUNNING")))
+        return {"object": "list", "data": [{"id": d.id, "object": "model", "owned_by": d.owner,
+                                            "created": int(d.created_at.timestamp())} for d in deps]}
+
+    model_errors = {**errors(403, 404, 409, 413, 422, 503),
+                    200: {"description": "the model's OpenAI response (server-sent events with stream: true)",
+                          "content": {"application/json": {}, "text/event-stream": {}}}}
+
+    @app.post("/v1/completions", tags=["models"], responses=model_errors)
+    async def completions(gw: GW, who: Owner, body: ModelRequest) -> Response:
+        """OpenAI completions, proxied to the deployment named by `model`."""
+        return await gw.proxy(who, body, "/v1/completions")
+
+    @app.post("/v1/chat/completions", tags=["models"], responses=model_errors)
+    async def chat_completions(gw: GW, who: Owner, body: ModelRequest) -> Response:
+        """OpenAI chat completions, proxied to the deployment named by `model`."""
+        return await gw.proxy(who, body, "/v1/chat/completions")
+
     return app
 
 
 async def events(gw: Gateway, job: Job, after: int):
     """Server-sent events of a job: its metric records as they are written, its state changes, then `end`."""
-    sent, state, idle = after, None, 0.0
+    sent, state, seen, idle = after, None, None, 0.0
     run_dir = gw.settings.run_dir(job.id)
     while True:
         records = await run_in_threadpool(gw.reader.metrics, run_dir)
@@ -436,9 +581,10 @@ async def events(gw: Gateway, job: Job, after: int):
         sent = len(records)
         with gw.sessions() as s:
             job = s.get(Job, job.id)
-        if job.state != state:
-            state = job.state
-            view = await run_in_threadpool(gw.view, job)
+        view = await run_in_threadpool(gw.view, job)
+        now = (job.state, [(st.name, st.state) for st in view.steps or []])
+        if now != seen:
+            seen, state = now, job.state
             yield f"event: state\ndata: {view.model_dump_json(exclude={'spec', 'metrics'})}\n\n"
             idle = 0.0
         if state in TERMINAL:

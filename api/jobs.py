@@ -18,7 +18,6 @@ import json
 import logging
 import shlex
 import threading
-import time
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -115,7 +114,10 @@ class JobRunner:
                                  f"({type(e).__name__})") from None
 
     def stop(self, job: Job) -> None:
-        self._call("stop_job", job.ray_submission_id)
+        self.stop_submission(job.ray_submission_id)
+
+    def stop_submission(self, sid: str) -> None:
+        self._call("stop_job", sid)
 
     def logs(self, job: Job) -> str:
         """The logs of every attempt, oldest first."""
@@ -161,7 +163,8 @@ class JobRunner:
         """One reconciliation: submit what is queued, copy Ray's state into the store for what runs."""
         with self.sessions() as s:
             jobs = list(s.scalars(select(Job).where(Job.state.in_(("QUEUED", "PENDING", "RUNNING", "STOPPING")))))
-        if not jobs:
+            deps = list(s.scalars(select(Deployment).where(Deployment.state.in_(("DEPLOYING", "DELETING")))))
+        if not jobs and not deps:
             return
         ray_jobs = {d.submission_id: d for d in self._call("list_jobs")}
         for job in jobs:
@@ -169,6 +172,8 @@ class JobRunner:
                 self._submit(job, ray_jobs)
             else:
                 self._sync(job, ray_jobs.get(job.ray_submission_id))
+        for dep in deps:
+            self._sync_deployment(dep, ray_jobs)
 
     def set_state(self, job: Job, expected: str, **values) -> bool:
         """Update `job` only if its state is still `expected` (a cancel may have raced us); True if done."""
@@ -177,18 +182,24 @@ class JobRunner:
                              .values(updated_at=utcnow(), **values)).rowcount == 1
         return done
 
+    def _submit_ray(self, sid: str, command: str, ray_jobs: dict, **metadata: str) -> None:
+        """Submit `command` as Ray job `sid` unless Ray has it already (a gateway that died before recording
+        it submitted it). RuntimeError if Ray refuses it."""
+        if sid in ray_jobs:
+            return
+        self._call("submit_job", entrypoint=command, submission_id=sid,
+                   runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home), "RAY_USAGE_STATS_ENABLED": "0"}},
+                   metadata=metadata)
+
     def _submit(self, job: Job, ray_jobs: dict) -> None:
         attempt = job.attempt + 1
         sid = submission_id(job.id, attempt)
-        if sid not in ray_jobs:  # else: submitted by a gateway that died before recording it
-            try:
-                self._call("submit_job", entrypoint=entrypoint(self.settings, job), submission_id=sid,
-                           runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home),
-                                                     "RAY_USAGE_STATS_ENABLED": "0"}},
-                           metadata={"flm_job": job.id, "owner": job.owner, "kind": job.kind})
-            except RuntimeError as e:
-                self.set_state(job, "QUEUED", state="FAILED", error=f"Ray refused the submission: {e}")
-                return
+        try:
+            self._submit_ray(sid, entrypoint(self.settings, job), ray_jobs, flm_job=job.id, owner=job.owner,
+                             kind=job.kind)
+        except RuntimeError as e:
+            self.set_state(job, "QUEUED", state="FAILED", error=f"Ray refused the submission: {e}")
+            return
         if not self.set_state(job, "QUEUED", state="PENDING", attempt=attempt, ray_submission_id=sid, error=None):
             self._call("stop_job", sid)  # cancelled while we submitted
         log.info("submitted %s as Ray job %s", job.id, sid)
@@ -203,14 +214,52 @@ class JobRunner:
         status = str(details.status)
         if status == job.state or (job.state == "STOPPING" and status not in TERMINAL):
             return
-        error = None
-        if status == "FAILED":
-            try:
-                logs = self._call("get_job_logs", job.ray_submission_id)
-            except (RuntimeError, RayUnavailable):
-                logs = ""
-            error = error_from_logs(logs, details.message)
+        error = self._failure(job.ray_submission_id, details) if status == "FAILED" else None
         self.set_state(job, job.state, state=status, error=error)
+
+    def _failure(self, sid: str, details) -> str:
+        try:
+            logs = self._call("get_job_logs", sid)
+        except (RuntimeError, RayUnavailable):
+            logs = ""
+        return error_from_logs(logs, details.message)
+
+    # --- deployments ------------------------------------------------------------------------------------------------
+    def set_deployment(self, dep: Deployment, expected: str, **values) -> bool:
+        with self.sessions.begin() as s:
+            done = s.execute(update(Deployment).where(Deployment.id == dep.id, Deployment.state == expected)
+                             .values(updated_at=utcnow(), **values)).rowcount == 1
+        return done
+
+    def _sync_deployment(self, dep: Deployment, ray_jobs: dict) -> None:
+        """DEPLOYING / DELETING: submit the operation's Ray job, or read its outcome."""
+        if dep.ray_submission_id is None:
+            attempt = dep.attempt + 1
+            sid = f"{dep.id}.op{attempt}"
+            py = shlex.quote(self.settings.job_python)
+            spec = self.settings.home / "deployments" / dep.id / "spec.json"
+            command = (f"{py} -m api.deploy up {shlex.quote(str(spec))}" if dep.state == "DEPLOYING"
+                       else f"{py} -m api.deploy down {dep.id}")
+            try:
+                self._submit_ray(sid, command, ray_jobs, flm_deployment=dep.id, owner=dep.owner)
+            except RuntimeError as e:
+                self.set_deployment(dep, dep.state, state="FAILED", error=f"Ray refused the submission: {e}")
+                return
+            self.set_deployment(dep, dep.state, ray_submission_id=sid, attempt=attempt)
+            return
+        details = ray_jobs.get(dep.ray_submission_id)
+        if details is None:
+            self.set_deployment(dep, dep.state, state="FAILED",
+                                error=f"Ray has no record of {dep.ray_submission_id} (the cluster was restarted?)")
+            return
+        status = str(details.status)
+        if status == "SUCCEEDED" and dep.state == "DEPLOYING":
+            result = read_json(self.settings.home / "deployments" / dep.id / "result.json") or {}
+            self.set_deployment(dep, "DEPLOYING", state="RUNNING", url=result.get("url"), error=None)
+        elif status == "SUCCEEDED":
+            self.set_deployment(dep, "DELETING", state="DELETED", url=None)
+        elif status in ("FAILED", "STOPPED"):
+            self.set_deployment(dep, dep.state, state="FAILED", error=self._failure(dep.ray_submission_id, details))
 
     def _register_deployment(self, job: Job) -> None:
         """A pipeline's deploy step (run inside its Ray job) becomes a deployment of the job's owner."""
@@ -224,18 +273,7 @@ class JobRunner:
         with self.sessions.begin() as s:
             if s.get(Deployment, result["name"]) is None:
                 s.add(Deployment(id=result["name"], owner=job.owner, job_id=job.id, checkpoint=result["checkpoint"],
-                                 spec=job.spec["deploy"], state="RUNNING", url=result["url"]))
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
-    """Poll `predicate()` until it returns something truthy; None after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return None
+                                 spec=job.spec["deploy"], state="RUNNING", url=result["url"], attempt=0))
 
 
 def relative(settings: GatewaySettings, path: Path) -> str:

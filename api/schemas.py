@@ -38,13 +38,36 @@ def plan_or_preset(value: Any) -> Any:
     return yaml.safe_load((CONFIGS / f"{value}.yaml").read_text())
 
 
+# Stand-ins for what a tune step will find, so a plan that leaves them to the search validates before it runs; they
+# change no shape, step or token count (what validation and progress depend on).
+SEARCHED_STAND_IN = {"lr": 1e-3, "init_std": 0.02, "output_mult": 1.0}
+
+
+def searched_plan(data: dict) -> GrowthPlan:
+    """A plan whose LR, init_std and output_mult may come from a tune step (`hparams_from`), validated with
+    stand-ins for the missing ones (the values written in the plan win, as with hparams_from)."""
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        filled = []
+        for stage in stages:
+            if isinstance(stage, dict):
+                stage = {"lr": SEARCHED_STAND_IN["lr"], **stage}
+                if isinstance(stage.get("model"), dict):
+                    stage["model"] = {"init_std": SEARCHED_STAND_IN["init_std"],
+                                      "output_mult": SEARCHED_STAND_IN["output_mult"], **stage["model"]}
+            filled.append(stage)
+        data = {**data, "stages": filled}
+    return GrowthPlan.model_validate(data)
+
+
 # --- requests -------------------------------------------------------------------------------------------------
 class Autoscaling(_Request):
     """Ray Serve autoscaling of a deployment's replicas (each replica holds `tp` shards)."""
 
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    target_ongoing_requests: float | None = Field(default=None, gt=0, description="requests in flight per "
+                                                                                 "replica; default: its max batch")
 
     @model_validator(mode="after")
     def _order(self):
@@ -97,19 +120,34 @@ class EvalJob(EvalSettings):
 
 
 class PipelineJob(_Request):
-    """tune (optional) -> train -> eval (optional) -> deploy (optional), as one Ray Job (`python -m api.pipeline`)."""
+    """tune (optional) -> train -> eval (optional) -> deploy (optional), as one Ray Job (`python -m api.pipeline`).
+
+    With a tune step the plan may leave out `lr` (per stage) and `init_std` / `output_mult` (per stage model): the
+    search's best point fills them in (`hparams_from`); values written in the plan win."""
 
     kind: Literal["pipeline"]
-    plan: GrowthPlan = Field(description="a growth plan, or the name of a preset in configs/")
     tune: dict[str, Any] | None = Field(default=None, description="a SEARCH.yaml document; its best point is "
                                                                    "applied to the plan before training")
+    plan: dict[str, Any] = Field(description="a growth plan, or the name of a preset in configs/")
     eval: EvalSettings | None = Field(default=None, description="the IQ suite on the final checkpoint")
     deploy: DeploySettings | None = Field(default=None, description="serve the final checkpoint")
     backend: Backend | None = None
     max_failures: int = Field(default=3, ge=-1)
     hold: bool = False
 
-    _preset = field_validator("plan", mode="before")(plan_or_preset)
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _plan(cls, value: Any, info) -> dict:
+        value = plan_or_preset(value)
+        if not isinstance(value, dict):
+            raise ValueError("expected a growth plan mapping or a preset name")
+        if info.data.get("tune") is None:
+            return GrowthPlan.model_validate(value).model_dump(mode="json")
+        searched_plan(value)
+        return value
+
+    def growth_plan(self) -> GrowthPlan:
+        return searched_plan(self.plan) if self.tune is not None else GrowthPlan.model_validate(self.plan)
 
 
 JobRequest = Annotated[TrainJob | TuneJob | EvalJob | PipelineJob, Field(discriminator="kind")]
@@ -192,13 +230,23 @@ class LogsView(BaseModel):
     logs: str
 
 
+class ModelRequest(BaseModel):
+    """An OpenAI completions or chat completions body: `model` picks the deployment, the rest goes to it as is."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, description="a deployment name (see GET /v1/models)")
+
+
+DeploymentState = Literal["DEPLOYING", "RUNNING", "FAILED", "DELETING", "DELETED"]
+
+
 class DeploymentView(BaseModel):
-    id: str
+    id: str = Field(description="the deployment's name: the model name of /v1/completions")
     owner: str
     job_id: str | None
-    checkpoint: str
-    state: Literal["DEPLOYING", "RUNNING", "FAILED", "DELETED"]
-    url: str | None
+    checkpoint: str = Field(description="relative to the storage root")
+    state: DeploymentState
+    url: str | None = Field(description="Serve's own URL of the application (base_url = url + '/v1')")
     error: str | None = None
     spec: dict[str, Any]
     created_at: datetime

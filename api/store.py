@@ -62,7 +62,9 @@ class Job(Base):
 
 
 class Deployment(Base):
-    """A checkpoint served by Ray Serve under `name` (an application of its own, reached at `url`)."""
+    """A checkpoint served by Ray Serve as the application `id` (its model name), reached at `url`. It is created
+    and deleted by short Ray Jobs (`python -m api.deploy`); `ray_submission_id` is the current one, attempt n of
+    any operation on it is submitted as `<id>.op<n>`."""
 
     __tablename__ = "deployments"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -73,6 +75,8 @@ class Deployment(Base):
     state: Mapped[str] = mapped_column(String(16))
     url: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

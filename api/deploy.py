@@ -1,0 +1,72 @@
+"""`python -m api.deploy up SPEC.json` / `python -m api.deploy down NAME`: the Ray Jobs that create and delete a
+deployment through the service/ Python API (`service.app.deploy` / `undeploy`).
+
+Running these inside short Ray Jobs keeps the gateway a plain HTTP client of Ray (no driver connection, no torch
+in its process), and the Serve application outlives the job (Serve's controller is detached). The pipeline's
+deploy step calls `deploy_checkpoint` from inside its own job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def service_request(checkpoint: str, settings: dict) -> dict:
+    """A `service.app.DeploymentRequest` from the gateway's DeploySettings (name, tp, replicas, autoscaling)."""
+    request = {"checkpoint": checkpoint, "name": settings["name"], "tp": settings["tp"],
+               "replicas": settings["replicas"]}
+    if settings.get("autoscaling"):
+        request["autoscaling"] = {k: v for k, v in settings["autoscaling"].items() if v is not None}
+    return request
+
+
+def connect() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+
+
+def deploy_checkpoint(request: dict, serve_url: str) -> str:
+    """Deploy on the connected cluster; Serve's HTTP proxy on serve_url's host and port if it is not running."""
+    from service.app import deploy
+
+    connect()
+    where = urlparse(serve_url)
+    return deploy(request, host=where.hostname or "127.0.0.1", port=where.port or 8000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flm.config import FLMConfigError
+
+    p = argparse.ArgumentParser(prog="python -m api.deploy")
+    p.add_argument("op", choices=("up", "down"))
+    p.add_argument("target", help="up: the spec.json the gateway wrote; down: the deployment name")
+    args = p.parse_args(argv)
+    try:
+        if args.op == "up":
+            spec = json.loads(Path(args.target).read_text())
+            url = deploy_checkpoint(spec["request"], spec["serve_url"])
+            tmp = Path(spec["result"]).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"url": url}))
+            tmp.replace(spec["result"])
+            print(f"deployed {spec['request']['name']} at {url}")
+        else:
+            from service.app import undeploy
+
+            connect()
+            undeploy(args.target)
+            print(f"deleted {args.target}")
+    except FLMConfigError as e:
+        print(f"flm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
