@@ -1,0 +1,441 @@
+"""The Ray Serve application: `FLMDeployment` replicas, each a tensor-parallel `ShardGroup` driven by a continuously
+batching `Engine`, behind OpenAI-compatible FastAPI routes.
+
+Routes (under the application's route prefix):
+    GET  /v1/models             the served model (its id is the deployment's name) and its context length
+    POST /v1/completions        OpenAI completions; `stream: true` sends server-sent events ending `data: [DONE]`
+    POST /v1/chat/completions   OpenAI chat completions (the template is `service.protocol.render_chat`)
+    GET  /health                200 while the engine and every shard answer, else 503 (liveness)
+    GET  /ready                 200 with the running / waiting request counts once the model is loaded
+
+Errors: 400 bad value (empty prompt, max_tokens <= 0 or above the limit, n above the limit, malformed JSON,
+an unsupported field), 404 unknown model or route, 413 prompt longer than the context, 422 a request that does not
+match the schema, 429 queue full, 503 model down; every body is OpenAI's {"error": {...}}.
+
+For the REST gateway: `deploy(DeploymentRequest(...)) -> url` and `undeploy(name)` (see `deploy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from flm.config import FLMConfigError, parse
+from flm.data import Tokenizer
+from flm.generate import SamplingParams
+from service.engine import Delta, Engine, EngineConfig, EngineError, RequestStream
+from service.protocol import CHAT_STOP, ChatCompletionRequest, CompletionRequest, OpenAIError, render_chat
+from service.tp import ModelShard, ShardGroup, read_config, shard_config
+
+
+class AutoscalingRequest(BaseModel):
+    """Serve's autoscaling_config, the fields a user sets. Replicas are added when the requests in flight per
+    replica exceed `target_ongoing_requests` (default: the engine's max batch, which it serves at once)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+class DeploymentRequest(BaseModel):
+    """One served checkpoint: what `flm serve` and the REST gateway ask for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="checkpoint directory, readable at the same path on every node")
+    name: str = Field(default="flm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="the model id clients send, and the Serve application's name")
+    tp: int = Field(default=1, ge=1, description="tensor-parallel degree: shard actors per replica")
+    replicas: int = Field(default=1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling: AutoscalingRequest | None = None
+    route_prefix: str | None = Field(default=None, description="URL prefix; default /<name>")
+    max_batch: int = Field(default=16, ge=1, description="requests decoded together per replica")
+    max_batch_tokens: int = Field(default=0, ge=0, description="KV positions reserved by running requests "
+                                                               "(prompt + max_tokens each); 0: max_batch x context")
+    max_n: int = Field(default=4, ge=1, description="most choices (n x prompts) per request")
+    max_ongoing_requests: int = Field(default=0, ge=0, description="Serve's concurrency cap per replica; "
+                                                                   "0: 4 x max_batch")
+    cpus_per_shard: float = Field(default=1.0, ge=0)
+    gpus_per_shard: float = Field(default=0.0, ge=0, description="> 0: shards on GPUs, NCCL between them")
+    replica_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved for the replica (HTTP + sampling)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def prefix(self) -> str:
+        return self.route_prefix if self.route_prefix is not None else f"/{self.name}"
+
+
+def check_request(request: DeploymentRequest) -> None:
+    """Everything that can be wrong with a request, found before any actor starts (FLMConfigError)."""
+    cfg = read_config(request.checkpoint)
+    shard_config(cfg, request.tp)
+    if not (Path(request.checkpoint) / "tokenizer").is_dir():
+        raise FLMConfigError(f"{request.checkpoint}: no tokenizer/ directory; serving needs the tokenizer the model "
+                             f"was trained with")
+    if not request.prefix.startswith("/"):
+        raise FLMConfigError(f"route_prefix: {request.prefix!r} must start with '/'")
+
+
+# --- the OpenAI routes ------------------------------------------------------------------------------------------
+class OpenAIServer:
+    """Turns OpenAI requests into engine requests and engine output into OpenAI responses."""
+
+    def __init__(self, engine: Engine, codec: Tokenizer, name: str, context: int, vocab_size: int, max_n: int):
+        self.engine, self.codec, self.name = engine, codec, name
+        self.context, self.vocab_size, self.max_n = context, vocab_size, max_n
+        self.created = int(time.time())
+
+    @classmethod
+    def in_process(cls, request: DeploymentRequest, threads: int = 1) -> OpenAIServer:
+        """A tp = 1 server running the model in this process (no Ray): tests and benchmarks."""
+        check_request(request)
+        cfg = read_config(request.checkpoint)
+        shard = ModelShard(request.checkpoint, max_batch=request.max_batch, dtype=request.dtype, threads=threads)
+        return cls.with_model(shard, request, cfg.seq_len, cfg.vocab_size)
+
+    @classmethod
+    def with_model(cls, model, request: DeploymentRequest, context: int, vocab_size: int) -> OpenAIServer:
+        codec = Tokenizer.load(Path(request.checkpoint) / "tokenizer")
+        engine = Engine(model, codec, context, EngineConfig(max_batch=request.max_batch,
+                                                            max_batch_tokens=request.max_batch_tokens))
+        return cls(engine, codec, request.name, context, vocab_size, request.max_n)
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "flm", "max_model_len": self.context}]}
+
+    # --- validation ---------------------------------------------------------------------------------------------
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        if req.model != self.name:
+            raise OpenAIError(404, f"model {req.model!r} does not exist; this server serves {self.name!r}",
+                              "model", "model_not_found")
+        bad = req.unsupported()
+        if bad:
+            raise OpenAIError(400, f"{bad} is not supported by this server; leave it unset", bad, "unsupported")
+        if not 1 <= req.n <= self.max_n:
+            raise OpenAIError(400, f"n must be between 1 and {self.max_n}, got {req.n}", "n", "invalid_value")
+
+    def _prompt_ids(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise OpenAIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+        ids = [self.codec.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+        if any(t < 0 or t >= self.vocab_size for x in ids for t in x):
+            raise OpenAIError(400, f"prompt token ids must be in [0, {self.vocab_size})", "prompt", "invalid_value")
+        if any(len(x) == 0 for x in ids):  # a non-empty string can encode to nothing only in odd tokenizers
+            raise OpenAIError(400, "prompt encodes to no tokens", "prompt", "empty_prompt")
+        return ids
+
+    def _params(self, req, prompt: list[int], max_tokens: int | None, default: int, extra_stop: list[str]):
+        """SamplingParams for one prompt; max_tokens checked against the context."""
+        limit = self.context - 1
+        if max_tokens is not None and not 1 <= max_tokens <= limit:
+            raise OpenAIError(400, f"max_tokens must be between 1 and {limit}, got {max_tokens}", "max_tokens",
+                              "invalid_value")
+        room = self.context - len(prompt)
+        if room < 1:
+            raise OpenAIError(413, f"the prompt has {len(prompt)} tokens; the context is {self.context} tokens, so "
+                                   f"a prompt may have at most {limit}", "prompt", "context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise OpenAIError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context of "
+                                   f"{self.context} tokens; lower max_tokens to {room}", "max_tokens",
+                              "context_length_exceeded")
+        return SamplingParams(max_tokens=max_tokens or min(default, room), temperature=req.temperature,
+                              top_k=req.top_k, top_p=req.top_p, stop=req.stops() + extra_stop, seed=req.seed)
+
+    # --- running ------------------------------------------------------------------------------------------------
+    def _submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[RequestStream]:
+        """One engine request per choice (choice index = prompt index * n + j); seeded choices get seed + j."""
+        streams = []
+        for ids, p in zip(prompts, params, strict=True):
+            for j in range(n):
+                q = p if p.seed is None or j == 0 else p.model_copy(update={"seed": p.seed + j})
+                try:
+                    streams.append(self.engine.submit(ids, q))
+                except EngineError as e:
+                    for s in streams:  # the request fails whole: free what was queued
+                        s.cancel()
+                    raise OpenAIError(429 if e.overloaded else 503, str(e), None,
+                                      "overloaded" if e.overloaded else "unavailable",
+                                      "rate_limit_error" if e.overloaded else "server_error") from None
+        return streams
+
+    async def completions(self, req: CompletionRequest):
+        self._check_common(req)
+        prompts = self._prompt_ids(req)
+        if len(prompts) * req.n > self.max_n:
+            raise OpenAIError(400, f"{len(prompts)} prompts x n={req.n} choices exceed the limit of {self.max_n}",
+                              "n", "invalid_value")
+        params = [self._params(req, p, req.max_tokens, 16, []) for p in prompts]
+        return await self._respond("text_completion", req, prompts, params)
+
+    async def chat(self, req: ChatCompletionRequest):
+        self._check_common(req)
+        if not req.messages or not any(m.text() for m in req.messages):
+            raise OpenAIError(400, "messages must hold at least one non-empty message", "messages", "empty_prompt")
+        ids = self.codec.encode(render_chat(req.messages))
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = [self._params(req, ids, max_tokens, self.context, [CHAT_STOP])]
+        return await self._respond("chat.completion", req, [ids], params)
+
+    async def _respond(self, kind: str, req, prompts: list[list[int]], params: list[SamplingParams]):
+        streams = self._submit(prompts, params, req.n)
+        rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": self.name}
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(self._sse(kind, head, streams, prompt_tokens, usage),
+                                     media_type="text/event-stream")
+        texts, counts, reasons = [""] * len(streams), [0] * len(streams), ["length"] * len(streams)
+        async for i, d in _merged(streams):
+            texts[i] += d.text
+            counts[i] += d.tokens
+            reasons[i] = d.finish_reason or reasons[i]
+        if kind == "chat.completion":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        return {**head, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, sum(counts))}
+
+    async def _sse(self, kind: str, head: dict, streams, prompt_tokens: int, usage: bool) -> AsyncIterator[str]:
+        chat = kind == "chat.completion"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict | None, **extra) -> str:
+            return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice] if choice else [], **extra})}\n\n"
+
+        completion_tokens = 0
+        try:
+            if chat:
+                for i in range(len(streams)):
+                    yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})
+            async for i, d in _merged(streams):
+                completion_tokens += d.tokens
+                if not d.text and d.finish_reason is None:
+                    continue  # held back (a possible stop string or a partial character)
+                if chat:
+                    delta = {"content": d.text} if d.text else {}
+                    yield event({"index": i, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason})
+                else:
+                    yield event({"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
+            if usage:
+                yield event(None, usage=_usage(prompt_tokens, completion_tokens))
+        except EngineError as e:  # the headers are sent: report in-band, as OpenAI does
+            yield f"data: {json.dumps(OpenAIError(503, str(e), None, 'unavailable', 'server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from several engine streams as they come; leaving early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for d in stream:
+                await queue.put((i, d))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            stream.cancel()
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, d = await queue.get()
+            if d is None:
+                remaining -= 1
+            elif isinstance(d, Exception):
+                raise d
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def build_api(server: OpenAIServer, health=None) -> FastAPI:
+    """The FastAPI app over `server`; `health()` raises when a model rank is down (default: engine health)."""
+    api = FastAPI(title="FLM", description=__doc__)
+
+    @api.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            err = OpenAIError(400, f"the request body is not valid JSON ({first.get('msg')})", None, "invalid_json")
+        else:
+            where = ".".join(loc) or "body"
+            err = OpenAIError(422, f"{where}: {first.get('msg')}", where if loc else None, "invalid_request")
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @api.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException):
+        err = OpenAIError(e.status_code, str(e.detail), None, "not_found" if e.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @api.get("/v1/models")
+    async def models():
+        return server.models()
+
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await server.completions(req)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await server.chat(req)
+
+    @api.get("/health")
+    async def healthy():
+        try:
+            if health is not None:
+                await health()
+            elif not server.engine.healthy:
+                raise RuntimeError(f"engine failed: {server.engine.error!r}")
+        except Exception as e:
+            raise OpenAIError(503, f"unhealthy: {e}", None, "unavailable", "server_error") from None
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready():
+        return {"ready": server.engine.healthy, "model": server.name, **server.engine.load()}
+
+    return api
+
+
+# --- Ray Serve ----------------------------------------------------------------------------------------------------
+@serve.deployment
+@serve.ingress()
+class FLMDeployment:
+    """One replica: a ShardGroup of `tp` actors in this replica's placement group (Serve creates it from
+    `placement_group_bundles`, one bundle per shard), an Engine, and the OpenAI routes. `check_health` pings every
+    shard: a dead shard fails the check and Serve replaces the whole replica (its shard actors die with it)."""
+
+    def __init__(self, request: DeploymentRequest):
+        self.request = request
+        self.group = ShardGroup(request.checkpoint, request.tp, max_batch=request.max_batch,
+                                num_cpus=request.cpus_per_shard, num_gpus=request.gpus_per_shard, dtype=request.dtype)
+        self.server = OpenAIServer.with_model(self.group, request, self.group.cfg.seq_len, self.group.cfg.vocab_size)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.server, health=self.check_health)
+
+    async def check_health(self) -> None:
+        if not self.server.engine.healthy:
+            raise RuntimeError(f"engine failed: {self.server.engine.error!r}")
+        await asyncio.to_thread(self.group.check, self.request.health_check_timeout_s / 2)
+
+    def __del__(self):
+        if hasattr(self, "server"):
+            self.server.engine.close()
+        if hasattr(self, "group"):
+            self.group.shutdown()
+
+
+def application(request: DeploymentRequest):
+    """The bound Serve application for `request` (placement group, replicas or autoscaling, health checks)."""
+    first = {"CPU": request.cpus_per_shard + request.replica_cpus}
+    rest = {"CPU": request.cpus_per_shard}
+    if request.gpus_per_shard:
+        first["GPU"] = rest["GPU"] = request.gpus_per_shard
+    options = dict(
+        ray_actor_options={"num_cpus": request.replica_cpus},
+        placement_group_bundles=[first] + [rest] * (request.tp - 1),
+        placement_group_strategy="STRICT_PACK",
+        health_check_period_s=request.health_check_period_s,
+        health_check_timeout_s=request.health_check_timeout_s,
+        max_ongoing_requests=request.max_ongoing_requests or 4 * request.max_batch,
+    )
+    a = request.autoscaling
+    if a is not None:
+        options["autoscaling_config"] = {
+            **a.model_dump(exclude_none=True, exclude={"target_ongoing_requests"}),
+            "target_ongoing_requests": a.target_ongoing_requests or request.max_batch}
+    else:
+        options["num_replicas"] = request.replicas
+    return FLMDeployment.options(**options).bind(request)
+
+
+def _http_address() -> tuple[str, int]:
+    """Host and port the running Serve proxies listen on."""
+    import ray
+    from ray.serve.context import _get_global_client  # the running instance's HTTP options have no public getter
+
+    http = _get_global_client().http_config
+    host = ray.util.get_node_ip_address() if http.host in ("0.0.0.0", "::") else http.host
+    return host, http.port
+
+
+def deploy(request: DeploymentRequest | dict, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy a checkpoint as the Serve application `request.name` and return its URL once every replica is
+    ready; OpenAI clients use `url + "/v1"` as their base_url, and `request.name` as the model.
+
+    For the REST gateway: call it from a process connected to the Ray cluster (`ray.init(address=...)`; without a
+    connection Ray's default applies: an existing local cluster, else a new one). The checkpoint path must be
+    readable on every node. Serve's HTTP proxy is started on `host:port` if it is not running yet (a running one
+    keeps its address). Redeploying a name updates that application in place. Raises FLMConfigError for a bad
+    request (missing checkpoint or tokenizer, a TP degree that does not divide the heads, invalid fields) before
+    anything starts, and RuntimeError if Serve cannot start the replicas."""
+    import ray
+
+    if isinstance(request, dict):
+        request = parse(DeploymentRequest, request, "deployment request")
+    check_request(request)
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(request), name=request.name, route_prefix=request.prefix)
+    h, p = _http_address()
+    return f"http://{h}:{p}{request.prefix.rstrip('/')}"
+
+
+def undeploy(name: str) -> None:
+    """Delete the Serve application `name` (its replicas and their shard actors); a no-op if there is none."""
+    serve.delete(name)
+
+
+def deployment_status(name: str) -> str | None:
+    """Serve's status of application `name` (RUNNING, DEPLOYING, UNHEALTHY, DEPLOY_FAILED, ...), None if absent."""
+    app = serve.status().applications.get(name)
+    return None if app is None else str(app.status.value if hasattr(app.status, "value") else app.status)
