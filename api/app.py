@@ -124,7 +124,8 @@ def format_validation(request: Request, exc: RequestValidationError) -> tuple[st
 
 
 class BodyLimit:
-    """413 for bodies above `limit` bytes, by Content-Length up front or by counting a chunked body."""
+    """413 for bodies above `limit` bytes: at once by Content-Length, else (a chunked body) after reading at most
+    `limit` + 1 bytes. An accepted body is replayed to the app (bodies here are small JSON documents)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -134,32 +135,37 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send, int(length))
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+            return await self._reject(send, f"{int(length)} bytes")
+        if length is not None:
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge(seen)
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._reject(send, "more than that")
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge as e:
-            await self._reject(send, e.args[0])
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-    async def _reject(self, send, size: int):
-        body = json.dumps({"error": f"request body: {size} bytes is over the limit of {self.limit} bytes",
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send, size: str):
+        body = json.dumps({"error": f"request body: {size} is over the limit of {self.limit} bytes",
                            "field": None}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # --- the gateway's state ----------------------------------------------------------------------------------------

@@ -1,0 +1,456 @@
+"""api/app.py in process (FastAPI's TestClient, a temporary SQLite store, no Ray: jobs stay QUEUED or HELD): every
+route refuses bad input with a 4xx whose JSON body names the problem, never a 500; ownership, pagination,
+cancel/resume state rules; the OpenAPI schema documents every route and every error it returns."""
+
+import json
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.schemas import CONFIGS
+from api.settings import GatewaySettings
+from api.store import create_key, revoke_key
+
+UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    app = create_app(GatewaySettings(home=root, ray_address=UNREACHABLE_RAY, max_body_bytes=LIMIT),
+                     reconcile=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, app.state.gateway.sessions, root
+
+
+@pytest.fixture
+def gw(app_client, request):
+    """The client of one gateway shared by the module, with this test's own owners (alice, bob, and a revoked key
+    of alice's) and its own directory `base` (relative to the storage root `root`) for files."""
+    client, sessions, root = app_client
+    uid = f"t{abs(hash(request.node.nodeid)) % 10**8}"
+    alice, _ = create_key(sessions, f"alice-{uid}")
+    bob, _ = create_key(sessions, f"bob-{uid}")
+    old, _ = create_key(sessions, f"old-{uid}", owner=f"alice-{uid}")
+    revoke_key(sessions, f"old-{uid}")
+    client.root, client.base = root, f"runs/{uid}"
+    (root / client.base).mkdir(parents=True)
+    client.keys = {"alice": alice, "bob": bob, "revoked": old}
+    return client
+
+
+def auth(gw, who="alice") -> dict:
+    return {"Authorization": f"Bearer {gw.keys[who]}"}
+
+
+def tiny_plan() -> dict:
+    return yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+
+
+def checkpoint_dir(gw, name="ckpt", tokenizer=True):
+    """A directory that looks like a checkpoint to the gateway's path checks (nothing is loaded in these tests)."""
+    path = gw.root / gw.base / name
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if tokenizer:
+        (path / "tokenizer").mkdir()
+    return path
+
+
+def held_job(gw, who="alice", **extra) -> dict:
+    r = gw.post("/v1/jobs", json={"kind": "train", "plan": "tiny", "hold": True, **extra}, headers=auth(gw, who))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def assert_error(r, status: int, *words: str) -> dict:
+    """A JSON ErrorResponse with this status whose message contains every word."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "field"} and isinstance(body["error"], str)
+    for w in words:
+        assert w in body["error"], (w, body)
+    return body
+
+
+# --- every route: no key, a revoked key, an unknown key --------------------------------------------------------
+ROUTES = [
+    ("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/job-0123456789"),
+    ("get", "/v1/jobs/job-0123456789/metrics"), ("get", "/v1/jobs/job-0123456789/logs"),
+    ("delete", "/v1/jobs/job-0123456789"), ("post", "/v1/jobs/job-0123456789/resume"),
+    ("post", "/v1/deployments"), ("get", "/v1/deployments"), ("get", "/v1/deployments/m"),
+    ("delete", "/v1/deployments/m"), ("get", "/v1/models"), ("post", "/v1/completions"),
+    ("post", "/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+@pytest.mark.parametrize("key,why", [(None, "missing"), ("revoked", "revoked"), ("flm_not-a-key", "not a key")])
+def test_every_route_needs_a_valid_key(gw, method, path, key, why):
+    headers = {} if key is None else {"Authorization": f"Bearer {gw.keys.get(key, key)}"}
+    r = gw.request(method, path, headers=headers, json={} if method == "post" else None)
+    body = assert_error(r, 401, "Authorization", why)
+    assert body["field"] == "Authorization" and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_needs_no_key(gw):
+    r = gw.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+# --- unknown ids, another owner's ids ------------------------------------------------------------------------------
+ID_ROUTES = [("get", "/v1/jobs/{}"), ("get", "/v1/jobs/{}/metrics"), ("get", "/v1/jobs/{}/logs"),
+             ("delete", "/v1/jobs/{}"), ("post", "/v1/jobs/{}/resume")]
+
+
+@pytest.mark.parametrize("method,path", ID_ROUTES)
+def test_unknown_job_id_is_404(gw, method, path):
+    body = assert_error(gw.request(method, path.format("job-0000000000"), headers=auth(gw)), 404, "job-0000000000",
+                        "no such job")
+    assert body["field"] == "job_id"
+
+
+@pytest.mark.parametrize("method,path", ID_ROUTES)
+def test_another_owners_job_is_403(gw, method, path):
+    job = held_job(gw, "bob")
+    assert_error(gw.request(method, path.format(job["id"]), headers=auth(gw)), 403, "another owner")
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+def test_unknown_deployment_is_404(gw, method):
+    assert_error(gw.request(method, "/v1/deployments/nothing", headers=auth(gw)), 404, "nothing",
+                 "no such deployment")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unknown_model_is_404(gw, path):
+    body = assert_error(gw.post(path, json={"model": "nothing", "prompt": "x"}, headers=auth(gw)), 404, "nothing")
+    assert body["field"] == "name"
+
+
+def test_unknown_route_is_a_json_404(gw):
+    assert_error(gw.get("/v1/nothing", headers=auth(gw)), 404, "no route GET /v1/nothing")
+
+
+# --- POST /v1/jobs: missing fields, wrong types, bad plans, paths, sizes -------------------------------------------
+BAD_JOBS = {
+    "no kind": ({"plan": "tiny"}, "kind", "required"),
+    "unknown kind": ({"kind": "bake"}, "kind", "'bake' is not one of"),
+    "train without plan": ({"kind": "train"}, "plan", "required"),
+    "eval without checkpoint": ({"kind": "eval"}, "checkpoint", "required"),
+    "tune without search": ({"kind": "tune"}, "search", "required"),
+    "pipeline without plan": ({"kind": "pipeline"}, "plan", "required"),
+    "plan of wrong type": ({"kind": "train", "plan": 3}, "plan", "plan"),
+    "n_items of wrong type": ({"kind": "eval", "checkpoint": "x", "n_items": "many"}, "n_items", "integer"),
+    "hold of wrong type": ({"kind": "train", "plan": "tiny", "hold": "later"}, "hold", "boolean"),
+    "max_failures below -1": ({"kind": "train", "plan": "tiny", "max_failures": -2}, "max_failures", "-1"),
+    "unknown backend": ({"kind": "train", "plan": "tiny", "backend": "mpi"}, "backend", "ddp"),
+    "unknown field": ({"kind": "train", "plan": "tiny", "epochs": 3}, "epochs", "not permitted"),
+    "unknown preset": ({"kind": "train", "plan": "huge"}, "plan", "unknown preset 'huge'"),
+    "tp of wrong type in a pipeline": ({"kind": "pipeline", "plan": "tiny", "deploy": {"tp": "two"}},
+                                       "deploy.tp", "integer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JOBS)
+def test_bad_job_request_is_422_naming_the_field(gw, case):
+    body, field, words = BAD_JOBS[case]
+    err = assert_error(gw.post("/v1/jobs", json=body, headers=auth(gw)), 422, field, words)
+    assert err["field"] == field
+
+
+def shrinking(plan: dict) -> dict:
+    plan["stages"][2]["grow"]["n_head"] = 1
+    plan["stages"][2]["grow"]["d_model"] = 64
+    return plan
+
+
+BAD_PLANS = {
+    "shrinking stage": (shrinking, "stages.2.d_model: cannot shrink 128 -> 64"),
+    "shrinking depth": (lambda p: p["stages"][1]["grow"].update(n_layer=1) or p,
+                        "stages.1.n_layer: cannot shrink 2 -> 1"),
+    "negative lr": (lambda p: p["stages"][0].update(lr=-1) or p, "stages.0.lr"),
+    "ramp longer than the stage": (lambda p: p["stages"][1].update(ramp_steps=10_000) or p,
+                                   "stages.1.ramp_steps"),
+}
+
+
+@pytest.mark.parametrize("kind", ["train", "pipeline"])
+@pytest.mark.parametrize("case", BAD_PLANS)
+def test_bad_plan_is_422_naming_the_stage(gw, kind, case):
+    mutate, words = BAD_PLANS[case]
+    r = gw.post("/v1/jobs", json={"kind": kind, "plan": mutate(tiny_plan())}, headers=auth(gw))
+    assert assert_error(r, 422, words)["field"].startswith("plan")
+
+
+def test_pipeline_with_tune_may_leave_hparams_to_the_search(gw):
+    plan = tiny_plan()
+    for stage in plan["stages"]:
+        stage.pop("lr")
+    assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": plan}, headers=auth(gw)), 422,
+                 "stages.0.lr", "required")
+    r = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": plan, "tune": {"grid": {}}, "hold": True},
+                headers=auth(gw))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert "lr" not in job["spec"]["plan"]["stages"][0]  # kept for the search to fill in
+    assert job["progress"]["total_steps"] == 256 and job["stages"] == 3
+    # but a shrinking stage is still caught
+    assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": shrinking(plan), "tune": {}},
+                         headers=auth(gw)), 422, "stages.2.d_model: cannot shrink")
+
+
+def test_plan_out_is_the_gateways(gw):
+    plan = tiny_plan()
+    plan["train"] = {"out": "/tmp/elsewhere"}
+    body = assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), 422,
+                        "plan.train.out", "leave it empty")
+    assert body["field"] == "plan.train.out"
+
+
+@pytest.mark.parametrize("data,status,words", [
+    ("/etc", 403, "outside the storage root"),
+    ("../data", 400, "contains '..'"),
+    ("data/missing", 400, "does not exist"),
+])
+def test_dataset_path_must_be_inside_the_root(gw, data, status, words):
+    plan = tiny_plan()
+    plan["train"] = {"data": data}
+    body = assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), status, words)
+    assert body["field"] == "plan.train.data"
+
+
+def test_dataset_inside_the_root_is_made_absolute(gw):
+    (gw.root / gw.base / "corpus").mkdir(parents=True)
+    plan = tiny_plan()
+    plan["train"] = {"data": f"{gw.base}/corpus"}
+    job = gw.post("/v1/jobs", json={"kind": "train", "plan": plan, "hold": True}, headers=auth(gw)).json()
+    assert job["spec"]["plan"]["train"]["data"] == str((gw.root / gw.base / "corpus").resolve())
+    written = yaml.safe_load((gw.root / "jobs" / job["id"] / "plan.yaml").read_text())
+    assert written == job["spec"]["plan"]
+
+
+@pytest.mark.parametrize("checkpoint,status,words", [
+    ("/etc", 403, "outside the storage root"),
+    ("/", 403, "outside the storage root"),
+    ("{base}/../../x", 400, "contains '..'"),
+    ("{base}/escape", 403, "outside the storage root"),  # a symlink out of the root
+    ("{base}/nothing", 400, "not a checkpoint directory"),
+    ("job-0000000000", 404, "no such job"),
+])
+def test_eval_checkpoint_must_be_inside_the_root(gw, checkpoint, status, words):
+    (gw.root / gw.base / "escape").symlink_to("/tmp")
+    checkpoint = checkpoint.format(base=gw.base)
+    body = assert_error(gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": checkpoint}, headers=auth(gw)),
+                        status, words)
+    assert body["field"] == ("job_id" if status == 404 else "checkpoint")
+
+
+def test_eval_of_a_checkpoint_inside_the_root(gw):
+    path = checkpoint_dir(gw)
+    for given in (f"{gw.base}/ckpt", str(path)):
+        job = gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": given, "hold": True}, headers=auth(gw)).json()
+        assert job["state"] == "HELD" and job["spec"]["checkpoint_path"] == str(path.resolve())
+
+
+def test_eval_of_a_job_without_checkpoints_is_409(gw):
+    job = held_job(gw)
+    assert_error(gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": job["id"]}, headers=auth(gw)), 409,
+                 "no checkpoint yet")
+
+
+def test_oversized_body_is_413(gw):
+    plan = tiny_plan()
+    plan["name"] = "x" * (LIMIT + 1)
+    assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), 413, "over the limit",
+                 str(LIMIT))
+
+
+def test_oversized_chunked_body_is_413(gw):
+    def chunks():
+        for _ in range(LIMIT // 1024 + 2):
+            yield b" " * 1024
+
+    r = gw.post("/v1/jobs", content=chunks(), headers={**auth(gw), "Content-Type": "application/json"})
+    assert_error(r, 413, "over the limit")
+
+
+def test_malformed_json_is_422(gw):
+    r = gw.post("/v1/jobs", content=b'{"kind": "train",', headers={**auth(gw), "Content-Type": "application/json"})
+    assert_error(r, 422, "not valid JSON")
+
+
+# --- listing, state rules ---------------------------------------------------------------------------------------
+def test_jobs_are_listed_newest_first_paginated_and_filtered(gw):
+    ids = [held_job(gw)["id"] for _ in range(5)]
+    held_job(gw, "bob")
+    page = gw.get("/v1/jobs", params={"limit": 2, "offset": 1}, headers=auth(gw)).json()
+    assert page["total"] == 5 and [j["id"] for j in page["jobs"]] == ids[::-1][1:3]
+    gw.delete(f"/v1/jobs/{ids[0]}", headers=auth(gw))
+    stopped = gw.get("/v1/jobs", params={"state": "STOPPED"}, headers=auth(gw)).json()
+    assert [j["id"] for j in stopped["jobs"]] == [ids[0]]
+
+
+@pytest.mark.parametrize("params,field", [({"limit": 0}, "limit"), ({"limit": "all"}, "limit"),
+                                          ({"offset": -1}, "offset"), ({"state": "DONE"}, "state")])
+def test_bad_list_query_is_422(gw, params, field):
+    assert assert_error(gw.get("/v1/jobs", params=params, headers=auth(gw)), 422, field)["field"] == field
+
+
+@pytest.mark.parametrize("params", [{"after": -1}, {"after": "x"}, {"stream": "maybe"}])
+def test_bad_metrics_query_is_422(gw, params):
+    job = held_job(gw)
+    assert_error(gw.get(f"/v1/jobs/{job['id']}/metrics", params=params, headers=auth(gw)), 422)
+
+
+def test_bad_logs_query_is_422(gw):
+    job = held_job(gw)
+    assert_error(gw.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 0}, headers=auth(gw)), 422, "tail")
+
+
+def test_held_job_view(gw):
+    job = held_job(gw)
+    assert job["state"] == "HELD" and job["attempt"] == 0 and job["ray_submission_id"] is None
+    assert job["progress"] == {"step": 0, "total_steps": 256, "tokens": 0, "total_tokens": 524288, "percent": 0.0}
+    assert job["stages"] == 3 and job["run_dir"] == f"runs/{job['id']}" and job["checkpoints"] == []
+    assert gw.get(f"/v1/jobs/{job['id']}", headers=auth(gw)).json() == job
+    assert gw.get(f"/v1/jobs/{job['id']}/logs", headers=auth(gw)).json()["logs"] == ""
+
+
+def test_cancel_and_resume_follow_the_state_rules(gw):
+    job = held_job(gw)
+    url = f"/v1/jobs/{job['id']}"
+    assert gw.post(f"{url}/resume", headers=auth(gw)).json()["state"] == "QUEUED"
+    assert_error(gw.post(f"{url}/resume", headers=auth(gw)), 409, "QUEUED", "only HELD, STOPPED or FAILED")
+    r = gw.delete(url, headers=auth(gw))
+    assert r.status_code == 202 and r.json()["state"] == "STOPPED"
+    assert_error(gw.delete(url, headers=auth(gw)), 409, "already STOPPED")
+    assert gw.post(f"{url}/resume", headers=auth(gw)).json()["state"] == "QUEUED"
+
+
+def test_metrics_stream_of_a_finished_job_ends_at_once(gw):
+    job = held_job(gw)
+    gw.delete(f"/v1/jobs/{job['id']}", headers=auth(gw))
+    r = gw.get(f"/v1/jobs/{job['id']}/metrics", params={"stream": True}, headers=auth(gw))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [block.split("\n") for block in r.text.strip().split("\n\n")]
+    assert [e[0] for e in events] == ["event: state", "event: end"]
+    assert json.loads(events[1][1].removeprefix("data: ")) == {"state": "STOPPED", "error": None}
+
+
+# --- deployments and models ---------------------------------------------------------------------------------
+BAD_DEPLOYMENTS = {
+    "no source": ({"tp": 2}, None, "exactly one of checkpoint or job_id"),
+    "two sources": ({"checkpoint": "runs/ckpt", "job_id": "job-0123456789"}, None, "exactly one"),
+    "tp of wrong type": ({"checkpoint": "runs/ckpt", "tp": "two"}, "tp", "integer"),
+    "tp zero": ({"checkpoint": "runs/ckpt", "tp": 0}, "tp", "greater than or equal to 1"),
+    "bad name": ({"checkpoint": "runs/ckpt", "name": "Not A Name"}, "name", "pattern"),
+    "autoscaling inverted": ({"checkpoint": "runs/ckpt", "autoscaling": {"min_replicas": 3, "max_replicas": 1}},
+                             "autoscaling", "min_replicas 3 is above max_replicas 1"),
+    "unknown field": ({"checkpoint": "runs/ckpt", "gpus": 8}, "gpus", "not permitted"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DEPLOYMENTS)
+def test_bad_deployment_request_is_422(gw, case):
+    body, field, words = BAD_DEPLOYMENTS[case]
+    err = assert_error(gw.post("/v1/deployments", json=body, headers=auth(gw)), 422, words)
+    assert err["field"] == field
+
+
+@pytest.mark.parametrize("checkpoint,status,words", [
+    ("/etc", 403, "outside the storage root"), ("../x", 400, "contains '..'"),
+    ("{base}/nothing", 400, "not a checkpoint"), ("{base}/bare", 400, "no tokenizer/"),
+])
+def test_deployment_checkpoint_must_be_a_servable_checkpoint_inside_the_root(gw, checkpoint, status, words):
+    checkpoint_dir(gw, "bare", tokenizer=False)
+    checkpoint = checkpoint.format(base=gw.base)
+    body = assert_error(gw.post("/v1/deployments", json={"checkpoint": checkpoint}, headers=auth(gw)), status, words)
+    assert body["field"] == "checkpoint"
+
+
+def test_deployment_of_an_unfinished_or_unknown_job(gw):
+    job = held_job(gw)
+    assert_error(gw.post("/v1/deployments", json={"job_id": job["id"]}, headers=auth(gw)), 409, "HELD")
+    assert_error(gw.post("/v1/deployments", json={"job_id": "job-0000000000"}, headers=auth(gw)), 404)
+    bobs = held_job(gw, "bob")
+    assert_error(gw.post("/v1/deployments", json={"job_id": bobs["id"]}, headers=auth(gw)), 403)
+
+
+def test_deployment_lifecycle_without_ray(gw):
+    checkpoint_dir(gw)
+    ckpt = f"{gw.base}/ckpt"
+    r = gw.post("/v1/deployments", json={"checkpoint": ckpt, "name": "tiny", "tp": 2}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    dep = r.json()
+    assert (dep["id"], dep["state"], dep["checkpoint"], dep["spec"]["tp"]) == ("tiny", "DEPLOYING", ckpt, 2)
+    spec = json.loads((gw.root / "deployments" / "tiny" / "spec.json").read_text())
+    assert spec["request"] == {"checkpoint": str((gw.root / ckpt).resolve()), "name": "tiny", "tp": 2,
+                               "replicas": 1}
+    assert_error(gw.post("/v1/deployments", json={"checkpoint": ckpt, "name": "tiny"}, headers=auth(gw)),
+                 409, "DEPLOYING")
+    assert_error(gw.get("/v1/deployments/tiny", headers=auth(gw, "bob")), 403, "another owner")
+    assert [d["id"] for d in gw.get("/v1/deployments", headers=auth(gw)).json()["deployments"]] == ["tiny"]
+    assert gw.get("/v1/deployments", headers=auth(gw, "bob")).json()["deployments"] == []
+    # not RUNNING yet: listed by neither /v1/models nor reachable through the completion routes
+    assert gw.get("/v1/models", headers=auth(gw)).json() == {"object": "list", "data": []}
+    assert_error(gw.post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=auth(gw)), 409,
+                 "DEPLOYING")
+    assert_error(gw.post("/v1/completions", json={"model": "tiny"}, headers=auth(gw, "bob")), 403)
+    r = gw.delete("/v1/deployments/tiny", headers=auth(gw))
+    assert r.status_code == 202 and r.json()["state"] == "DELETING"
+    assert_error(gw.delete("/v1/deployments/tiny", headers=auth(gw)), 409, "already DELETING")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("body,words", [({"prompt": "x"}, "model: required"), ({"model": 3}, "model"),
+                                        ({"model": ""}, "model")])
+def test_bad_model_request_is_422(gw, path, body, words):
+    assert_error(gw.post(path, json=body, headers=auth(gw)), 422, words)
+
+
+@pytest.mark.parametrize("path", ["/v1/deployments", "/v1/completions", "/v1/chat/completions"])
+def test_oversized_model_and_deployment_bodies_are_413(gw, path):
+    assert_error(gw.post(path, json={"model": "m", "prompt": "x" * LIMIT}, headers=auth(gw)), 413)
+
+
+# --- the schema -------------------------------------------------------------------------------------------------
+EXPECTED_ERRORS = {  # what the tests above get from each route (and 401 from all but /health)
+    ("post", "/v1/jobs"): {400, 403, 404, 409, 413, 422},
+    ("get", "/v1/jobs"): {422},
+    ("get", "/v1/jobs/{job_id}"): {403, 404},
+    ("get", "/v1/jobs/{job_id}/metrics"): {403, 404, 422},
+    ("get", "/v1/jobs/{job_id}/logs"): {403, 404, 422, 503},
+    ("delete", "/v1/jobs/{job_id}"): {403, 404, 409, 503},
+    ("post", "/v1/jobs/{job_id}/resume"): {403, 404, 409},
+    ("post", "/v1/deployments"): {400, 403, 404, 409, 413, 422},
+    ("get", "/v1/deployments"): set(),
+    ("get", "/v1/deployments/{name}"): {403, 404},
+    ("delete", "/v1/deployments/{name}"): {403, 404, 409},
+    ("get", "/v1/models"): set(),
+    ("post", "/v1/completions"): {403, 404, 409, 413, 422, 503},
+    ("post", "/v1/chat/completions"): {403, 404, 409, 413, 422, 503},
+}
+
+
+def test_openapi_documents_every_route_and_error(gw):
+    schema = gw.get("/openapi.json").json()
+    routes = {(m, p) for p, ops in schema["paths"].items() for m in ops}
+    assert routes == set(EXPECTED_ERRORS) | {("get", "/health")}
+    assert {(m.lower(), p) for m, p in ROUTES} | {(m, p.format("{job_id}")) for m, p in ID_ROUTES} <= \
+        {(m, p.replace("{name}", "m").replace("{job_id}", "job-0123456789")) for m, p in routes} | \
+        {(m, p) for m, p in routes}
+    for (method, path), codes in EXPECTED_ERRORS.items():
+        op = schema["paths"][path][method]
+        documented = {int(c) for c in op["responses"] if int(c) >= 400}
+        assert documented >= codes | {401}, (method, path, documented)
+        for code in documented:
+            ref = op["responses"][str(code)]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse", (method, path, code)
+        assert op.get("security") == [{"HTTPBearer": []}], (method, path)
+    job_body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(job_body["discriminator"]["mapping"]) == {"train", "tune", "eval", "pipeline"}
+    assert "HTTPValidationError" not in json.dumps(schema)
