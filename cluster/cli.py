@@ -1,4 +1,5 @@
-"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage.
+"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage; `flm tune
+SEARCH.yaml`: the μP proxy search with Ray Tune (cluster/tune.py).
 
 Wired into `flm` by `flm/cli.py` through `add_cluster_cli(subparsers)`; user errors raise FLMConfigError, which the
 `flm` command prints as one line and exits with code 2.
@@ -94,7 +95,10 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
 
 
 def add_cluster_cli(subparsers) -> None:
-    """Register `cluster train` on the `flm` command's subparsers."""
+    """Register `cluster train` and `tune` on the `flm` command's subparsers."""
+    from cluster.tune import add_tune_cli
+
+    add_tune_cli(subparsers)
     p = subparsers.add_parser("cluster", help="run on a Ray cluster (Ray Train)")
     sub = p.add_subparsers(dest="cluster_command", required=True)
     t = sub.add_parser("train", help="train a growth plan with Ray Train, one run per stage (resumes where it "

@@ -1,0 +1,497 @@
+"""Ray Tune searches the μP proxy's hyperparameters, as FLM-101B did before growing: learning rate x init std x output
+multiplier (the paper's "output temperature"), each trial a short single-process run of the ordinary training loop on
+the proxy model, the best point written as a `best.yaml` that a growth plan includes with `hparams_from:`.
+
+    flm tune configs/search.yaml [--address auto] [--out DIR] [--json]
+
+    OUT/                 (default $FLM_HOME/runs/tune/<name>; replaced by every search)
+      best.yaml          the best point: lr, init_std, output_mult, base_width, parametrization (+ its loss)
+      results.json       every trial, the best point, the settings
+      heatmap.png        final validation loss over lr x init_std, one facet per output_mult
+      trials/<point>/    each trial's run directory (metrics.jsonl; checkpoints are dropped)
+      ray/               Tune's own records
+
+Search kinds: `grid` runs every point of the grid (`samples` times, each with its own seed); `random` draws
+`samples` points from the grid's values; `asha` runs the grid under Tune's ASHA scheduler, which stops the worst
+trials at every rung of validation reports. A trial's resources may be CPU fractions: with `cpu: 0.5` two cores
+host four trials at once (each trial then runs torch on one thread).
+
+Everything a user can get wrong (an empty grid, a non-positive value, a width that is not a multiple of head_dim, an
+unknown search kind, a dataset whose vocabulary does not fit the model) raises FLMConfigError before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flm.config import FLMConfigError, ProxyFamily, SearchedHparams, load_yaml, parse
+from flm.data import Manifest
+from flm.scaling import proxy_plan, train_proxy
+from flm.train import flm_home, resolve_dataset
+
+AXES = ("lr", "init_std", "output_mult")
+SEARCH_KINDS = ("grid", "random", "asha")
+METRIC = "val_loss"
+
+# objective(point, search, run_dir, report): train or evaluate one point, calling report({"val_loss": ...}) at
+# least once (ASHA needs several). `point` holds the AXES and "seed". Tests plug in analytic objectives.
+Objective = Callable[[dict, "SearchConfig", Path, Callable[[dict], None]], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grid(_Strict):
+    """The values of each hyperparameter; names as in the μP paper and FLM-101B."""
+
+    lr: list[float] = Field(description="base learning rate (at base_width)")
+    init_std: list[float] = Field(description="σ of the μP initialisation")
+    output_mult: list[float] = Field(description="logit multiplier, the paper's output softmax temperature")
+
+    @field_validator(*AXES)
+    @classmethod
+    def _values(cls, values: list[float], info) -> list[float]:
+        if not values:
+            raise ValueError(f"empty; give at least one {info.field_name} value")
+        for v in values:
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{v} is not a positive number")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{values} repeats a value")
+        return sorted(float(v) for v in values)
+
+    @property
+    def size(self) -> int:
+        return len(self.lr) * len(self.init_std) * len(self.output_mult)
+
+
+class TrialResources(_Strict):
+    """What one trial reserves on the cluster; fractions let several trials share a core."""
+
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @property
+    def threads(self) -> int:
+        """torch threads of a trial: its whole cores, at least one."""
+        return max(1, int(self.cpu))
+
+
+class Asha(_Strict):
+    """ASHA (Li et al. 2020) in units of validation reports: every trial gets `grace_period` reports, then only
+    the best 1/`reduction_factor` of each rung continues."""
+
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class SearchConfig(_Strict):
+    """A proxy hyperparameter search (see the module docstring). `proxy` is a ProxyFamily, inline or the path of its
+    YAML relative to the search file; the trials train the family's model at `width` (default: its d_model) on
+    `tokens` each (default: the family's), with its batch size."""
+
+    name: str = Field(default="search", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    proxy: ProxyFamily
+    width: int | None = Field(default=None, ge=1)
+    grid: Grid
+    search: str = "grid"
+    samples: int = Field(default=1, ge=1, description="grid/asha: seeds per point; random: points drawn")
+    tokens: int | None = Field(default=None, gt=0, description="training tokens per trial (default: the proxy's)")
+    eval_every: int | None = Field(default=None, ge=1, description="steps between reports (default: at the end; "
+                                                                   "asha: 4 reports per trial)")
+    eval_batches: int = Field(default=4, ge=1)
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    asha: Asha = Asha()
+    resources: TrialResources = TrialResources()
+    max_concurrent: int | None = Field(default=None, ge=1, description="trials at once (default: what fits)")
+    data: str = Field(default="shakespeare", description="a prepared dataset dir, or a source to prepare")
+    tokenizer: Literal["bpe", "cl100k", "gpt2"] = "bpe"
+    out: str = Field(default="", description="results directory; empty: $FLM_HOME/runs/tune/<name>")
+    seed: int = 0
+
+    @field_validator("search")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in SEARCH_KINDS:
+            raise ValueError(f"{v!r} is not a search kind; use one of {', '.join(SEARCH_KINDS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self):
+        hd = self.proxy.model.head_dim
+        if self.width is not None and self.width % hd:
+            raise ValueError(f"width: {self.width} is not a multiple of the proxy's head_dim {hd}; use a multiple "
+                             f"such as {max(hd, self.width // hd * hd)}")
+        if self.steps < 1:
+            raise ValueError(f"tokens: {self.tokens} is less than one step of {self.proxy.batch_size} x "
+                             f"{self.proxy.model.seq_len} tokens")
+        if self.search == "asha" and self.reports < 2:
+            raise ValueError(f"eval_every: {self.eval_every} leaves ASHA {self.reports} report per trial; it needs "
+                             f"at least 2 to stop anything (lower eval_every)")
+        return self
+
+    @property
+    def search_width(self) -> int:
+        return self.width or self.proxy.model.d_model
+
+    @property
+    def steps(self) -> int:
+        return (self.tokens or self.proxy.tokens) // (self.proxy.batch_size * self.proxy.model.seq_len)
+
+    @property
+    def report_every(self) -> int:
+        if self.eval_every is not None:
+            return min(self.eval_every, self.steps)
+        return max(1, self.steps // 4) if self.search == "asha" else self.steps
+
+    @property
+    def reports(self) -> int:
+        return self.steps // self.report_every + (self.steps % self.report_every > 0)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else flm_home() / "runs" / "tune" / self.name
+
+    def plan(self, point: dict, run_dir: str | Path):
+        """The one-stage proxy plan of a trial."""
+        return proxy_plan(self.proxy, self.search_width, run_dir, lr=point["lr"], init_std=point["init_std"],
+                          output_mult=point["output_mult"], tokens=self.tokens, data=self.data,
+                          tokenizer=self.tokenizer, seed=point["seed"], eval_every=self.report_every,
+                          eval_batches=self.eval_batches, warmup_fraction=self.warmup_fraction,
+                          name=f"{self.name}-trial")
+
+
+def load_search(path: str | Path) -> SearchConfig:
+    """Parse a search YAML; a `proxy:` given as a path is read relative to the search file."""
+    data = load_yaml(path)
+    proxy = data.get("proxy")
+    if isinstance(proxy, str):
+        proxy_path = Path(proxy).expanduser()
+        proxy_path = proxy_path if proxy_path.is_absolute() else Path(path).parent / proxy_path
+        data = {**data, "proxy": load_yaml(proxy_path)}
+    return parse(SearchConfig, data, str(path))
+
+
+# --- the trial ---------------------------------------------------------------------------------------------------
+def train_point(point: dict, search: SearchConfig, run_dir: Path, report: Callable[[dict], None]) -> None:
+    """The default objective: train the proxy at `point`, reporting the validation loss at every evaluation. A run
+    whose loss stops being finite reports val_loss = inf and ends."""
+    result = train_proxy(search.plan(point, run_dir),
+                         on_eval=lambda r: report({METRIC: r["val_loss"], "loss": r["loss"], "step": r["step"]}))
+    if result["diverged"]:
+        report({METRIC: math.inf, "loss": result["loss"], "step": result["steps"], "diverged": True})
+
+
+def point_dir(root: Path, point: dict) -> Path:
+    return root / f"lr{point['lr']:g}-std{point['init_std']:g}-mult{point['output_mult']:g}-seed{point['seed']}"
+
+
+def _trainable(objective: Objective, search: SearchConfig, trials_dir: Path):
+    """The Tune function trainable of a search (a closure: Tune ships it to the trial actors)."""
+
+    def proxy_trial(config: dict) -> None:
+        import torch
+        from ray import tune
+
+        torch.set_num_threads(search.resources.threads)
+        point = {k: config[k] for k in (*AXES, "seed")}
+        objective(point, search, point_dir(trials_dir, point), tune.report)
+
+    return proxy_trial
+
+
+# --- running a search ------------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    """One finished trial: its point, last reported metrics and how it ended."""
+
+    lr: float
+    init_std: float
+    output_mult: float
+    seed: int
+    val_loss: float  # the last reported one (inf: diverged; nan: no report)
+    step: int | None
+    reports: int
+    status: str  # "completed" | "stopped" (by ASHA) | "diverged" | "error"
+
+    def point(self) -> tuple[float, float, float]:
+        return self.lr, self.init_std, self.output_mult
+
+
+@dataclass
+class SearchResult:
+    search: SearchConfig
+    trials: list[Trial]
+    best: SearchedHparams
+    out_dir: Path
+
+    def to_dict(self) -> dict:
+        return {"name": self.search.name, "search": self.search.model_dump(mode="json"),
+                "best": self.best.model_dump(mode="json"), "trials": [asdict(t) for t in self.trials],
+                "points": summarize(self.trials)}
+
+
+def prepare(search: SearchConfig) -> SearchConfig:
+    """The search with its dataset prepared and pinned (an absolute directory), checked against the model."""
+    first = {"lr": search.grid.lr[0], "init_std": search.grid.init_std[0], "output_mult": search.grid.output_mult[0],
+             "seed": search.seed}
+    data_dir = resolve_dataset(search.plan(first, search.out_dir / "trials" / "check")).absolute()
+    vocab = Manifest.load(data_dir).vocab_size
+    if vocab > search.proxy.model.vocab_size:
+        raise FLMConfigError(f"proxy.model.vocab_size: {search.proxy.model.vocab_size} is smaller than the "
+                             f"tokenizer's {vocab} tokens ({data_dir})")
+    return search.model_copy(update={"data": str(data_dir)})
+
+
+def param_space(search: SearchConfig) -> tuple[dict, int]:
+    """Tune's param_space and num_samples for the search kind."""
+    from ray import tune
+
+    g = search.grid
+    if search.search == "random":
+        return {**{a: tune.choice(getattr(g, a)) for a in AXES}, "seed": search.seed}, search.samples
+    seeds = [search.seed + i for i in range(search.samples)]
+    return {**{a: tune.grid_search(getattr(g, a)) for a in AXES}, "seed": tune.grid_search(seeds)}, 1
+
+
+def run_search(search: SearchConfig, objective: Objective = train_point,
+               on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+    """Run `search` on the connected Ray cluster (ray.init first) and write best.yaml, results.json and
+    heatmap.png into its out directory, replacing an earlier search there. `on_trial(Trial)` follows progress."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
+    search = prepare(search)
+    have = ray.cluster_resources()
+    for kind, need in (("CPU", search.resources.cpu), ("GPU", search.resources.gpu)):
+        if need > have.get(kind, 0.0):
+            raise FLMConfigError(f"resources.{kind.lower()}: a trial needs {need:g} {kind}s but the Ray cluster has "
+                                 f"{have.get(kind, 0.0):g}; lower it or add nodes")
+    out = search.out_dir.absolute()
+    for sub in ("trials", "ray"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    space, num_samples = param_space(search)
+    scheduler = None
+    if search.search == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=search.reports,
+                                  grace_period=search.asha.grace_period, reduction_factor=search.asha.reduction_factor)
+    resources = {"cpu": search.resources.cpu, **({"gpu": search.resources.gpu} if search.resources.gpu else {})}
+    tuner = tune.Tuner(
+        tune.with_resources(_trainable(objective, search, out / "trials"), resources),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="min", scheduler=scheduler, num_samples=num_samples,
+            max_concurrent_trials=search.max_concurrent,
+            search_alg=BasicVariantGenerator(random_state=search.seed) if search.search == "random" else None),
+        run_config=tune.RunConfig(name="ray", storage_path=str(out), verbose=0,
+                                  callbacks=[_progress_callback(on_trial)] if on_trial else None),
+    )
+    grid = tuner.fit()
+    trials = [_trial_from(r.config, r.metrics or {}, "error" if r.error else None, search.reports) for r in grid]
+    trials.sort(key=lambda t: (t.lr, t.init_std, t.output_mult, t.seed))
+    best = best_point(trials, search)
+    result = SearchResult(search, trials, best, out)
+    write_results(result)
+    return result
+
+
+def _progress_callback(on_trial: Callable[[Trial], None]):
+    """A Tune callback handing each finished trial to `on_trial` (defined here: Ray is imported only to run)."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            on_trial(_trial_from(trial.config, trial.last_result or {}, None, None))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            on_trial(_trial_from(trial.config, trial.last_result or {}, "error", None))
+
+    return Progress()
+
+
+def _trial_from(config: dict, metrics: dict, status: str | None, max_reports: int | None) -> Trial:
+    """A Trial from Tune's config and last result; fewer reports than `max_reports` means ASHA stopped it."""
+    loss = float(metrics.get(METRIC, math.nan))
+    reports = int(metrics.get("training_iteration", 0))
+    if status is None:
+        if metrics.get("diverged") or loss == math.inf:
+            status = "diverged"
+        elif max_reports is not None and reports < max_reports:
+            status = "stopped"
+        else:
+            status = "completed"
+    return Trial(lr=config["lr"], init_std=config["init_std"], output_mult=config["output_mult"],
+                 seed=config["seed"], val_loss=loss, step=metrics.get("step"), reports=reports, status=status)
+
+
+def summarize(trials: list[Trial]) -> list[dict]:
+    """One row per point: mean final validation loss over its seeds, and whether every seed completed."""
+    points: dict[tuple, list[Trial]] = {}
+    for t in trials:
+        points.setdefault(t.point(), []).append(t)
+    rows = []
+    for (lr, std, mult), ts in sorted(points.items()):
+        losses = [t.val_loss for t in ts]
+        mean = math.inf if any(v == math.inf for v in losses) else sum(losses) / len(losses)
+        rows.append({"lr": lr, "init_std": std, "output_mult": mult, "val_loss": mean, "seeds": len(ts),
+                     "completed": all(t.status == "completed" for t in ts),
+                     "status": ",".join(sorted({t.status for t in ts}))})
+    return rows
+
+
+def best_point(trials: list[Trial], search: SearchConfig) -> SearchedHparams:
+    """The point with the lowest mean final validation loss among those whose every trial ran to the end."""
+    rows = [r for r in summarize(trials) if r["completed"] and math.isfinite(r["val_loss"])]
+    if not rows:
+        raise RuntimeError(f"search {search.name}: no trial completed with a finite loss "
+                           f"({', '.join(sorted({t.status for t in trials}))}); lower the learning rates")
+    best = min(rows, key=lambda r: r["val_loss"])
+    cfg = search.proxy.at_width(search.search_width)
+    return SearchedHparams(lr=best["lr"], init_std=best["init_std"], output_mult=best["output_mult"],
+                           base_width=cfg.base_width, parametrization=cfg.parametrization, val_loss=best["val_loss"],
+                           source={"search": search.name, "kind": search.search, "width": search.search_width,
+                                   "n_layer": cfg.n_layer, "tokens": search.steps * search.proxy.batch_size
+                                   * cfg.seq_len, "trials": len(trials), "seeds": search.samples
+                                   if search.search != "random" else 1})
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+def write_results(result: SearchResult) -> None:
+    out = result.out_dir
+    best = result.best.model_dump(mode="json")
+    (out / "best.yaml").write_text(
+        f"# best point of the proxy search {result.search.name!r}; include it in a growth plan with\n"
+        f"#   hparams_from: {out / 'best.yaml'}\n" + yaml.safe_dump(best, sort_keys=False))
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    plot_heatmap(result, out / "heatmap.png")
+
+
+def plot_heatmap(result: SearchResult, path: Path) -> Path:
+    """Final validation loss over lr (x) x init_std (y), one facet per output_mult; the best point boxed."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    g, rows = result.search.grid, summarize(result.trials)
+    by_point = {(r["lr"], r["init_std"], r["output_mult"]): r for r in rows}
+    finite = [r["val_loss"] for r in rows if r["completed"] and math.isfinite(r["val_loss"])]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    fig = Figure(figsize=(1.0 + 0.9 * len(g.lr) * len(g.output_mult) + 1.2, 1.6 + 0.6 * len(g.init_std)),
+                 layout="constrained")
+    axes = fig.subplots(1, len(g.output_mult), squeeze=False, sharey=True)[0]
+    best = (result.best.lr, result.best.init_std, result.best.output_mult)
+    image = None
+    for ax, mult in zip(axes, g.output_mult, strict=True):
+        grid = np.full((len(g.init_std), len(g.lr)), np.nan)
+        for i, std in enumerate(g.init_std):
+            for j, lr in enumerate(g.lr):
+                r = by_point.get((lr, std, mult))
+                if r is None:
+                    continue
+                if r["completed"] and math.isfinite(r["val_loss"]):
+                    grid[i, j] = r["val_loss"]
+                text = (f"{r['val_loss']:.3f}" if r["completed"] and math.isfinite(r["val_loss"])
+                        else "diverged" if r["val_loss"] == math.inf else r["status"])
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                if (lr, std, mult) == best:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="red"))
+        image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        ax.set_xticks(range(len(g.lr)), [f"{v:g}" for v in g.lr], rotation=45)
+        ax.set_yticks(range(len(g.init_std)), [f"{v:g}" for v in g.init_std])
+        ax.set_xlabel("lr")
+        ax.set_title(f"output_mult {mult:g}")
+    axes[0].set_ylabel("init_std")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="final validation loss")
+    s = result.search
+    fig.suptitle(f"{s.name}: {s.search} search, width {s.search_width}, {s.steps} steps per trial; "
+                 f"best (boxed) lr {result.best.lr:g}, init_std {result.best.init_std:g}, "
+                 f"output_mult {result.best.output_mult:g}", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+def cmd_tune(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    search = load_search(args.search)  # every input error fails here or in prepare(), before a cluster starts
+    if args.out:
+        search = search.model_copy(update={"out": args.out})
+    search = prepare(search)
+    import ray
+
+    from cluster.cli import check_reachable
+
+    started = not ray.is_initialized()
+    if started:
+        if args.address:
+            check_reachable(args.address)
+        try:
+            ray.init(address=args.address or "local")
+        except ConnectionError as e:
+            raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {args.address} ({e})") from None
+    total = search.samples if search.search == "random" else search.grid.size * search.samples
+    done = []
+
+    def show(t: Trial) -> None:
+        done.append(t)
+        if not args.json:
+            console.print(f"trial {len(done)}/{total}: lr {t.lr:g} init_std {t.init_std:g} output_mult "
+                          f"{t.output_mult:g} seed {t.seed}: {t.status}, val_loss {t.val_loss:.4f} "
+                          f"(step {t.step})", soft_wrap=True)
+
+    try:
+        result = run_search(search, on_trial=show)
+    finally:
+        if started:
+            ray.shutdown()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    table = Table(title=f"{search.name}: {search.search} search at width {search.search_width}, "
+                        f"{search.steps} steps per trial")
+    for col in ("lr", "init_std", "output_mult", "seeds", "final val loss", "status"):
+        table.add_column(col, justify="right")
+    best = (result.best.lr, result.best.init_std, result.best.output_mult)
+    for r in sorted(summarize(result.trials), key=lambda r: r["val_loss"]):
+        table.add_row(f"{r['lr']:g}", f"{r['init_std']:g}", f"{r['output_mult']:g}", str(r["seeds"]),
+                      f"{r['val_loss']:.4f}", r["status"],
+                      style="bold green" if (r["lr"], r["init_std"], r["output_mult"]) == best else None)
+    console.print(table)
+    out = result.out_dir
+    console.print(f"best: lr {result.best.lr:g}, init_std {result.best.init_std:g}, output_mult "
+                  f"{result.best.output_mult:g} (val loss {result.best.val_loss:.4f}); wrote {out / 'best.yaml'}, "
+                  f"{out / 'results.json'}, {out / 'heatmap.png'}", soft_wrap=True)
+
+
+def add_tune_cli(subparsers) -> None:
+    """Register `tune` on the `flm` command's subparsers."""
+    p = subparsers.add_parser("tune", help="μP proxy hyperparameter search with Ray Tune (lr x init_std x "
+                                           "output_mult) -> best.yaml for a plan's hparams_from")
+    p.add_argument("search", help="search YAML, e.g. configs/search.yaml")
+    p.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
+                                     "a local one")
+    p.add_argument("--out", help="results directory (default: the search's out or $FLM_HOME/runs/tune/<name>)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_tune)
