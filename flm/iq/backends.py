@@ -90,6 +90,8 @@ def backend_for(model: str, api_key: str | None = None, model_name: str = ""):
     any other directory a Hugging Face model."""
     if model.startswith(("http://", "https://")):
         return OpenAIBackend(model, model_name, api_key)
+    if not Path(model).is_dir():  # never a hub id: transformers would go looking for it online
+        raise FLMConfigError(f"{model}: no such directory (a checkpoint, a Hugging Face model) nor an http(s) URL")
     if (Path(model) / "trainer_state.json").exists() or (Path(model) / "checkpoint.json").exists():
         return FLMBackend(model)
     return HFBackend(model)
