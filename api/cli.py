@@ -308,17 +308,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path, ready=None) -> None:
+    """Until `url` answers (and `ready()`, if given, is true); FLMConfigError if `proc` exits or time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if log.exists() else ""
+            tail = "".join(log.read_text().splitlines(keepends=True)[-5:]) if log.exists() else ""
             raise FLMConfigError(f"{proc.args[0]} exited with code {proc.returncode} before {url} answered; "
                                  f"see {log}:\n{tail}")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            if httpx.get(url, timeout=2).status_code < 500 and (ready is None or ready()):
                 return
         except httpx.TransportError:
             pass
@@ -327,31 +328,41 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
 
 
 def start_ray(home: Path, ray_port: int, dashboard_port: int, num_cpus: int | None, timeout_s: float = 180,
-              env: dict | None = None) -> tuple[subprocess.Popen, dict]:
-    """A Ray head (`ray start --head --block`) in the background, answering on its dashboard.
+              env: dict | None = None, tries: int = 2) -> tuple[subprocess.Popen, dict]:
+    """A Ray head (`ray start --head --block`) in the background, up once it says "Ray runtime started" and its
+    dashboard answers. A head whose start times out (Ray gives its raylet 30 s, which a loaded machine can
+    exceed) is started again, up to `tries` times.
 
     Its own `--temp-dir`: Ray's job supervisor connects a job's driver to the cluster named in
     `<temp dir>/ray_current_cluster` (the last `ray start` on the host, whichever), so with the shared /tmp/ray a
     job could land on another cluster of the same machine."""
     logs = home / "stack"
     logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "ray.log"
     env = {**(env or os.environ), "FLM_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
     env.setdefault("RAY_AUTH_MODE", "disabled")  # the dashboard listens on 127.0.0.1; the gateway has the keys
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={ray_port}",
            f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-           f"--temp-dir=/tmp/flm-ray-{ray_port}", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+           f"--temp-dir=/tmp/flm-ray-{ray_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    with open(logs / "ray.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        wait_http(f"{dashboard}/api/version", proc, timeout_s, logs / "ray.log")
-    except BaseException:
-        stop_processes({"ray": {"pid": proc.pid}})
-        raise
-    return proc, {"pid": proc.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard}
+    for attempt in range(1, tries + 1):
+        start = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([*cmd, f"--ray-client-server-port={free_port()}",
+                                     f"--dashboard-agent-listen-port={free_port()}"],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_http(f"{dashboard}/api/version", proc, timeout_s, log,
+                      ready=lambda start=start: b"Ray runtime started" in log.read_bytes()[start:])
+            return proc, {"pid": proc.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard}
+        except BaseException as e:
+            exited = proc.poll() is not None  # Ray gave up starting: try again
+            stop_processes({"ray": {"pid": proc.pid}})
+            if not (isinstance(e, FLMConfigError) and exited) or attempt == tries:
+                raise
+    raise AssertionError("unreachable")
 
 
 def start_gateway(home: Path, port: int, dashboard: str, serve_url: str, timeout_s: float = 120,

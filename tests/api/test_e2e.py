@@ -1,0 +1,240 @@
+"""The gateway end to end: a real Ray head (`ray start --head --block`, as `flm up` starts it) and a real uvicorn
+gateway, driven over HTTP only.
+
+Two jobs run side by side on the 2-CPU cluster: a pipeline (the micro plan's first two stages -> the IQ suite ->
+a TP = 2 deployment) and a one-stage training job. The second is cancelled (its Ray job, controller and workers
+stop) and resumed (the same run continues from its checkpoint); the gateway is killed while the pipeline runs
+and a new one on the same store catches up; finally the official `openai` client gets completions of the
+deployed model through the gateway, equal to the checkpoint's own greedy decoding; `flm down`'s stop leaves no
+process of the stack behind.
+"""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from api.cli import free_port, start_gateway, start_ray, stop_processes
+from api.settings import GatewaySettings
+from api.store import create_key, open_store
+from tests.conftest import micro_plan
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class Stack:
+    """The processes and the HTTP client of one test module's stack."""
+
+    def __init__(self, home, env):
+        self.home, self.env = home, env
+        self.serve_url = f"http://127.0.0.1:{free_port()}"
+        self.ray_proc, self.ray = start_ray(home, free_port(), free_port(), num_cpus=2, env=env)
+        self.ray_tree = {p.pid for p in psutil.Process(self.ray["pid"]).children(recursive=True)}
+        self.start_gateway()
+        key, _ = create_key(open_store(GatewaySettings(home=home).db_url), "e2e")
+        self.key = key
+
+    def start_gateway(self):
+        self.gw_proc, self.gw = start_gateway(self.home, free_port(), self.ray["dashboard"], self.serve_url,
+                                              env=self.env)
+        self.http = httpx.Client(base_url=self.gw["url"], timeout=60,
+                                 headers={"Authorization": f"Bearer {getattr(self, 'key', '')}"})
+
+    def get(self, path, **kw):
+        r = self.http.get(path, **kw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id, until, timeout_s):
+        """Poll GET /v1/jobs/{id} until `until(job)`; the job."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.get(f"/v1/jobs/{job_id}")
+            if until(job):
+                return job
+            assert job["state"] not in TERMINAL, job
+            time.sleep(1)
+        raise AssertionError(f"{job_id} did not get there in {timeout_s} s: {job}")
+
+    def ray_actors(self, submission_id):
+        """(class, pid, state) of the actors of one Ray job, from the cluster's state API."""
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_actors
+
+        ray_job = JobSubmissionClient(self.ray["dashboard"]).get_job_info(submission_id).job_id
+        actors = list_actors(address=self.ray["dashboard"], filters=[("job_id", "=", ray_job)], detail=True,
+                             raise_on_missing_output=False)
+        return [(a.class_name, a.pid, a.state) for a in actors]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, micro_data):
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    home = tmp_path_factory.mktemp("flm-home")
+    shutil.copytree(micro_data, home / "data" / "micro")
+    t0 = time.perf_counter()
+    s = Stack(home, dict(os.environ))
+    s.http.headers["Authorization"] = f"Bearer {s.key}"
+    print(f"\nstack up in {time.perf_counter() - t0:.1f} s")
+    yield s
+    stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def plan(stages: int, **train) -> dict:
+    p = micro_plan("data/micro", "", **train).model_dump(mode="json")
+    p["stages"] = p["stages"][:stages]
+    return p
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack):
+    """The pipeline job, submitted over HTTP (train 2 stages -> IQ suite -> deploy with TP = 2)."""
+    body = {"kind": "pipeline", "plan": plan(2), "eval": {"subtasks": "rule", "n_items": 1},
+            "deploy": {"tp": 2}}
+    r = stack.http.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "QUEUED" and job["progress"]["total_steps"] == 24
+    return job["id"], time.perf_counter()
+
+
+@pytest.fixture(scope="module")
+def single(stack):
+    """A one-stage job of 200 steps, checkpoints every 50."""
+    p = plan(1, log_every=5, eval_every=50, checkpoint_every=50)
+    p["stages"][0]["tokens"] = 200 * 4 * 32
+    r = stack.http.post("/v1/jobs", json={"kind": "train", "plan": p})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_cancel_stops_the_ray_job_and_its_workers_and_resume_continues(stack, pipeline, single):
+    job = stack.wait(single, lambda j: j["state"] == "RUNNING" and j["checkpoints"], 240)
+    actors = stack.ray_actors(single)
+    classes = {c for c, _, state in actors if state == "ALIVE"}
+    assert {"TrainController", "RayTrainWorker"} <= classes, actors
+    pids = [pid for c, pid, state in actors if state == "ALIVE" and c in ("TrainController", "RayTrainWorker")]
+    r = stack.http.delete(f"/v1/jobs/{single}")
+    assert r.status_code == 202 and r.json()["state"] == "STOPPING"
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + 60
+    while (stopped := stack.get(f"/v1/jobs/{single}"))["state"] != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stopped["state"] == "STOPPED", stopped
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.perf_counter() - t0 < 60, [p for p in pids if psutil.pid_exists(p)]
+        time.sleep(0.5)
+    left = [(c, state) for c, _, state in stack.ray_actors(single) if state != "DEAD"]
+    assert not left, left
+    print(f"\ncancel: STOPPED and {len(pids)} Train processes gone {time.perf_counter() - t0:.1f} s after DELETE")
+    done_steps = stopped["progress"]["step"]
+    assert 50 <= done_steps < 200
+
+    # resume: attempt 2 (a new Ray submission) continues the same run from its newest checkpoint
+    r = stack.http.post(f"/v1/jobs/{single}/resume")
+    assert r.status_code == 202 and r.json()["state"] == "QUEUED"
+    job = stack.wait(single, lambda j: j["state"] == "SUCCEEDED", 240)
+    assert job["attempt"] == 2 and job["ray_submission_id"] == f"{single}.r2"
+    steps = [m["step"] for m in stack.get(f"/v1/jobs/{single}/metrics")["records"] if "loss" in m]
+    assert steps == list(range(5, 201, 5))  # each logged step once: the resumed trainer truncated the stream
+    assert job["progress"] == {"step": 200, "total_steps": 200, "tokens": 25600, "total_tokens": 25600,
+                               "percent": 100.0}
+    logs = stack.get(f"/v1/jobs/{single}/logs")["logs"]
+    assert f"=== attempt 2 ({single}.r2) ===" in logs and "cluster train" in logs
+
+
+def test_gateway_restart_loses_nothing(stack, pipeline):
+    job_id, _ = pipeline
+    before = stack.wait(job_id, lambda j: j["state"] == "RUNNING", 120)
+    os.kill(stack.gw["pid"], signal.SIGKILL)
+    stack.gw_proc.wait()
+    with pytest.raises(httpx.TransportError):
+        stack.http.get("/health")
+    stack.start_gateway()
+    stack.http.headers["Authorization"] = f"Bearer {stack.key}"
+    after = stack.get(f"/v1/jobs/{job_id}")
+    assert (after["id"], after["attempt"], after["ray_submission_id"], after["spec"]) == \
+        (before["id"], before["attempt"], before["ray_submission_id"], before["spec"])
+    assert after["state"] in ("RUNNING", "SUCCEEDED")
+
+    events = []
+
+    def follow():  # the metric stream of the new gateway, to its end
+        with stack.http.stream("GET", f"/v1/jobs/{job_id}/metrics", params={"stream": True}, timeout=None) as r:
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    job = stack.wait(job_id, lambda j: j["state"] == "SUCCEEDED", 420)
+    reader.join(timeout=30)
+    print(f"\npipeline SUCCEEDED {time.perf_counter() - pipeline[1]:.1f} s after submission: "
+          f"{[(s['name'], s['state'], s['seconds']) for s in job['steps']]}")
+    assert [(s["name"], s["state"]) for s in job["steps"]] == [
+        ("tune", "SKIPPED"), ("train", "SUCCEEDED"), ("eval", "SUCCEEDED"), ("deploy", "SUCCEEDED")]
+    assert job["progress"]["percent"] == 100.0 and job["stage"] == 1 and job["stages"] == 2
+    assert job["checkpoints"][-1] == f"runs/{job_id}/checkpoints/step_00000024"
+    assert job["results"]["train"]["checkpoint"] == job["checkpoints"][-1]
+    assert set(job["results"]["eval"]["categories"]) == {"rule"}
+    assert job["results"]["deploy"]["name"] == job_id
+    # the stream carried every record of the run, in order, and ended with the final state
+    records = stack.get(f"/v1/jobs/{job_id}/metrics")["records"]
+    assert [d for e, d in events if e == "metric"] == records
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 25))
+    assert events[-1] == ("end", {"state": "SUCCEEDED", "error": None})
+
+
+def test_completions_through_the_gateway_with_the_openai_client(stack, pipeline):
+    from flm.checkpoint import load_model
+    from flm.generate import SamplingParams, generate
+
+    job_id, _ = pipeline
+    job = stack.get(f"/v1/jobs/{job_id}")
+    assert job["state"] == "SUCCEEDED"
+    dep = stack.get(f"/v1/deployments/{job_id}")
+    assert dep["state"] == "RUNNING" and dep["spec"]["tp"] == 2 and dep["checkpoint"] == job["checkpoints"][-1]
+    client = OpenAI(base_url=f"{stack.gw['url']}/v1", api_key=stack.key, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [job_id]
+    prompt = "ROMEO: What light"
+    out = client.completions.create(model=job_id, prompt=prompt, max_tokens=12, temperature=0)
+    model, tokenizer = load_model(stack.home / job["checkpoints"][-1])
+    expected = generate(model, tokenizer, [prompt], SamplingParams(max_tokens=12))[0].text
+    assert out.choices[0].text == expected and out.usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=job_id, prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    assert streamed == expected
+    chat = client.chat.completions.create(model=job_id, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=4)
+    assert chat.choices[0].message.role == "assistant"
+    # another key's owner cannot use it; an unknown model is a 404 through the client too
+    with pytest.raises(Exception) as err:
+        client.completions.create(model="nothing-here", prompt=prompt, max_tokens=2)
+    assert getattr(err.value, "status_code", None) == 404
+
+
+def test_down_stops_exactly_the_stack(stack):
+    tree = stack.ray_tree | {p.pid for p in psutil.Process(stack.ray["pid"]).children(recursive=True)}
+    stopped = stop_processes({"gateway": {"pid": stack.gw["pid"]}, "ray": {"pid": stack.ray["pid"]}}, grace_s=30)
+    assert stopped == [f"gateway (PID {stack.gw['pid']})", f"ray (PID {stack.ray['pid']})"]
+    deadline = time.monotonic() + 30
+    while (left := [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]):
+        assert time.monotonic() < deadline, [psutil.Process(p).cmdline()[:2] for p in left]
+        time.sleep(0.5)
