@@ -26,20 +26,8 @@ from tqdm import tqdm
 from flm.checkpoint import CheckpointError, load_model
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
+from flm.iq.backends import LastTokens, prompt_budget
 from flm.perplexity import continuation_logprobs, windows
-
-
-class _LastTokens:
-    """A codec that keeps only a prompt's last `keep` tokens, so prompt + generation fit the model's context."""
-
-    def __init__(self, tokenizer, keep: int):
-        self.tokenizer, self.keep, self.eot_id = tokenizer, keep, tokenizer.eot_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)[-self.keep:] or [self.eot_id]  # an empty prompt starts a document
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
 
 @register_model("flm")
@@ -119,8 +107,7 @@ class FLMLM(TemplateLM):
             params = SamplingParams(max_tokens=kw["max_gen_toks"], stop=list(kw["until"]),
                                     temperature=kw.get("temperature", 0.0),
                                     top_k=int(kw.get("top_k") or 0), top_p=float(kw.get("top_p") or 1.0))
-            # the prompt keeps the context the generation leaves, but at least half of it
-            codec = _LastTokens(self.tokenizer, max(self.max_length - params.max_tokens, self.max_length // 2))
+            codec = LastTokens(self.tokenizer, prompt_budget(self.max_length, params.max_tokens))
             for b in range(0, len(idx), self.batch_size):
                 batch = idx[b:b + self.batch_size]
                 prompts = [requests[i].args[0] for i in batch]

@@ -1,5 +1,12 @@
-"""Model backends for the IQ suite: our checkpoints (local decoding with the KV cache) and any OpenAI-compatible
-completions endpoint (a deployed model, ours or anyone's). Greedy decoding, as the paper scores exact matches."""
+"""Model backends for the IQ suite: our checkpoints (local decoding with the KV cache), Hugging Face causal LMs, and
+any OpenAI-compatible completions endpoint (a deployed model, ours or anyone's). Greedy decoding, as the paper scores
+exact matches.
+
+The local backends keep a prompt within the model's context (`prompt_budget`): a longer prompt loses its start, as
+in lm-evaluation-harness, rather than running the model at positions it was never trained on. With the paper's 2048
+tokens nothing is cut; a tiny model (128 tokens) sees only the end of the long prompts (Multiple Key Retrieval,
+the bAbI stories, most few-shot blocks), which is what it could use anyway. An endpoint applies its own limit.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,25 @@ import torch
 
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
+
+
+def prompt_budget(context: int, max_tokens: int) -> int:
+    """Prompt tokens kept by a model of `context` tokens that may generate `max_tokens`: the context the generation
+    leaves, but at least half of it."""
+    return max(context - max_tokens, context // 2)
+
+
+class LastTokens:
+    """A text codec that encodes a prompt to its last `keep` tokens (an empty prompt to `<|endoftext|>` alone)."""
+
+    def __init__(self, tokenizer, keep: int):
+        self.tokenizer, self.keep, self.eot_id = tokenizer, keep, tokenizer.eot_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)[-self.keep:] or [self.eot_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
 
 class FLMBackend:
@@ -30,7 +56,8 @@ class FLMBackend:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
         params = SamplingParams(max_tokens=max_tokens, stop=stop)
-        return [c.text for c in generate(self.model, self.tokenizer, prompts, params)]
+        codec = LastTokens(self.tokenizer, prompt_budget(self.model.cfg.seq_len, max_tokens))
+        return [c.text for c in generate(self.model, codec, prompts, params)]
 
 
 class HFBackend:
@@ -49,7 +76,11 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        keep = prompt_budget(context, max_tokens) if context else None
+        self.tokenizer.truncation_side = "left"
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=keep is not None,
+                               max_length=keep).to(self.model.device)
         out = self.model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
