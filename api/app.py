@@ -376,14 +376,17 @@ class Gateway:
 
 # --- the app ----------------------------------------------------------------------------------------------------
 bearer = HTTPBearer(auto_error=False, description="an API key from `flm keys create --name NAME`")
+# The read routes and the key check are `async def` and do their store reads and file stats inline: each is an
+# indexed lookup or a stat of well under a millisecond, far cheaper than the two thread hops a sync route costs
+# (what limits GET throughput). Routes that write files or call Ray are sync (run in the thread pool).
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def owner(request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-    gw = gateway(request)
+async def owner(request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    gw: Gateway = request.app.state.gateway
     if cred is None:
         raise ApiError(401, "Authorization: missing; send 'Authorization: Bearer <key>' (create a key with "
                             "`flm keys create --name NAME`)", "Authorization", {"WWW-Authenticate": "Bearer"})
@@ -444,7 +447,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
 
     # --- routes -------------------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"])
-    def health(gw: GW) -> dict[str, Any]:
+    async def health(gw: GW) -> dict[str, Any]:
         """Liveness, and whether the Ray job server answered the reconciler's last call (no key needed)."""
         return {"status": "ok", "ray": gw.runner.last_error or "ok", "ray_address": gw.settings.ray_address}
 
@@ -454,7 +457,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return gw.view(gw.create_job(who, body))
 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
-    def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
+    async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 20,
                   offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
         """The owner's jobs, newest first."""
@@ -469,7 +472,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return JobList(jobs=[gw.view(j) for j in jobs], total=total, limit=limit, offset=offset)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=errors(403, 404, 422))
-    def get_job(gw: GW, who: Owner, job_id: str) -> JobView:
+    async def get_job(gw: GW, who: Owner, job_id: str) -> JobView:
         """State, stage, progress in tokens and %, newest metrics, checkpoints, error."""
         return gw.view(gw.owned_job(who, job_id))
 
@@ -478,7 +481,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         200: {"description": "JSON page of records, or with `stream=true` (or `Accept: text/event-stream`) "
                              "server-sent events: `metric` per record, `state` on each change, `end` last",
               "content": {"text/event-stream": {}}}})
-    def job_metrics(request: Request, gw: GW, who: Owner, job_id: str,
+    async def job_metrics(request: Request, gw: GW, who: Owner, job_id: str,
                     after: Annotated[int, Query(ge=0, description="skip the first `after` records")] = 0,
                     stream: bool = False) -> MetricsPage:
         """The training metric stream (`metrics.jsonl`): one record per logged step, plus growth events."""
@@ -532,7 +535,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return gw.deployment_view(gw.create_deployment(who, body))
 
     @app.get("/v1/deployments", tags=["deployments"], responses=errors())
-    def list_deployments(gw: GW, who: Owner) -> DeploymentList:
+    async def list_deployments(gw: GW, who: Owner) -> DeploymentList:
         """The owner's deployments (deleted ones left out)."""
         with gw.sessions() as s:
             deps = s.scalars(select(Deployment).where(Deployment.owner == who, Deployment.state != "DELETED")
@@ -540,7 +543,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             return DeploymentList(deployments=[gw.deployment_view(d) for d in deps])
 
     @app.get("/v1/deployments/{name}", tags=["deployments"], responses=errors(403, 404, 422))
-    def get_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
+    async def get_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
         return gw.deployment_view(gw.owned_deployment(who, name))
 
     @app.delete("/v1/deployments/{name}", status_code=202, tags=["deployments"], responses=errors(403, 404, 409, 422))
@@ -549,7 +552,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return gw.deployment_view(gw.delete_deployment(who, name))
 
     @app.get("/v1/models", tags=["models"], responses=errors())
-    def list_models(gw: GW, who: Owner) -> dict[str, Any]:
+    async def list_models(gw: GW, who: Owner) -> dict[str, Any]:
         """The owner's RUNNING deployments as OpenAI models."""
         with gw.sessions() as s:
             deps = list(s.scalars(select(Deployment).where(Deployment.owner == who, Deployment.state == "RUNNING")))
