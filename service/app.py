@@ -354,8 +354,10 @@ class FLMDeployment:
 
     def __init__(self, request: DeploymentRequest):
         self.request = request
+        replica = serve.get_replica_context().replica_id.unique_id
         self.group = ShardGroup(request.checkpoint, request.tp, max_batch=request.max_batch,
-                                num_cpus=request.cpus_per_shard, num_gpus=request.gpus_per_shard, dtype=request.dtype)
+                                num_cpus=request.cpus_per_shard, num_gpus=request.gpus_per_shard, dtype=request.dtype,
+                                name=f"flm-{request.name}-{replica}")
         self.server = OpenAIServer.with_model(self.group, request, self.group.cfg.seq_len, self.group.cfg.vocab_size)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

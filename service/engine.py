@@ -79,7 +79,10 @@ class _Request:
         return len(self.prompt) + self.params.max_tokens
 
     def emit(self, item: Delta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody listens any more
+            self.cancelled = True
 
     def accept(self, token: int, codec: TextCodec) -> None:
         """Take one sampled token: emit the text it decided, and finish the request if it ends here."""
@@ -142,6 +145,8 @@ class Engine:
             raise ValueError(f"max_batch_tokens {self.max_batch_tokens} < the context ({context}): a full-context "
                              f"request could never run")
         self.error: BaseException | None = None
+        self.steps = 0  # model steps taken
+        self.peak_batch = 0  # most rows decoded in one step
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # one per row of the model's batch, in row order
         self._cv = threading.Condition()
@@ -155,9 +160,10 @@ class Engine:
         return self.error is None and self._thread.is_alive()
 
     def load(self) -> dict:
-        """Requests running (in the batch) and waiting (queued)."""
+        """Requests running (in the batch) and waiting (queued), model steps so far and the largest batch."""
         with self._cv:
-            return {"running": sum(not r.done for r in self._running), "waiting": len(self._waiting)}
+            return {"running": sum(not r.done for r in self._running), "waiting": len(self._waiting),
+                    "steps": self.steps, "peak_batch": self.peak_batch}
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request (from inside an event loop); raises now if it cannot run (ValueError: bad input,
@@ -220,7 +226,10 @@ class Engine:
                 while not self._closed and not self._waiting and all(r.done or r.cancelled for r in self._running):
                     self._cv.wait()
                 if self._closed:
-                    return
+                    rows = list(range(len(self._running)))
+                    unfinished = [r for r in self._running if not r.done] + list(self._waiting)
+                    self._waiting.clear()
+                    break
                 release = [b for b, r in enumerate(self._running) if r.done or r.cancelled]
                 kept = apply_release(list(range(len(self._running))), release)
                 live = [self._running[b] for b in kept]
@@ -232,12 +241,19 @@ class Engine:
                 return
             with self._cv:
                 self._running = live + admitted
+            self.steps += 1
+            self.peak_batch = max(self.peak_batch, len(self._running))
             sampled = []
             for b, req in enumerate(self._running):
                 token = int(next_tokens(logits[b:b + 1], req.params, req.generator)[0])
                 sampled.append(token)
                 if not req.cancelled:
                     req.accept(token, self.codec)
+
+        for req in unfinished:
+            req.emit(EngineError("the engine was closed"))
+        if rows:  # leave the model's batch empty for whoever steps it next
+            self.model.step(rows, [], [])
 
     def _fail(self, error: BaseException, requests: list[_Request]) -> None:
         with self._cv:

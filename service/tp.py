@@ -223,7 +223,10 @@ class ShardGroup:
     mirror ModelShard's: every rank runs every step, rank 0 answers."""
 
     def __init__(self, checkpoint: str, tp: int, *, max_batch: int = 16, capacity: int = 0, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, dtype: str = "float32", placement_group=None, ready_timeout_s: float = 300):
+                 num_gpus: float = 0.0, dtype: str = "float32", placement_group=None, ready_timeout_s: float = 300,
+                 name: str | None = None):
+        """`name`: the actors are named `<name>-shard<rank>` (in the current Ray namespace), so operators and tests
+        can find them with `ray list actors` / `ray.get_actor`."""
         import ray
         from ray.util.placement_group import get_current_placement_group, remove_placement_group
         from ray.util.placement_group import placement_group as new_placement_group
@@ -242,7 +245,8 @@ class ShardGroup:
         device, backend = ("cuda", "nccl") if num_gpus else ("cpu", "gloo")
         self.actors = [
             actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=2,  # ping answers during a step
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                          name=None if name is None else f"{name}-shard{i}")
             .remote(checkpoint, i, tp, max_batch, capacity, device, dtype, max(1, int(num_cpus)))
             for i in range(tp)]
         try:

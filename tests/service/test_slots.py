@@ -1,0 +1,54 @@
+"""service/slots.py: rows that join and leave a running batch (and the cache shifts that make room) see exactly what
+they would see alone."""
+
+import random
+
+import torch
+
+from flm.config import ModelConfig
+from flm.model import GPT
+from service.slots import SlotBatch, apply_release
+
+
+def test_release_keeps_every_other_row_contiguous():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        gone = rng.sample(range(n), rng.randint(0, n))
+        after = apply_release(list(range(n)), gone)
+        assert sorted(after) == sorted(set(range(n)) - set(gone))
+        assert len(after) == n - len(gone)
+
+
+def model(pos: str) -> GPT:
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=50, seq_len=12, pos=pos, base_width=16)
+    m = GPT(cfg, generator=torch.Generator().manual_seed(0)).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    return m
+
+
+def test_joining_leaving_and_shifting_rows_see_what_they_see_alone():
+    """Three sequences join at different steps (one longer than the filled columns: a right shift), one leaves
+    early, and the capacity (context + 1) forces left shifts; every logit equals the sequence's own forward."""
+    for pos in ("xpos", "rope"):
+        m = model(pos)
+        g = torch.Generator().manual_seed(2)
+        seqs = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (12, 10, 12)]
+        prompts, joins, leave = [3, 7, 2], {0: 0, 2: 1, 4: 2}, {1: 6}  # prompt lengths, step -> seq, seq -> length
+        batch = SlotBatch(m, max_batch=3, capacity=13)
+        rows, release, shifted = [], [], False
+        for step in range(12):
+            rows = apply_release(rows, release)
+            tokens = [seqs[i][n] for i, n in rows]
+            new = [joins[step]] if step in joins else []
+            pos_before = batch.cache.pos
+            logits = batch.step(release, tokens, [seqs[i][:prompts[i]] for i in new])
+            shifted |= batch.cache.pos < pos_before
+            rows = [(i, n + 1) for i, n in rows] + [(i, prompts[i]) for i in new]
+            for b, (i, n) in enumerate(rows):
+                alone, _ = m(torch.tensor([seqs[i][:n]]))
+                assert torch.allclose(logits[b], alone[0, -1], atol=1e-10, rtol=0), (pos, step, i)
+            release = [b for b, (i, n) in enumerate(rows) if n >= leave.get(i, len(seqs[i]))]
+        assert shifted
