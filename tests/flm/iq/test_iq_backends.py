@@ -1,8 +1,5 @@
 """IQ backends end to end: a trained checkpoint of ours, and an OpenAI-compatible endpoint (a real HTTP server)."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -54,27 +51,9 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture()
-def oracle_server():
+def oracle_server(completions_server):
     answers = {it.prompt: it.answer for its in build_items(["counting"], n_items=5).values() for it in its}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            assert self.path == "/v1/completions" and self.headers["Authorization"] == "Bearer k"
-            choices = [{"index": i, "text": answers[p] + "\nmore"} for i, p in enumerate(body["prompt"])]
-            data = json.dumps({"choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    return completions_server(answers, suffix="\nmore", api_key="k")  # the suite cuts at the newline
 
 
 def test_endpoint_backend(oracle_server):

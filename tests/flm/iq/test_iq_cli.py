@@ -2,8 +2,6 @@
 with exit code 2 (unknown suite or subtask, a dataset file without labels, an unreachable endpoint)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -33,32 +31,15 @@ def test_bad_input(tmp_path, capsys):
 
 
 @pytest.fixture()
-def oracle_endpoint(tmp_path):
-    """An OpenAI-compatible server that knows the answers of counting and of local BoolQ- and AFQMC-named data."""
+def oracle_endpoint(completions_server, tmp_path):
+    """An endpoint that knows the answers of counting and of local data named BoolQ and AFQMC, and those files."""
     rows = [{"texts": [f"passage {i}", f"question {i}?"], "label": i % 2} for i in range(12)]
     files = {}
     for name in ("boolq", "afqmc"):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = build_items(["counting", "boolq", "afqmc"], n_items=4, data_files=files)
-    answers = {it.prompt: it.answer for its in items.values() for it in its}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            data = json.dumps({"choices": [{"index": i, "text": answers[p]} for i, p in enumerate(body["prompt"])]})
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", files
-    server.shutdown()
+    return completions_server({it.prompt: it.answer for its in items.values() for it in its}), files
 
 
 def test_table_shows_the_papers_numbers_per_subtask_and_category(oracle_endpoint, tmp_path, capsys):
