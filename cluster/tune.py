@@ -275,7 +275,6 @@ def run_search(search: SearchConfig, objective: Objective = train_point,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard files per trial
     search = prepare(search)
     have = ray.cluster_resources()
     for kind, need in (("CPU", search.resources.cpu), ("GPU", search.resources.gpu)):
@@ -316,13 +315,21 @@ def _progress_callback(on_trial: Callable[[Trial], None]):
     from ray import tune
 
     class Progress(tune.Callback):
+        def __init__(self, on_trial):
+            self.on_trial = on_trial
+
+        def __getstate__(self):  # Tune pickles its run config; the caller's function (and its console) stays here
+            return {"on_trial": None}
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            on_trial(_trial_from(trial.config, trial.last_result or {}, None, None))
+            if self.on_trial:
+                self.on_trial(_trial_from(trial.config, trial.last_result or {}, None, None))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            on_trial(_trial_from(trial.config, trial.last_result or {}, "error", None))
+            if self.on_trial:
+                self.on_trial(_trial_from(trial.config, trial.last_result or {}, "error", None))
 
-    return Progress()
+    return Progress(on_trial)
 
 
 def _trial_from(config: dict, metrics: dict, status: str | None, max_reports: int | None) -> Trial:
@@ -392,7 +399,7 @@ def plot_heatmap(result: SearchResult, path: Path) -> Path:
     by_point = {(r["lr"], r["init_std"], r["output_mult"]): r for r in rows}
     finite = [r["val_loss"] for r in rows if r["completed"] and math.isfinite(r["val_loss"])]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    fig = Figure(figsize=(1.0 + 0.9 * len(g.lr) * len(g.output_mult) + 1.2, 1.6 + 0.6 * len(g.init_std)),
+    fig = Figure(figsize=(max(6.0, 2.2 + 0.9 * len(g.lr) * len(g.output_mult)), 2.0 + 0.6 * len(g.init_std)),
                  layout="constrained")
     axes = fig.subplots(1, len(g.output_mult), squeeze=False, sharey=True)[0]
     best = (result.best.lr, result.best.init_std, result.best.output_mult)
@@ -408,7 +415,8 @@ def plot_heatmap(result: SearchResult, path: Path) -> Path:
                     grid[i, j] = r["val_loss"]
                 text = (f"{r['val_loss']:.3f}" if r["completed"] and math.isfinite(r["val_loss"])
                         else "diverged" if r["val_loss"] == math.inf else r["status"])
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                dark = math.isfinite(grid[i, j]) and (grid[i, j] - vmin) > 0.6 * (vmax - vmin)  # viridis_r: high = dark
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
                 if (lr, std, mult) == best:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="red"))
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
@@ -420,8 +428,8 @@ def plot_heatmap(result: SearchResult, path: Path) -> Path:
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="final validation loss")
     s = result.search
-    fig.suptitle(f"{s.name}: {s.search} search, width {s.search_width}, {s.steps} steps per trial; "
-                 f"best (boxed) lr {result.best.lr:g}, init_std {result.best.init_std:g}, "
+    fig.suptitle(f"{s.name}: {s.search} search, width {s.search_width}, {s.steps} steps per trial\n"
+                 f"best (boxed): lr {result.best.lr:g}, init_std {result.best.init_std:g}, "
                  f"output_mult {result.best.output_mult:g}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -7,12 +7,15 @@ benchmarks: one process, one stage, the ordinary training loop."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 from scipy.optimize import curve_fit
 
@@ -111,3 +114,35 @@ def train_proxy(plan: GrowthPlan, on_eval: Callable[[dict], None] | None = None)
             "steps": last.get("step", 0), "tokens": last.get("tokens", 0),
             "val_loss": math.inf if diverged else last["val_loss"], "loss": last.get("loss", math.nan),
             "seconds": time.perf_counter() - t0, "diverged": diverged}
+
+
+def _train_with_threads(plan: GrowthPlan, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return train_proxy(plan)
+
+
+def train_proxies(plans: list[GrowthPlan], jobs: int = 1, threads: int = 1,
+                  on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train independent proxy plans, `jobs` at a time in worker processes of `threads` torch threads each (jobs=1:
+    in this process); results in the order of `plans`. `on_done(index, result)` is called as each finishes.
+    One thread per process is the robust choice on a shared CPU: oversubscribed OpenMP threads spin and crawl."""
+    if jobs <= 1:
+        before = torch.get_num_threads()
+        try:
+            results = []
+            for i, plan in enumerate(plans):
+                results.append(_train_with_threads(plan, threads))
+                if on_done:
+                    on_done(i, results[-1])
+            return results
+        finally:
+            torch.set_num_threads(before)
+    results: list[dict | None] = [None] * len(plans)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_with_threads, plan, threads): i for i, plan in enumerate(plans)}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            if on_done:
+                on_done(i, results[i])
+    return results
