@@ -1,0 +1,155 @@
+"""The deployment templates (Dockerfile, docker-compose.yml, cluster/deploy/): they parse, agree with each other and
+with the code: image names, ports, entrypoints that the `flm` command accepts, GPU capacity for the paper's plan."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from api.settings import DEFAULT_PORT
+from flm.cli import build_parser
+from flm.config import load_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "cluster" / "deploy"
+IMAGE = "flm/flm"
+
+
+def load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def launchers() -> list[Path]:
+    return sorted(DEPLOY.glob("*.yaml"))
+
+
+def kuberay() -> dict[str, dict]:
+    docs = [d for p in sorted((DEPLOY / "kuberay").glob("*.yaml")) for d in load_all(p)]
+    return {d["kind"]: d for d in docs}
+
+
+def ray_cluster_specs() -> list[dict]:
+    k = kuberay()
+    return [k["RayCluster"]["spec"], k["RayJob"]["spec"]["rayClusterSpec"], k["RayService"]["spec"]["rayClusterConfig"]]
+
+
+def containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def flm_accepts(command: str) -> None:
+    """The `flm ...` command line parses with the real CLI parser (argparse exits 2 on anything unknown)."""
+    argv = shlex.split(command)
+    assert argv[0] == "flm", command
+    build_parser().parse_args(argv[1:])
+
+
+def max_stage_gpus() -> int:
+    plan = load_plan(ROOT / "configs" / "flm-101b.yaml")
+    return max(s.layout.gpus for s in plan.stages)
+
+
+def test_every_template_parses():
+    assert len(launchers()) >= 2
+    assert set(kuberay()) >= {"RayCluster", "RayJob", "RayService"}
+    assert set(compose()["services"]) >= {"ray-head", "worker", "gateway", "postgres"}
+
+
+@pytest.mark.parametrize("path", launchers(), ids=lambda p: p.name)
+def test_launcher_holds_the_papers_plan(path):
+    """Each stage of configs/flm-101b.yaml (192 GPUs) fits under the GPU worker type's max_workers."""
+    cfg = yaml.safe_load(path.read_text())
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"]["CPU"] == 0  # training and serving never land on the head
+    gpu_types = [t for t in cfg["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_types and cfg["max_workers"] >= max(t["max_workers"] for t in gpu_types)
+    capacity = sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu_types)
+    assert capacity >= max_stage_gpus()
+    assert cfg["docker"]["image"].split(":")[0] == IMAGE
+    assert cfg["idle_timeout_minutes"] > 0
+
+
+def test_kuberay_manifests_agree_with_the_code_and_each_other():
+    for spec in ray_cluster_specs():
+        assert spec["rayVersion"] == ray.__version__  # every node must run the Ray the code was tested with
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                          .get("nvidia.com/gpu", 0)) for g in spec["workerGroupSpecs"])
+        assert gpus >= max_stage_gpus()
+        for c in containers(spec):
+            assert c["image"].split(":")[0] == IMAGE
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+            assert {"mountPath": "/data", "name": "flm-home"} in c["volumeMounts"]
+            assert env["FLM_HOME"]["value"] == "/data"
+    flm_accepts(kuberay()["RayJob"]["spec"]["entrypoint"])
+
+
+def test_rayservice_imports_the_serve_application():
+    """The RayService's import_path names a real application builder in service/, with arguments it accepts."""
+    import importlib
+    import typing
+
+    app = kuberay()["RayService"]["spec"]["serveConfigV2"]
+    cfg = yaml.safe_load(app) if isinstance(app, str) else app
+    final = load_plan(ROOT / "configs" / "flm-101b.yaml").model_configs()[-1]
+    for application in cfg["applications"]:
+        module, _, attr = application["import_path"].partition(":")
+        assert module.startswith("service."), application["import_path"]
+        builder = getattr(importlib.import_module(module), attr)
+        request_type = typing.get_type_hints(builder)["request"]
+        request = request_type.model_validate(application["args"])  # what Serve does with `args`
+        assert final.n_head % request.tp == 0  # the paper's 101B shards evenly
+        assert request.checkpoint.startswith("/data/")  # on the shared volume
+
+
+def test_compose_stack():
+    """Ray token auth everywhere, only the gateway's port published, health checks, one shared volume."""
+    services = compose()["services"]
+    flm_services = {n: s for n, s in services.items() if s.get("image", "").startswith(IMAGE)}
+    assert set(flm_services) == {"ray-head", "worker", "gateway"}
+    for name, s in flm_services.items():
+        env = s["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env, name
+        assert env["FLM_HOME"] == "/data" and "flm-home:/data" in s["volumes"], name
+    published = {n: s["ports"] for n, s in services.items() if s.get("ports")}
+    assert published == {"gateway": [f"{DEFAULT_PORT}:{DEFAULT_PORT}"]}
+    gateway = services["gateway"]
+    assert f"--port {DEFAULT_PORT}" in gateway["command"] and "api.server" in gateway["command"]
+    assert gateway["environment"]["FLM_DATABASE_URL"].startswith("postgresql")
+    assert "ray-head:8265" in gateway["environment"]["FLM_RAY_ADDRESS"]
+    for name in ("ray-head", "postgres", "gateway"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "--address=ray-head:6379" in services["worker"]["command"]
+    assert "--port=6379" in services["ray-head"]["command"]
+
+
+def test_dockerfile_ships_every_package_and_port():
+    text = (ROOT / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r'include = \[(.*)\]', pyproject).group(1)
+    for pkg in re.findall(r'"(\w+)\*"', packages):
+        assert f"COPY {pkg} ./{pkg}" in text, pkg
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()}
+    assert {6379, 8265, 8000, DEFAULT_PORT} <= exposed
+    assert "torch==2.13.0" in text and "ARG VARIANT=cpu" in text
+
+
+def test_compose_database_driver_is_in_the_image():
+    """The gateway's FLM_DATABASE_URL names a driver that the image's extras install."""
+    url = compose()["services"]["gateway"]["environment"]["FLM_DATABASE_URL"]
+    driver = url.split("://")[0].split("+")[1]
+    extras = re.search(r'pip install --no-cache-dir "\.\[([\w,]+)\]"', (ROOT / "Dockerfile").read_text()).group(1)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    installed = " ".join(re.search(rf"^{e} = \[(.*)\]", pyproject, re.M).group(1) for e in extras.split(","))
+    assert driver in installed
