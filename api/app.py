@@ -192,19 +192,26 @@ class Gateway:
             raise ApiError(403, f"job {job_id!r} belongs to another owner", "job_id")
         return job
 
-    def check_plan_paths(self, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
-        """The dataset path made absolute inside the root; the run directory is the gateway's to choose."""
-        if plan.train.out:
-            raise ApiError(422, f"{field}.train.out: the gateway chooses the run directory (runs/<job id>); "
-                                f"leave it empty", f"{field}.train.out")
-        data = plan.train.data
+    def check_outputs(self, out: str, data: str, field: str) -> str:
+        """The dataset made an absolute path inside the root (or a built-in source); where results go is the
+        gateway's to choose (`out` must be empty)."""
+        if out:
+            raise ApiError(422, f"{field}.out: the gateway chooses where results go (runs/<job id>, jobs/<job id>); "
+                                f"leave it empty", f"{field}.out")
         if data in DATA_SOURCES or data.startswith("hf:"):
-            return plan
-        path = resolve_path(self.root, data, f"{field}.train.data")
+            return data
+        path = resolve_path(self.root, data, f"{field}.data")
         if not path.exists():
-            raise ApiError(400, f"{field}.train.data: {data!r} does not exist in the storage root; give a prepared "
-                                f"dataset or corpus there, 'shakespeare' or hf:NAME", f"{field}.train.data")
-        return plan.model_copy(update={"train": plan.train.model_copy(update={"data": str(path)})})
+            raise ApiError(400, f"{field}.data: {data!r} does not exist in the storage root; give a prepared "
+                                f"dataset or corpus there, 'shakespeare' or hf:NAME", f"{field}.data")
+        return str(path)
+
+    def check_plan_paths(self, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
+        data = self.check_outputs(plan.train.out, plan.train.data, f"{field}.train")
+        return plan.model_copy(update={"train": plan.train.model_copy(update={"data": data})})
+
+    def check_search_paths(self, search: dict, field: str) -> dict:
+        return {**search, "data": self.check_outputs(search.get("out", ""), search.get("data", "shakespeare"), field)}
 
     def resolve_checkpoint(self, owner: str, text: str, field: str = "checkpoint") -> Path:
         """A checkpoint directory in the root, or a job id of `owner` (its newest complete checkpoint)."""
@@ -233,7 +240,10 @@ class Gateway:
         if isinstance(req, EvalJob):
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
-            files["search.yaml"] = yaml.safe_dump(req.search, sort_keys=False)
+            spec["search"] = self.check_search_paths(req.search, "search")
+            files["search.yaml"] = yaml.safe_dump(spec["search"], sort_keys=False)
+        if isinstance(req, PipelineJob) and req.tune is not None:
+            spec["tune"] = self.check_search_paths(req.tune, "tune")
         if isinstance(req, PipelineJob):
             pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python,
                         "serve_url": self.settings.serve_url}

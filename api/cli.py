@@ -212,8 +212,20 @@ def cmd_deploy(args) -> None:
         body["name"] = args.name
     if args.max_replicas:
         body["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
-    dep = Client(timeout=args.timeout).request("POST", "/v1/deployments", json=body)
-    console().print(f"{dep['id']}: {dep['state']} at {dep['url']} (query it: flm generate 'text' --model {dep['id']})")
+    client = Client()
+    dep = client.request("POST", "/v1/deployments", json=body)
+    deadline = time.monotonic() + args.timeout
+    with console().status(f"{dep['id']}: deploying (TP {args.tp}) ..."):
+        while dep["state"] == "DEPLOYING" and not args.no_wait and time.monotonic() < deadline:
+            time.sleep(1)
+            dep = client.request("GET", f"/v1/deployments/{dep['id']}")
+    if dep["state"] == "FAILED":
+        raise FLMConfigError(f"deployment {dep['id']} FAILED: {dep['error']}")
+    if dep["state"] == "DEPLOYING" and not args.no_wait:
+        raise FLMConfigError(f"--timeout: {dep['id']} is still DEPLOYING after {args.timeout:.0f} s; see "
+                             f"`flm status` of the deployment with GET /v1/deployments/{dep['id']}")
+    where = f" at {dep['url']}" if dep.get("url") else ""
+    console().print(f"{dep['id']}: {dep['state']}{where} (query it: flm generate 'text' --model {dep['id']})")
 
 
 def cmd_undeploy(args) -> None:
@@ -534,7 +546,8 @@ def add_api_cli(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the deployment")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the deployment to run")
+    p.add_argument("--no-wait", action="store_true", help="return at once (state DEPLOYING)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("undeploy", help="delete a deployment")

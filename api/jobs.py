@@ -55,7 +55,7 @@ def entrypoint(settings: GatewaySettings, job: Job) -> str:
                f"--seed {spec['seed']} --out {shlex.quote(str(jd / 'eval'))}")
         return cmd + (f" --n-items {spec['n_items']}" if spec.get("n_items") else "")
     if job.kind == "tune":
-        return f"{flm} tune {shlex.quote(str(jd / 'search.yaml'))} --out {shlex.quote(str(jd / 'tune'))}"
+        return f"{flm} tune {shlex.quote(str(jd / 'search.yaml'))} --out {shlex.quote(str(jd / 'tune'))} --address auto"
     if job.kind == "pipeline":
         return f"{py} -m api.pipeline {shlex.quote(str(jd / 'spec.json'))}"
     raise ValueError(f"unknown job kind {job.kind!r}")

@@ -58,7 +58,7 @@ def step_tune(spec: dict, job_dir: Path) -> dict:
     search = job_dir / "search.yaml"
     search.write_text(yaml.safe_dump(spec["tune"], sort_keys=False))
     out = job_dir / "tune"
-    run_flm(spec["python"], "tune", str(search), "--out", str(out))
+    run_flm(spec["python"], "tune", str(search), "--out", str(out), "--address", "auto")
     best = out / "best.yaml"
     if not best.is_file():
         raise StepFailed(f"flm tune wrote no {best}")

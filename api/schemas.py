@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flm.config import GrowthPlan
 
@@ -25,17 +25,44 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if "stages" in yaml.safe_load(p.read_text()))
+def preset_names(key: str = "stages") -> list[str]:
+    """The presets in configs/ that have `key`: stages (growth plans), grid (searches), widths (proxy families)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if key in (yaml.safe_load(p.read_text()) or {}))
+
+
+def _preset(value: Any, key: str, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value not in preset_names(key):
+        raise ValueError(f"unknown preset {value!r}; give {what} mapping or one of: {', '.join(preset_names(key))}")
+    return yaml.safe_load((CONFIGS / f"{value}.yaml").read_text())
 
 
 def plan_or_preset(value: Any) -> Any:
     """A plan given as a preset name ("tiny") is read from configs/<name>.yaml; a mapping is validated as is."""
-    if not isinstance(value, str):
-        return value
-    if value not in preset_names():
-        raise ValueError(f"unknown preset {value!r}; give a plan mapping or one of: {', '.join(preset_names())}")
-    return yaml.safe_load((CONFIGS / f"{value}.yaml").read_text())
+    return _preset(value, "stages", "a plan")
+
+
+def search_or_preset(value: Any) -> dict | None:
+    """A proxy search (`flm tune`'s SEARCH.yaml) inline or as a preset name ("search"), its `proxy` inline or a
+    preset name ("proxy"), validated by cluster.tune.SearchConfig. The first call imports cluster.tune (and torch
+    with it): seconds, once per gateway process."""
+    if value is None:
+        return None
+    value = _preset(value, "grid", "a search")
+    if not isinstance(value, dict):
+        raise ValueError("expected a search mapping or a preset name")
+    if isinstance(value.get("proxy"), str):
+        value = {**value, "proxy": _preset(value["proxy"], "widths", "a proxy family")}
+    from cluster.tune import SearchConfig  # heavy: imported when a search is first asked for
+
+    try:
+        SearchConfig.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{loc}: {err['msg'].removeprefix('Value error, ')}" if loc else err["msg"]) from None
+    return value
 
 
 # Stand-ins for what a tune step will find, so a plan that leaves them to the search validates before it runs; they
@@ -106,8 +133,11 @@ class TuneJob(_Request):
     """The μP proxy search (`flm tune SEARCH.yaml`) with Ray Tune."""
 
     kind: Literal["tune"]
-    search: dict[str, Any] = Field(description="the SEARCH.yaml document of `flm tune`")
+    search: dict[str, Any] = Field(description="the SEARCH.yaml document of `flm tune` (its proxy inline or a "
+                                               "preset name), or a preset name such as 'search'")
     hold: bool = False
+
+    _search = field_validator("search", mode="before")(search_or_preset)
 
 
 class EvalJob(EvalSettings):
@@ -126,14 +156,16 @@ class PipelineJob(_Request):
     search's best point fills them in (`hparams_from`); values written in the plan win."""
 
     kind: Literal["pipeline"]
-    tune: dict[str, Any] | None = Field(default=None, description="a SEARCH.yaml document; its best point is "
-                                                                   "applied to the plan before training")
+    tune: dict[str, Any] | None = Field(default=None, description="a SEARCH.yaml document or preset name; its best "
+                                                                   "point is applied to the plan before training")
     plan: dict[str, Any] = Field(description="a growth plan, or the name of a preset in configs/")
     eval: EvalSettings | None = Field(default=None, description="the IQ suite on the final checkpoint")
     deploy: DeploySettings | None = Field(default=None, description="serve the final checkpoint")
     backend: Backend | None = None
     max_failures: int = Field(default=3, ge=-1)
     hold: bool = False
+
+    _search = field_validator("tune", mode="before")(search_or_preset)
 
     @field_validator("plan", mode="before")
     @classmethod

@@ -192,15 +192,53 @@ def test_pipeline_with_tune_may_leave_hparams_to_the_search(gw):
         stage.pop("lr")
     assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": plan}, headers=auth(gw)), 422,
                  "stages.0.lr", "required")
-    r = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": plan, "tune": {"grid": {}}, "hold": True},
+    r = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": plan, "tune": "search", "hold": True},
                 headers=auth(gw))
     assert r.status_code == 201, r.text
     job = r.json()
     assert "lr" not in job["spec"]["plan"]["stages"][0]  # kept for the search to fill in
     assert job["progress"]["total_steps"] == 256 and job["stages"] == 3
     # but a shrinking stage is still caught
-    assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": shrinking(plan), "tune": {}},
+    assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": shrinking(plan), "tune": "search"},
                          headers=auth(gw)), 422, "stages.2.d_model: cannot shrink")
+
+
+def search(**changes) -> dict:
+    data = yaml.safe_load((CONFIGS / "search.yaml").read_text())
+    return {**data, **changes}
+
+
+BAD_SEARCHES = {
+    "empty grid": (search(grid={"lr": [], "init_std": [0.02], "output_mult": [1.0]}), "search",
+                   "grid.lr: empty"),
+    "negative lr": (search(grid={"lr": [-1.0], "init_std": [0.02], "output_mult": [1.0]}), "search",
+                    "grid.lr: -1.0 is not a positive number"),
+    "width not a multiple of head_dim": (search(width=50), "search", "width: 50 is not a multiple"),
+    "unknown search kind": (search(search="bayes"), "search", "'bayes' is not a search kind"),
+    "unknown proxy preset": (search(proxy="nothing"), "search", "unknown preset 'nothing'"),
+    "unknown preset": ("nothing", "search", "unknown preset 'nothing'"),
+}
+
+
+@pytest.mark.parametrize("kind", ["tune", "pipeline"])
+@pytest.mark.parametrize("case", BAD_SEARCHES)
+def test_bad_search_is_422_naming_the_field(gw, kind, case):
+    value, field, words = BAD_SEARCHES[case]
+    body = {"kind": "tune", "search": value} if kind == "tune" else {"kind": "pipeline", "plan": "tiny",
+                                                                      "tune": value}
+    err = assert_error(gw.post("/v1/jobs", json=body, headers=auth(gw)), 422, words)
+    assert err["field"] == (field if kind == "tune" else "tune")
+
+
+def test_tune_job_writes_its_search_with_the_proxy_inline(gw):
+    r = gw.post("/v1/jobs", json={"kind": "tune", "search": search(proxy="proxy"), "hold": True}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    written = yaml.safe_load((gw.root / "jobs" / r.json()["id"] / "search.yaml").read_text())
+    assert written["proxy"]["widths"] == yaml.safe_load((CONFIGS / "proxy.yaml").read_text())["widths"]
+    assert_error(gw.post("/v1/jobs", json={"kind": "tune", "search": search(out="/tmp/x")}, headers=auth(gw)), 422,
+                 "search.out", "leave it empty")
+    assert_error(gw.post("/v1/jobs", json={"kind": "tune", "search": search(data="/etc")}, headers=auth(gw)), 403,
+                 "search.data", "outside the storage root")
 
 
 def test_plan_out_is_the_gateways(gw):
@@ -208,6 +246,7 @@ def test_plan_out_is_the_gateways(gw):
     plan["train"] = {"out": "/tmp/elsewhere"}
     body = assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), 422,
                         "plan.train.out", "leave it empty")
+    assert "/tmp/elsewhere" not in body["error"]
     assert body["field"] == "plan.train.out"
 
 
