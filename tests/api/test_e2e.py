@@ -26,8 +26,10 @@ from api.settings import GatewaySettings
 from api.store import create_key, open_store
 from tests.conftest import micro_plan
 
+pytestmark = pytest.mark.timeout(600)  # each test waits on Ray jobs; on a loaded machine they take minutes
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
 
 
 class Stack:
@@ -127,7 +129,7 @@ def test_cancel_stops_the_ray_job_and_its_workers_and_resume_continues(stack, pi
     actors = stack.ray_actors(single)
     classes = {c for c, _, state in actors if state == "ALIVE"}
     assert {"TrainController", "RayTrainWorker"} <= classes, actors
-    pids = [pid for c, pid, state in actors if state == "ALIVE" and c in ("TrainController", "RayTrainWorker")]
+    pids = [pid for c, pid, state in actors if state == "ALIVE" and c in TRAIN_ACTORS]
     r = stack.http.delete(f"/v1/jobs/{single}")
     assert r.status_code == 202 and r.json()["state"] == "STOPPING"
     t0 = time.perf_counter()
@@ -138,7 +140,9 @@ def test_cancel_stops_the_ray_job_and_its_workers_and_resume_continues(stack, pi
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
         assert time.perf_counter() - t0 < 60, [p for p in pids if psutil.pid_exists(p)]
         time.sleep(0.5)
-    left = [(c, state) for c, _, state in stack.ray_actors(single) if state != "DEAD"]
+    # Ray Train's controller and workers are dead (its detached helpers, a placement-group cleaner and the cluster's
+    # autoscaling coordinator, are shared by runs and outlive them by design)
+    left = [(c, state) for c, _, state in stack.ray_actors(single) if state != "DEAD" and c in TRAIN_ACTORS]
     assert not left, left
     print(f"\ncancel: STOPPED and {len(pids)} Train processes gone {time.perf_counter() - t0:.1f} s after DELETE")
     done_steps = stopped["progress"]["step"]
