@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", help="prepared dataset dir (default: the search's data)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench/loss_prediction"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loss_prediction.json")
-    ap.add_argument("--quick", action="store_true", help="CI smoke test: 2 layers x 16..96, seq 32, 20 steps")
+    ap.add_argument("--quick", action="store_true", help="CI smoke test: 2 layers x 16..96 (head_dim 8), seq 32, 20 steps")
     return ap.parse_args(argv)
 
 
@@ -66,7 +66,8 @@ def family_for(args) -> tuple[ProxyFamily, str]:
     search = load_search(args.search)
     family, data = search.proxy, args.data or search.data
     if args.quick:
-        model = {**family.model.model_dump(), "n_layer": 2, "seq_len": 32, "base_width": 32}
+        model = {**family.model.model_dump(), "n_layer": 2, "seq_len": 32, "base_width": 32, "head_dim": 8,
+                 "n_head": family.model.d_model // 8}
         family = parse(ProxyFamily, {**family.model_dump(), "model": model, "widths": [16, 24, 32, 48, 96],
                                      "batch_size": 8, "tokens": 20 * 8 * 32})
         args.eval_batches = min(args.eval_batches, 4)

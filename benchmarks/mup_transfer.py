@@ -8,7 +8,7 @@ keeps them (GPT-2-style fixed init std). The claim checked: the best LR at the s
 (within one step of the geometric LR grid) under μP, and is not under SP. Also reported: the regret, i.e. how much
 higher the 4x model's loss is at the small width's best LR than at its own best.
 
-    .venv/bin/python benchmarks/mup_transfer.py            # widths 32 -> 128, 7 LRs, 100 steps of 16 x 128 tokens
+    .venv/bin/python benchmarks/mup_transfer.py            # widths 32 -> 128, 7 LRs, 100 steps of 8 x 128 tokens
     .venv/bin/python benchmarks/mup_transfer.py --quick    # CI smoke test: 2 layers, 16 -> 64, 3 LRs, seconds
 
 Writes benchmarks/results/mup_transfer.{json,png} (--out) and prints the JSON. Run directories go under --workdir.
@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lrs", type=floats, default=[1e-3 * 2**k for k in range(7)],
                     help="geometric LR grid, comma list (default 1e-3 .. 6.4e-2 in steps of 2x)")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (of the family's seq_len)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each")
@@ -80,13 +81,13 @@ def family_for(args) -> tuple[ProxyFamily, str]:
     width = args.width or (16 if args.quick else min(family.widths))
     if args.quick:
         model |= {"n_layer": 2, "seq_len": 32}
-        family = parse(ProxyFamily, {**family.model_dump(), "batch_size": 8})
     if args.hparams:
         best = parse(SearchedHparams, yaml.safe_load(args.hparams.read_text()), str(args.hparams))
         model |= {"init_std": best.init_std, "output_mult": best.output_mult}
     model |= {"base_width": width}
     return parse(ProxyFamily, {**family.model_dump(), "model": model, "widths": [width, args.scale * width],
-                               "tokens": args.steps * family.batch_size * model["seq_len"]}, "family"), data
+                               "batch_size": args.batch, "tokens": args.steps * args.batch * model["seq_len"]},
+                 "family"), data
 
 
 def best_lr(curve: dict[float, float]) -> float | None:

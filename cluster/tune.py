@@ -296,7 +296,7 @@ def run_search(search: SearchConfig, objective: Objective = train_point,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="min", scheduler=scheduler, num_samples=num_samples,
-            max_concurrent_trials=search.max_concurrent,
+            max_concurrent_trials=search.max_concurrent, reuse_actors=True,  # torch is imported once per actor
             search_alg=BasicVariantGenerator(random_state=search.seed) if search.search == "random" else None),
         run_config=tune.RunConfig(name="ray", storage_path=str(out), verbose=0,
                                   callbacks=[_progress_callback(on_trial)] if on_trial else None),
