@@ -59,7 +59,7 @@ from api.schemas import (
     searched_plan,
 )
 from api.settings import GatewaySettings
-from api.store import Deployment, Job, key_owner, open_store, utcnow
+from api.store import Deployment, Job, get_job, key_owner, open_store, utcnow
 from flm.config import GrowthPlan
 
 log = logging.getLogger("flm.gateway")
@@ -184,8 +184,7 @@ class Gateway:
 
     # jobs ---------------------------------------------------------------------------------------------------------
     def owned_job(self, owner: str, job_id: str) -> Job:
-        with self.sessions() as s:
-            job = s.get(Job, job_id)
+        job = get_job(self.sessions, job_id)
         if job is None:
             raise ApiError(404, f"job {job_id!r}: no such job; see GET /v1/jobs", "job_id")
         if job.owner != owner:

@@ -13,7 +13,7 @@ import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, bindparam, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -154,11 +154,23 @@ def create_key(sessions: sessionmaker[Session], name: str, owner: str | None = N
     return key, row
 
 
+# The two lookups of every authenticated read, as statements built once: a quarter of the ORM's cost per call.
+_KEY = select(ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == bindparam("h"))
+_JOB = select(Job.__table__).where(Job.id == bindparam("id"))
+
+
 def key_owner(sessions: sessionmaker[Session], key: str) -> tuple[str | None, bool]:
     """(owner, revoked) of a key; (None, False) for a key never issued."""
-    with sessions() as s:
-        row = s.execute(select(ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == hash_key(key))).first()
+    with sessions.kw["bind"].connect() as conn:
+        row = conn.execute(_KEY, {"h": hash_key(key)}).first()
     return (None, False) if row is None else (row.owner, row.revoked_at is not None)
+
+
+def get_job(sessions: sessionmaker[Session], job_id: str) -> Job | None:
+    """The job as a detached object (a read: no session to keep)."""
+    with sessions.kw["bind"].connect() as conn:
+        row = conn.execute(_JOB, {"id": job_id}).first()
+    return None if row is None else Job(**row._mapping)
 
 
 def revoke_key(sessions: sessionmaker[Session], ident: str) -> ApiKey:
