@@ -15,6 +15,7 @@ from rich.table import Table
 from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
 from flm.data import add_data_cli
 from flm.plan import Hardware, plan_cost
+from flm.scaling import add_predict_cli
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     add_data_cli(sub)
+    add_predict_cli(sub)
     for plugin in entry_points(group="flm.cli"):  # commands of the layers above flm/ (cluster, ...)
         plugin.load()(sub)
 
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="", help="iq: the endpoint's model name")
     p.add_argument("--data-file", action="append", default=[], metavar="NAME=PATH",
                    help="iq: a local JSONL of {text(s), label} for symbolic-mapping subtask NAME (repeatable)")
-    p.add_argument("--data", help="perplexity: prepared dataset dir (default: the run's dataset)")
+    p.add_argument("--data", help="perplexity: prepared dataset dir (default: the one `flm train` uses without --data)")
     p.add_argument("--split", default="val", help="perplexity: split to score (default val)")
     p.add_argument("--stride", type=int, help="perplexity: window stride in tokens (default: the context length)")
     p.add_argument("--max-tokens", type=int, help="perplexity: score only the split's first N tokens")
