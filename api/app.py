@@ -229,18 +229,19 @@ class Gateway:
         job_id = f"job-{secrets.token_hex(5)}"
         jd = self.settings.job_dir(job_id)
         spec = req.model_dump(mode="json", exclude={"hold"})
-        files: dict[str, str] = {}
+        files: dict[str, str] = {}  # YAML files written as JSON (a subset of YAML, and 10x faster to write)
         if isinstance(req, TrainJob):
-            spec["plan"] = self.check_plan_paths(req.plan).model_dump(mode="json")
-            files["plan.yaml"] = yaml.safe_dump(spec["plan"], sort_keys=False)
+            plan = self.check_plan_paths(req.plan)
+            spec["plan"] = plan.model_dump(mode="json")
+            files["plan.yaml"] = json.dumps(spec["plan"], indent=1)
         if isinstance(req, PipelineJob):  # the plan stays as written: a tune step may fill in its hparams
-            data = self.check_plan_paths(req.growth_plan()).train.data
-            spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": data}}
+            plan = self.check_plan_paths(req.growth_plan())
+            spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": plan.train.data}}
         if isinstance(req, EvalJob):
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
             spec["search"] = self.check_search_paths(req.search, "search")
-            files["search.yaml"] = yaml.safe_dump(spec["search"], sort_keys=False)
+            files["search.yaml"] = json.dumps(spec["search"], indent=1)
         if isinstance(req, PipelineJob) and req.tune is not None:
             spec["tune"] = self.check_search_paths(req.tune, "tune")
         if isinstance(req, PipelineJob):
@@ -254,6 +255,8 @@ class Gateway:
                   attempt=0, created_at=utcnow(), updated_at=utcnow())
         with self.sessions.begin() as s:
             s.add(job)
+        if isinstance(req, TrainJob | PipelineJob):
+            self._totals[job_id] = (len(plan.stages), *plan_totals(plan))
         if not req.hold:
             self.runner.wake()
         return job
@@ -461,7 +464,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return {"status": "ok", "ray": gw.runner.last_error or "ok", "ray_address": gw.settings.ray_address}
 
     @app.post("/v1/jobs", status_code=201, tags=["jobs"], responses=errors(400, 403, 404, 409, 413, 422))
-    def submit_job(gw: GW, who: Owner, body: Annotated[JobRequest, Body()]) -> JobView:
+    async def submit_job(gw: GW, who: Owner, body: Annotated[JobRequest, Body()]) -> JobView:
         """Validate and store a job; it is submitted to Ray at once (or held, with `hold: true`)."""
         return gw.view(gw.create_job(who, body))
 
