@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flm.config import FLMConfigError, ProxyFamily, SearchedHparams, load_yaml, parse
 from flm.data import Manifest
-from flm.scaling import proxy_plan, train_proxy
+from flm.scaling import proxy_data, proxy_plan, train_proxy
 from flm.train import flm_home, resolve_dataset
 
 AXES = ("lr", "init_std", "output_mult")
@@ -176,11 +176,8 @@ class SearchConfig(_Strict):
 def load_search(path: str | Path) -> SearchConfig:
     """Parse a search YAML; a `proxy:` given as a path is read relative to the search file."""
     data = load_yaml(path)
-    proxy = data.get("proxy")
-    if isinstance(proxy, str):
-        proxy_path = Path(proxy).expanduser()
-        proxy_path = proxy_path if proxy_path.is_absolute() else Path(path).parent / proxy_path
-        data = {**data, "proxy": load_yaml(proxy_path)}
+    if "proxy" in data:
+        data = {**data, "proxy": proxy_data(data["proxy"], Path(path).parent)}
     return parse(SearchConfig, data, str(path))
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
 from flm.data import add_data_cli
 from flm.plan import Hardware, plan_cost
+from flm.scaling import add_predict_cli
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     add_data_cli(sub)
+    add_predict_cli(sub)
     for plugin in entry_points(group="flm.cli"):  # commands of the layers above flm/ (cluster, ...)
         plugin.load()(sub)
 

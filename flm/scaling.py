@@ -1,8 +1,11 @@
 """Loss prediction (FLM-101B, after μScaling): fit L(N) = a·N^b + c over a family of μP proxy widths trained with
 the same hyperparameters to the same step, then extrapolate to a larger N. b < 0; c is the irreducible loss.
 
-The proxy runs themselves (`proxy_plan`, `train_proxy`) are shared by the Ray Tune search (cluster/tune.py) and the
-benchmarks: one process, one stage, the ordinary training loop."""
+The proxy runs themselves (`proxy_plan`, `train_proxy`) are shared by the Ray Tune search (cluster/tune.py), the
+benchmarks and `flm predict`: one process, one stage, the ordinary training loop.
+
+    flm predict configs/search.yaml --hparams runs/tune/proxy-tiny/best.yaml [--widths 32,48,64,96] [--at 192]
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import math
 import multiprocessing
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -17,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
-from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, parse
+from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, SearchedHparams, load_yaml, parse
 from flm.flops import param_count
-from flm.train import Trainer
+from flm.train import Trainer, flm_home, resolve_dataset
 
 
 class PowerLaw(BaseModel):
@@ -44,8 +48,10 @@ def fit_power_law(n: list[float], loss: list[float]) -> PowerLaw:
     b0 = -0.3
     a0 = max((y.max() - y.min()) / max(1 - (x.max() / scale) ** b0, 1e-6), 1e-6)
     c0 = max(y.min() - 0.1 * (y.max() - y.min()), 0.0)
-    (a, b, c), _ = curve_fit(lambda t, a, b, c: a * np.power(t, b) + c, x / scale, y, p0=(a0, b0, c0),
-                             bounds=([0, -5, -np.inf], [np.inf, 0, np.inf]), maxfev=20000)
+    with warnings.catch_warnings():  # 3 points fit 3 parameters exactly: no covariance, which we do not use
+        warnings.simplefilter("ignore", OptimizeWarning)
+        (a, b, c), _ = curve_fit(lambda t, a, b, c: a * np.power(t, b) + c, x / scale, y, p0=(a0, b0, c0),
+                                 bounds=([0, -5, -np.inf], [np.inf, 0, np.inf]), maxfev=20000)
     return PowerLaw(a=float(a * scale ** (-b)), b=float(b), c=float(c))
 
 
@@ -146,3 +152,156 @@ def train_proxies(plans: list[GrowthPlan], jobs: int = 1, threads: int = 1,
             if on_done:
                 on_done(i, results[i])
     return results
+
+
+# --- loss prediction over a proxy family (`flm predict`, benchmarks/loss_prediction.py) ------------------------------
+def proxy_data(proxy, base_dir: str | Path):
+    """A `proxy:` entry as data: inline as it is, or the YAML at a path relative to `base_dir`."""
+    if not isinstance(proxy, str):
+        return proxy
+    path = Path(proxy).expanduser()
+    return load_yaml(path if path.is_absolute() else Path(base_dir) / path)
+
+
+def load_family(path: str | Path) -> ProxyFamily:
+    """A proxy family YAML, or any YAML whose `proxy:` holds or names one (a search config)."""
+    data = load_yaml(path)
+    if "proxy" in data:
+        return parse(ProxyFamily, proxy_data(data["proxy"], Path(path).parent), f"{path}: proxy")
+    return parse(ProxyFamily, data, str(path))
+
+
+def family_hparams(family: ProxyFamily, best: SearchedHparams | None = None) -> dict:
+    """lr, init_std and output_mult for the family's runs: a search's best point, or the family's own values."""
+    if best is None:
+        return {"lr": family.lr, "init_std": family.model.init_std, "output_mult": family.model.output_mult}
+    if (best.base_width, best.parametrization) != (family.model.base_width, family.model.parametrization):
+        raise FLMConfigError(f"hparams: searched at base_width {best.base_width} ({best.parametrization}), the "
+                             f"family's is {family.model.base_width} ({family.model.parametrization}); μP "
+                             f"hyperparameters transfer only at the same base width")
+    return {"lr": best.lr, "init_std": best.init_std, "output_mult": best.output_mult}
+
+
+def train_widths(family: ProxyFamily, widths: list[int], out_dir: str | Path, hparams: dict, *,
+                 data: str = "shakespeare", seed: int = 0, eval_batches: int = 16, jobs: int = 1, threads: int = 1,
+                 on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train the family at each width on the same tokens with the same hyperparameters (the dataset is prepared
+    first, once); one dict per width: width, params, non_embedding_params, val_loss, ... (see train_proxy)."""
+    def plans(data_dir: str) -> list[GrowthPlan]:
+        return [proxy_plan(family, w, Path(out_dir) / f"w{w}", **hparams, data=data_dir, seed=seed,
+                           eval_batches=eval_batches, name=f"proxy-w{w}") for w in widths]
+
+    data_dir = str(resolve_dataset(plans(data)[0]).absolute())
+    runs = train_proxies(plans(data_dir), jobs=jobs, threads=threads, on_done=on_done)
+    return [{"width": w, **r} for w, r in zip(widths, runs, strict=True)]
+
+
+def fit_runs(runs: list[dict], measure: str = "non_embedding_params") -> PowerLaw:
+    """L(N) over trained widths; N is `measure` (non-embedding parameters by default, as in Kaplan et al.)."""
+    if bad := [r["width"] for r in runs if not math.isfinite(r["val_loss"])]:
+        raise FLMConfigError(f"widths {bad} diverged (loss not finite); lower the learning rate")
+    return fit_power_law([r[measure] for r in runs], [r["val_loss"] for r in runs])
+
+
+def plot_prediction(fitted: list[dict], law: PowerLaw, targets: list[dict], path: str | Path, title: str) -> Path:
+    """Loss vs non-embedding parameters: the fitted widths, the fit, each target's prediction (and its actual loss
+    when the target was trained too: key `actual`)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    sizes = [r["non_embedding_params"] for r in fitted] + [t["n"] for t in targets]
+    n = np.geomspace(min(sizes) / 1.3, max(sizes) * 1.3, 200)
+    ax.plot(n, law(n), color="#2a7f62", lw=1.5, label=f"fit L(N) = {law.a:.3g}·N^{law.b:.3f} + {law.c:.3f}")
+    ax.scatter([r["non_embedding_params"] for r in fitted], [r["val_loss"] for r in fitted], color="#2a7f62",
+               zorder=3, label=f"fitted: widths {', '.join(str(r['width']) for r in fitted)}")
+    for r in fitted:
+        ax.annotate(str(r["width"]), (r["non_embedding_params"], r["val_loss"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    for t in targets:
+        ax.scatter([t["n"]], [t["predicted"]], marker="x", s=90, color="#d0702a", zorder=4,
+                   label=f"predicted at width {t['width']}: {t['predicted']:.4f}")
+        if t.get("actual") is not None:
+            err = abs(t["predicted"] - t["actual"]) / t["actual"]
+            ax.scatter([t["n"]], [t["actual"]], marker="*", s=140, color="k", zorder=4,
+                       label=f"actual at width {t['width']}: {t['actual']:.4f} (error {100 * err:.2f}%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def cmd_predict(args) -> None:
+    import json
+
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    family = load_family(args.family)
+    best = parse(SearchedHparams, load_yaml(args.hparams), str(args.hparams)) if args.hparams else None
+    hparams = family_hparams(family, best)
+    widths = sorted(args.widths or family.widths)
+    at = sorted(args.at or [2 * widths[-1]])
+    for w in [*widths, *at]:
+        if w <= 0 or w % family.model.head_dim:
+            raise FLMConfigError(f"widths: {w} is not a positive multiple of head_dim={family.model.head_dim}")
+    if len(widths) < 3:
+        raise FLMConfigError(f"--widths: the fit needs at least 3 widths, got {widths}")
+    if args.tokens is not None:
+        family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
+    out = Path(args.out or flm_home() / "runs" / "predict" / Path(args.family).stem)
+    console.print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
+                  f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
+    runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
+                        jobs=args.jobs, threads=args.threads,
+                        on_done=lambda i, r: console.print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
+                                                           f"({r['seconds']:.0f} s)"))
+    law = fit_runs(runs)
+    targets = []
+    for w in at:
+        n = param_count(family.at_width(w), embeddings=False)
+        targets.append({"width": w, "n": n, "params": param_count(family.at_width(w)), "predicted": float(law(n))})
+    table = Table(title=f"L(N) = {law.a:.4g}·N^{law.b:.4f} + {law.c:.4f}  (N: non-embedding parameters)")
+    for col in ("width", "N", "val loss", "fit"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(str(r["width"]), f"{r['non_embedding_params']:,}", f"{r['val_loss']:.4f}",
+                      f"{float(law(r['non_embedding_params'])):.4f}")
+    for t in targets:
+        table.add_row(str(t["width"]), f"{t['n']:,}", "", f"{t['predicted']:.4f}", style="bold")
+    console.print(table)
+    (out / "prediction.json").write_text(json.dumps({"family": str(args.family), "hparams": hparams,
+                                                     "tokens": family.tokens, "fit": law.model_dump(),
+                                                     "runs": runs, "predictions": targets}, indent=2))
+    (out / "fit.yaml").write_text(yaml.safe_dump({"fit": law.model_dump(), "predictions": targets}, sort_keys=False))
+    title = f"{Path(args.family).name}: {family.model.n_layer} layers, {family.tokens:,} tokens per width"
+    png = plot_prediction(runs, law, targets, out / "prediction.png", title)
+    console.print(f"wrote {out / 'prediction.json'} and {png}")
+
+
+def add_predict_cli(subparsers) -> None:
+    """Register `predict` on the `flm` command's subparsers."""
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v.strip()]
+
+    p = subparsers.add_parser("predict", help="train a μP proxy family at several widths, fit L(N) = a·N^b + c and "
+                                              "predict the loss of wider models")
+    p.add_argument("family", help="proxy family YAML (configs/proxy.yaml) or a search YAML with a proxy:")
+    p.add_argument("--hparams", help="best.yaml of `flm tune` (default: the family's lr, init_std, output_mult)")
+    p.add_argument("--widths", type=ints, help="comma list of widths to train and fit (default: the family's)")
+    p.add_argument("--at", type=ints, help="comma list of widths to predict (default: 2x the widest fitted)")
+    p.add_argument("--tokens", type=int, help="training tokens per width (default: the family's)")
+    p.add_argument("--data", default="shakespeare", help="prepared dataset dir or a source to prepare")
+    p.add_argument("--eval-batches", type=int, default=16, help="fixed validation batches of 8 sequences")
+    p.add_argument("--jobs", type=int, default=1, help="widths trained at once, one process each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out", help="output directory (default: $FLM_HOME/runs/predict/<family file name>)")
+    p.set_defaults(func=cmd_predict)
