@@ -78,6 +78,11 @@ ERROR_TEXT = {
 }
 
 
+def dump_yaml(data: dict) -> str:
+    """libyaml's dumper where PyYAML has it (4x faster). Not JSON: PyYAML reads 3e-05 (no dot) as a string."""
+    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+
+
 def errors(*codes: int) -> dict:
     """OpenAPI `responses` for these error codes (401 always: every route but /health needs a key)."""
     return {c: {"model": ErrorResponse, "description": ERROR_TEXT[c]} for c in sorted({401, *codes})}
@@ -229,11 +234,11 @@ class Gateway:
         job_id = f"job-{secrets.token_hex(5)}"
         jd = self.settings.job_dir(job_id)
         spec = req.model_dump(mode="json", exclude={"hold"})
-        files: dict[str, str] = {}  # YAML files written as JSON (a subset of YAML, and 10x faster to write)
+        files: dict[str, str] = {}
         if isinstance(req, TrainJob):
             plan = self.check_plan_paths(req.plan)
             spec["plan"] = plan.model_dump(mode="json")
-            files["plan.yaml"] = json.dumps(spec["plan"], indent=1)
+            files["plan.yaml"] = dump_yaml(spec["plan"])
         if isinstance(req, PipelineJob):  # the plan stays as written: a tune step may fill in its hparams
             plan = self.check_plan_paths(req.growth_plan())
             spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": plan.train.data}}
@@ -241,7 +246,7 @@ class Gateway:
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
             spec["search"] = self.check_search_paths(req.search, "search")
-            files["search.yaml"] = json.dumps(spec["search"], indent=1)
+            files["search.yaml"] = dump_yaml(spec["search"])
         if isinstance(req, PipelineJob) and req.tune is not None:
             spec["tune"] = self.check_search_paths(req.tune, "tune")
         if isinstance(req, PipelineJob):
