@@ -243,10 +243,11 @@ class Engine:
                 self._running = live + admitted
             self.steps += 1
             self.peak_batch = max(self.peak_batch, len(self._running))
-            sampled = []
+            sampled = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
             for b, req in enumerate(self._running):
-                token = int(next_tokens(logits[b:b + 1], req.params, req.generator)[0])
-                sampled.append(token)
+                if req.params.temperature > 0:
+                    sampled[b] = int(next_tokens(logits[b:b + 1], req.params, req.generator)[0])
+                token = sampled[b]
                 if not req.cancelled:
                     req.accept(token, self.codec)
 

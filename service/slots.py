@@ -55,15 +55,16 @@ class SlotBatch:
             raise ValueError(f"capacity {capacity} must exceed the context ({model.cfg.seq_len} tokens)")
         self.model, self.max_batch = model, max_batch
         w = model.wte.weight
-        self.cache = KVCache.empty(model.cfg, max_batch, capacity, w.device, w.dtype)
-        self.pad = torch.zeros(max_batch, dtype=torch.long, device=w.device)
+        with torch.inference_mode():  # inference tensors: no version counting on every cache write
+            self.cache = KVCache.empty(model.cfg, max_batch, capacity, w.device, w.dtype)
+            self.pad = torch.zeros(max_batch, dtype=torch.long, device=w.device)
         self.rows = 0
 
     @property
     def capacity(self) -> int:
         return self.cache.max_len
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Remove the `release` rows, decode one token per remaining row (`tokens`, in row order after the
         removal), then append the `prompts` as new rows. Returns each row's next-token logits (rows, vocab)."""

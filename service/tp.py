@@ -125,9 +125,10 @@ class RowParallelLinear(nn.Module):
         self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
-        if self.reduce:
-            dist.all_reduce(y)
+        dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -157,8 +158,9 @@ def build_shard(cfg: ModelConfig, state: dict[str, torch.Tensor], tp: int) -> GP
             if c is not None:
                 w, b = w * c.unsqueeze(-1), None if b is None else b * c
             owner.proj = RowParallelLinear(w, b, reduce=tp > 1)
-        block.attn = WithoutResidualMask(block.attn, 2)  # Attention.forward(x, rope, hidden_mask, ...)
-        block.mlp = WithoutResidualMask(block.mlp, 1)  # MLP.forward(x, hidden_mask)
+        if c is not None:
+            block.attn = WithoutResidualMask(block.attn, 2)  # Attention.forward(x, rope, hidden_mask, ...)
+            block.mlp = WithoutResidualMask(block.mlp, 1)  # MLP.forward(x, hidden_mask)
     model.requires_grad_(False)
     return model
 
@@ -175,12 +177,18 @@ class ModelShard:
         torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)
-        self.rank, self.tp = rank, tp
+        self.rank, self.tp, self.max_batch, self.capacity = rank, tp, max_batch, capacity
+        self.device, self.dtype = device, DTYPES[dtype]
+        self.load(checkpoint)
+
+    def load(self, checkpoint: str) -> None:
+        """Read this rank's slices of `checkpoint` and start an empty batch (also to swap in another checkpoint,
+        of any shape the degree divides, without restarting the actors and their process group)."""
         self.cfg = read_config(checkpoint)
-        state = read_shard_state(checkpoint, self.cfg, rank, tp)
+        state = read_shard_state(checkpoint, self.cfg, self.rank, self.tp)
         self.loaded_numel = sum(t.numel() for t in state.values())
-        self.model = build_shard(self.cfg, state, tp).to(device=device, dtype=DTYPES[dtype])
-        self.batch = SlotBatch(self.model, max_batch, capacity or 2 * self.cfg.seq_len)
+        self.model = build_shard(self.cfg, state, self.tp).to(device=self.device, dtype=self.dtype)
+        self.batch = SlotBatch(self.model, self.max_batch, self.capacity or 2 * self.cfg.seq_len)
 
     # --- process group ------------------------------------------------------------------------------------------
     @staticmethod
@@ -203,6 +211,7 @@ class ModelShard:
         logits = self.batch.step(release, tokens, prompts)
         return logits.float().cpu() if self.rank == 0 else None
 
+    @torch.inference_mode()
     def logits(self, idx: list[list[int]]) -> torch.Tensor | None:
         """Full-sequence logits (B, T, vocab) of equal-length rows, without the cache (tests, scoring)."""
         out, _ = self.model(torch.tensor(idx, device=self.model.wte.weight.device))
@@ -275,6 +284,12 @@ class ShardGroup:
 
     def step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor:
         return self._gather([a.step.remote(release, tokens, prompts) for a in self.actors])[0]
+
+    def load(self, checkpoint: str) -> None:
+        """Every rank swaps in its slices of another checkpoint (the running batch is dropped)."""
+        shard_config(read_config(checkpoint), len(self.actors))
+        self._gather([a.load.remote(checkpoint) for a in self.actors])
+        self.cfg = read_config(checkpoint)
 
     def logits(self, idx: list[list[int]]) -> torch.Tensor:
         return self._gather([a.logits.remote(idx) for a in self.actors])[0]

@@ -21,31 +21,35 @@ SHARDED = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc.weigh
 
 
 @pytest.fixture(scope="module")
-def groups(ray_cluster, grown):
-    made = {k: ShardGroup(str(grown[k]), 2, num_cpus=0.5, max_batch=4) for k in ("final", "ramp")}
-    yield made
-    for g in made.values():
-        g.shutdown()
+def group(ray_cluster, grown):
+    g = ShardGroup(str(grown["final"]), 2, num_cpus=0.5, max_batch=4)
+    yield g
+    g.shutdown()
 
 
-@pytest.mark.parametrize("which", ["final", "ramp"])
-def test_tp2_logits_equal_the_single_process_model(groups, grown, which):
+@pytest.fixture(params=["final", "ramp"])
+def which(request, group, grown):
+    """Each test runs on both checkpoints, swapped into the same two actors."""
+    group.load(str(grown[request.param]))
+    return request.param
+
+
+def test_tp2_logits_equal_the_single_process_model(group, grown, which):
     model, _ = load_model(grown[which])
     assert model.growing == (which == "ramp")  # the mid-ramp checkpoint carries its masks
     idx = torch.randint(0, model.cfg.vocab_size, (3, model.cfg.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, _ = model(idx)
-    got = groups[which].logits(idx.tolist())
+    got = group.logits(idx.tolist())
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_tp2_incremental_decoding_with_rows_joining(groups, grown):
+def test_tp2_incremental_decoding_with_rows_joining(group, grown, which):
     """Prefill, KV-cached decode steps and a second row joining mid-way, on both ranks: each row's logits equal the
     single-process full forward of its sequence."""
-    model, _ = load_model(grown["ramp"])
+    model, _ = load_model(grown[which])
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, model.cfg.vocab_size, (20,), generator=g).tolist() for _ in range(2)]
-    group = groups["ramp"]
     worst = 0.0
     rows = []  # (sequence, tokens so far)
     for step in range(10):
@@ -57,14 +61,12 @@ def test_tp2_incremental_decoding_with_rows_joining(groups, grown):
             with torch.no_grad():
                 alone, _ = model(torch.tensor([seqs[i][:n]]))
             worst = max(worst, (logits[b] - alone[0, -1]).abs().max().item())
-    group.step([0, 1], [], [])  # leave the batch empty for the next test
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("which", ["final", "ramp"])
-def test_tp2_greedy_generations_equal_flm_generate(groups, grown, which):
+def test_tp2_greedy_generations_equal_flm_generate(group, grown, which):
     model, tok = load_model(grown[which])
-    engine = Engine(groups[which], tok, model.cfg.seq_len)
+    engine = Engine(group, tok, model.cfg.seq_len)
     prompts = ["To be, or not", "The king", "O Romeo", "Enter"]
     params = SamplingParams(max_tokens=16)
 
@@ -80,13 +82,14 @@ def test_tp2_greedy_generations_equal_flm_generate(groups, grown, which):
     assert all(r.completion_tokens == len(w.tokens) for r, w in zip(got, want, strict=True))
 
 
-def test_each_rank_reads_only_its_slices(groups, grown):
+def test_each_rank_reads_only_its_slices(group, grown):
     ck = grown["ramp"]
+    group.load(str(ck))
     cfg = read_config(ck)
     full = load_file(ck / "model.safetensors")
     sharded = sum(t.numel() for k, t in full.items() if k.endswith(SHARDED))
     replicated = sum(t.numel() for k, t in full.items() if not k.endswith(SHARDED))
-    info = groups["ramp"].info()
+    info = group.info()
     assert [i["loaded_numel"] for i in info] == [replicated + sharded // 2] * 2
     # rank 1's rows of the fused QKV are the q, k and v rows of heads 2 and 3
     rank1 = read_shard_state(ck, cfg, 1, 2)
@@ -103,9 +106,8 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused():
         shard_config(cfg, 3)
 
 
-def test_a_dead_rank_fails_fast(groups):
+def test_a_dead_rank_fails_fast(group):
     """Rank 1 killed: the next step raises within seconds (rank 0 is stuck in an all-reduce), the check fails."""
-    group = groups["final"]
     ray.kill(group.actors[1])
     start = time.monotonic()
     with pytest.raises(ray.exceptions.RayActorError):

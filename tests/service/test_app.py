@@ -1,0 +1,217 @@
+"""service/app.py: the OpenAI routes. In-process (tp = 1, no Ray) for the response formats and every bad input;
+through Ray Serve (tp = 2 replica on the local cluster, real HTTP) with the official `openai` client; a killed
+shard actor gets its replica replaced and later requests succeed."""
+
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from fastapi.testclient import TestClient
+from ray import serve
+
+from flm.checkpoint import load_model
+from flm.config import FLMConfigError
+from flm.generate import SamplingParams, generate
+from service.app import DeploymentRequest, OpenAIServer, build_api, deploy, deployment_status, undeploy
+from service.protocol import CHAT_STOP, ChatMessage, render_chat
+
+NAME = "micro"
+
+
+@pytest.fixture(scope="module")
+def reference(grown):
+    return load_model(grown["final"])
+
+
+@pytest.fixture(scope="module")
+def client(grown):
+    server = OpenAIServer.in_process(DeploymentRequest(checkpoint=str(grown["final"]), name=NAME))
+    with TestClient(build_api(server)) as c:
+        yield c
+    server.engine.close()
+
+
+def greedy(reference, prompt: str, max_tokens: int, stop=()) -> str:
+    model, tok = reference
+    return generate(model, tok, [prompt], SamplingParams(max_tokens=max_tokens, stop=list(stop)))[0]
+
+
+def sse(lines) -> list:
+    """The JSON events of a server-sent event stream, and "[DONE]"."""
+    events = [line.removeprefix("data: ") for line in lines if line]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+# --- in-process ----------------------------------------------------------------------------------------------------
+def test_completion_is_the_models_greedy_continuation(client, reference):
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": "To be", "max_tokens": 10, "temperature": 0})
+    assert r.status_code == 200
+    body, want = r.json(), greedy(reference, "To be", 10)
+    assert body["object"] == "text_completion" and body["model"] == NAME
+    assert body["choices"] == [{"index": 0, "text": want.text, "logprobs": None, "finish_reason": want.finish_reason}]
+    assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": len(want.tokens),
+                             "total_tokens": want.prompt_tokens + len(want.tokens)}
+
+
+def test_stream_sends_the_same_text_as_events_ending_with_done(client, reference):
+    body = {"model": NAME, "prompt": "The king", "max_tokens": 12, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r.iter_lines())
+    want = greedy(reference, "The king", 12)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(want.tokens)
+
+
+def test_chat_uses_the_documented_template(client, reference):
+    messages = [{"role": "system", "content": "Be."}, {"role": "user", "content": "Go."}]  # 30 of 32 tokens
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 2,
+                                                   "temperature": 0})
+    prompt = render_chat([ChatMessage(**m) for m in messages])
+    assert prompt == "System: Be.\n\nUser: Go.\n\nAssistant:"
+    want = greedy(reference, prompt, 2, [CHAT_STOP])
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+
+
+def test_n_seeded_choices_are_the_seed_and_the_next_seeds(client):
+    def texts(n, seed):
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "Enter", "max_tokens": 8, "n": n,
+                                                  "seed": seed, "temperature": 1.0})
+        return [c["text"] for c in r.json()["choices"]]
+
+    two = texts(2, 5)
+    assert two == texts(1, 5) + texts(1, 6) and two[0] != two[1]
+
+
+BAD = [  # (body or raw bytes, status, param, code)
+    ({"model": NAME, "prompt": ""}, 400, "prompt", "empty_prompt"),
+    ({"model": NAME, "prompt": []}, 400, "prompt", "empty_prompt"),
+    ({"model": NAME, "prompt": "a b " * 40}, 413, "prompt", "context_length_exceeded"),
+    ({"model": NAME, "prompt": "To be", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"model": NAME, "prompt": "To be", "max_tokens": -3}, 400, "max_tokens", "invalid_value"),
+    ({"model": NAME, "prompt": "To be", "max_tokens": 1000}, 400, "max_tokens", "invalid_value"),
+    ({"model": NAME, "prompt": "To be, or not to be", "max_tokens": 30}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ({"model": "gpt-4", "prompt": "To be"}, 404, "model", "model_not_found"),
+    (b'{"model": "micro", "prompt": ', 400, None, "invalid_json"),
+    ({"model": NAME, "prompt": "To be", "n": 9}, 400, "n", "invalid_value"),
+    ({"model": NAME, "prompt": ["a", "b", "c"], "n": 2}, 400, "n", "invalid_value"),
+    ({"model": NAME}, 422, "prompt", "invalid_request"),
+    ({"model": NAME, "prompt": "To be", "temperature": 9}, 422, "temperature", "invalid_request"),
+    ({"model": NAME, "prompt": "To be", "logprobs": 2}, 400, "logprobs", "unsupported"),
+    ({"model": NAME, "prompt": [[1, 99999]]}, 400, "prompt", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=lambda v: None)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(client, body, status, param, code):
+    if isinstance(body, bytes):
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    ok = client.post("/v1/completions", json={"model": NAME, "prompt": "To be", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_chat_without_content_and_unknown_routes_are_refused(client):
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["ready"] is True
+    assert client.get("/v1/models").json()["data"][0]["id"] == NAME
+
+
+def test_a_bad_deployment_request_is_refused_before_anything_starts(grown, tmp_path):
+    with pytest.raises(FLMConfigError, match="--tp: 3"):
+        deploy({"checkpoint": str(grown["final"]), "tp": 3})
+    with pytest.raises(FLMConfigError, match="not a checkpoint"):
+        deploy({"checkpoint": str(tmp_path)})
+    with pytest.raises(FLMConfigError, match="max_replicas"):
+        deploy({"checkpoint": str(grown["final"]), "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+
+
+# --- through Ray Serve ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, grown):
+    """A tp = 2 replica (2 x 0.4 CPU shards + 0.1 CPU replica: a replacement fits beside it on 2 CPUs)."""
+    request = DeploymentRequest(checkpoint=str(grown["final"]), name=NAME, tp=2, cpus_per_shard=0.4,
+                                replica_cpus=0.1, health_check_period_s=1, health_check_timeout_s=10)
+    url = deploy(request, port=free_port())
+    yield url
+    undeploy(NAME)
+    serve.shutdown()
+
+
+def test_openai_client_gets_completions_chat_and_a_stream(served, reference):
+    api = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in api.models.list()] == [NAME]
+    want = greedy(reference, "To be", 10)
+    c = api.completions.create(model=NAME, prompt="To be", max_tokens=10, temperature=0)
+    assert c.choices[0].text == want.text and c.usage.completion_tokens == len(want.tokens)
+    chat = api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Speak."}], max_tokens=6,
+                                       temperature=0)
+    want_chat = greedy(reference, "User: Speak.\n\nAssistant:", 6, [CHAT_STOP])
+    assert chat.choices[0].message.content == want_chat.text
+    stream = api.completions.create(model=NAME, prompt="To be", max_tokens=10, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == want.text
+    chat_stream = api.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Speak."}],
+                                              max_tokens=6, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chat_stream) == want_chat.text
+
+
+def test_bad_input_through_serve(served):
+    api = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        api.completions.create(model="nope", prompt="To be", max_tokens=4)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model=NAME, prompt="", max_tokens=4)
+    assert e.value.body["param"] == "prompt"
+    r = httpx.post(served + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert api.completions.create(model=NAME, prompt="To be", max_tokens=3).usage.completion_tokens == 3
+
+
+def shard_actors() -> list[tuple[str, str]]:
+    """(name, namespace) of the replicas' shard actors, `flm-<app>-<replica>-shard<rank>`."""
+    return sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"flm-{NAME}-") and "-shard" in a["name"])
+
+
+def test_a_killed_shard_actor_gets_its_replica_replaced(served, reference):
+    before = shard_actors()
+    assert len(before) == 2
+    ray.kill(ray.get_actor(*before[1]))
+    deadline, after = time.monotonic() + 150, before
+    while time.monotonic() < deadline:  # Serve's health check fails, the replica and its shards are replaced
+        after = shard_actors()
+        if len(after) == 2 and not set(after) & set(before) and deployment_status(NAME) == "RUNNING":
+            break
+        time.sleep(1)
+    assert len(after) == 2 and not set(after) & set(before)
+    api = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=3)
+    c = api.completions.create(model=NAME, prompt="To be", max_tokens=10, temperature=0)
+    assert c.choices[0].text == greedy(reference, "To be", 10).text
