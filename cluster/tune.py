@@ -4,7 +4,7 @@ the proxy model, the best point written as a `best.yaml` that a growth plan incl
 
     flm tune configs/search.yaml [--address auto] [--out DIR] [--json]
 
-    OUT/                 (default $FLM_HOME/runs/tune/<name>; replaced by every search)
+    OUT/                 (default $FLM_HOME/tune/<name>; replaced by every search)
       best.yaml          the best point: lr, init_std, output_mult, base_width, parametrization (+ its loss)
       results.json       every trial, the best point, the settings
       heatmap.png        final validation loss over lr x init_std, one facet per output_mult
@@ -118,7 +118,7 @@ class SearchConfig(_Strict):
     max_concurrent: int | None = Field(default=None, ge=1, description="trials at once (default: what fits)")
     data: str = Field(default="shakespeare", description="a prepared dataset dir, or a source to prepare")
     tokenizer: Literal["bpe", "cl100k", "gpt2"] = "bpe"
-    out: str = Field(default="", description="results directory; empty: $FLM_HOME/runs/tune/<name>")
+    out: str = Field(default="", description="results directory; empty: $FLM_HOME/tune/<name>")
     seed: int = 0
 
     @field_validator("search")
@@ -162,7 +162,7 @@ class SearchConfig(_Strict):
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else flm_home() / "runs" / "tune" / self.name
+        return Path(self.out) if self.out else flm_home() / "tune" / self.name
 
     def plan(self, point: dict, run_dir: str | Path):
         """The one-stage proxy plan of a trial."""
@@ -497,6 +497,6 @@ def add_tune_cli(subparsers) -> None:
     p.add_argument("search", help="search YAML, e.g. configs/search.yaml")
     p.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
                                      "a local one")
-    p.add_argument("--out", help="results directory (default: the search's out or $FLM_HOME/runs/tune/<name>)")
+    p.add_argument("--out", help="results directory (default: the search's out or $FLM_HOME/tune/<name>)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_tune)

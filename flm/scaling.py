@@ -257,7 +257,7 @@ def cmd_predict(args) -> None:
         raise FLMConfigError(f"--widths: the fit needs at least 3 widths, got {widths}")
     if args.tokens is not None:
         family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
-    out = Path(args.out or flm_home() / "runs" / "predict" / Path(args.family).stem)
+    out = Path(args.out or flm_home() / "predict" / Path(args.family).stem)
     console.print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
                   f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
     runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
@@ -303,5 +303,5 @@ def add_predict_cli(subparsers) -> None:
     p.add_argument("--eval-batches", type=int, default=16, help="fixed validation batches of 8 sequences")
     p.add_argument("--jobs", type=int, default=1, help="widths trained at once, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", help="output directory (default: $FLM_HOME/runs/predict/<family file name>)")
+    p.add_argument("--out", help="output directory (default: $FLM_HOME/predict/<family file name>)")
     p.set_defaults(func=cmd_predict)
