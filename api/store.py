@@ -167,10 +167,10 @@ def key_owner(sessions: sessionmaker[Session], key: str) -> tuple[str | None, bo
 
 
 def get_job(sessions: sessionmaker[Session], job_id: str) -> Job | None:
-    """The job as a detached object (a read: no session to keep)."""
+    """The job's row: its columns as attributes, like a Job, but read-only and without the ORM's bookkeeping
+    (which cost a third of a GET /v1/jobs/{id})."""
     with sessions.kw["bind"].connect() as conn:
-        row = conn.execute(_JOB, {"id": job_id}).first()
-    return None if row is None else Job(**row._mapping)
+        return conn.execute(_JOB, {"id": job_id}).first()
 
 
 def revoke_key(sessions: sessionmaker[Session], ident: str) -> ApiKey:
