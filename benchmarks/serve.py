@@ -6,8 +6,8 @@
       new tokens (both forced to N: the end-of-text token does not stop either), same process and torch threads,
       median of `--repeats` runs after a warm-up; the two token sequences are compared as a check;
   (b) continuous batching: aggregate tokens/s of C concurrent clients (each sends requests back to back) against
-      one client, through the same engine;
-  (c) time to first token (submit -> first token), p50 / p99, in both runs of (b).
+      one client, through the same engine; the two settings alternate for --rounds rounds (medians);
+  (c) time to first token (submit -> first token), p50 / p99 over every request of each setting in (b).
   --http adds (b) and (c) through the whole stack: `service.app.deploy` on a local Ray cluster (tp = --tp shard
   actors, Ray Serve's HTTP proxy), clients streaming over HTTP (`stream: true`; tokens from `usage`).
 
@@ -131,15 +131,16 @@ def single_request(ck: Path, tok: Tokenizer, new_tokens: int, repeats: int, work
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True)
         return time.perf_counter() - t, tok.decode(out[0, len(ids):].tolist())
 
-    runs = {}
+    runs = {"engine": {"seconds": []}, "transformers": {"seconds": []}}
     try:
-        for name, fn in (("engine", ours), ("transformers", theirs)):
-            fn()  # warm-up
-            times = [fn()[0] for _ in range(repeats)]
-            runs[name] = {"seconds": times, "tokens_per_s": new_tokens / statistics.median(times)}
-        same = ours()[1] == theirs()[1]
+        same = ours()[1] == theirs()[1]  # also the warm-up
+        for _ in range(repeats):  # alternated: a shared machine's load drifts
+            for name, fn in (("engine", ours), ("transformers", theirs)):
+                runs[name]["seconds"].append(fn()[0])
     finally:
         engine.close()
+    for r in runs.values():
+        r["tokens_per_s"] = new_tokens / statistics.median(r["seconds"])
     return {"prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats, **runs,
             "speedup": runs["engine"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
             "same_greedy_text": same}
@@ -147,7 +148,8 @@ def single_request(ck: Path, tok: Tokenizer, new_tokens: int, repeats: int, work
 
 # --- (b), (c) concurrent clients -------------------------------------------------------------------------------------
 async def clients(send, n_clients: int, per_client: int) -> dict:
-    """`n_clients` clients, each sending `per_client` requests back to back; send(prompt) -> (ttft_s, tokens)."""
+    """`n_clients` clients, each sending `per_client` requests back to back; send(prompt) -> (ttft_s, tokens).
+    TTFT values are kept (`ttft_s`) so that rounds can be pooled."""
     async def client(c: int):
         out = []
         for r in range(per_client):
@@ -159,11 +161,27 @@ async def clients(send, n_clients: int, per_client: int) -> dict:
     wall = time.perf_counter() - t
     ttft = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
-    return {"clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
+    return {"clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": wall, "ttft_s": ttft}
 
 
-def batching(ck: Path, tok: Tokenizer, new_tokens: int, n_clients: int, per_client: int) -> dict:
+def alternate(run, n_clients: int, rounds: int) -> dict:
+    """run(c) -> clients(...) alternated between 1 and n_clients clients for `rounds` rounds (the load of a shared
+    machine drifts); tokens/s is the median over rounds, TTFT percentiles pool every request of a setting."""
+    runs = {1: [], n_clients: []}
+    for _ in range(rounds):
+        for c in runs:
+            runs[c].append(run(c))
+    out = {}
+    for key, c in (("one", 1), ("many", n_clients)):
+        ttft = [t for r in runs[c] for t in r.pop("ttft_s")]
+        out[key] = {"clients": c, "requests": runs[c][0]["requests"], "tokens": runs[c][0]["tokens"],
+                    "rounds": runs[c], "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs[c]),
+                    "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
+    out["speedup"] = out["many"]["tokens_per_s"] / out["one"]["tokens_per_s"]
+    return out
+
+
+def batching(ck: Path, tok: Tokenizer, new_tokens: int, n_clients: int, per_client: int, rounds: int) -> dict:
     from service.engine import Engine, EngineConfig
     from service.tp import ModelShard
 
@@ -179,15 +197,15 @@ def batching(ck: Path, tok: Tokenizer, new_tokens: int, n_clients: int, per_clie
         return first, n
 
     try:
-        runs = [asyncio.run(clients(send, c, per_client)) for c in (1, n_clients)]
-        peak = engine.load()["peak_batch"]
+        asyncio.run(clients(send, 1, 1))  # warm-up
+        result = alternate(lambda c: asyncio.run(clients(send, c, per_client)), n_clients, rounds)
+        result["peak_batch"] = engine.load()["peak_batch"]
     finally:
         engine.close()
-    return {"one": runs[0], "many": runs[1], "speedup": runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"],
-            "peak_batch": peak}
+    return result
 
 
-def batching_http(ck: Path, new_tokens: int, n_clients: int, per_client: int, tp: int) -> dict:
+def batching_http(ck: Path, new_tokens: int, n_clients: int, per_client: int, rounds: int, tp: int) -> dict:
     import httpx
     import ray
     from ray import serve
@@ -224,11 +242,11 @@ def batching_http(ck: Path, new_tokens: int, n_clients: int, per_client: int, tp
                 return await clients(send, c, per_client)
 
         asyncio.run(run(1))  # warm-up: the first request through a fresh proxy and replica
-        runs = [asyncio.run(run(c)) for c in (1, n_clients)]
+        result = alternate(lambda c: asyncio.run(run(c)), n_clients, rounds)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"tp": tp, "one": runs[0], "many": runs[1], "speedup": runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"]}
+    return {"tp": tp, **result}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests-per-client", type=int, help="default 3; --quick 1")
     p.add_argument("--repeats", type=int, help="timed runs of (a) (default 5; --quick 2)")
+    p.add_argument("--rounds", type=int, help="alternated 1-client / many-client runs of (b) (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both engines (default 1)")
     p.add_argument("--http", action="store_true", help="also measure (b), (c) through Ray Serve over HTTP")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the --http deployment")
@@ -304,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = args.new_tokens or (16 if args.quick else 96)
     per_client = args.requests_per_client or (1 if args.quick else 3)
     repeats = args.repeats or (2 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
     if args.checkpoint:
         ck = Path(args.checkpoint)
@@ -321,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": "untrained" if args.quick else f"{ck.parent.parent.name}/{ck.name}", "checkpoint": str(ck),
               "params": params, "threads": args.threads, "quick": args.quick}
     result["single_request"] = single_request(ck, tok, new_tokens, repeats, workdir)
-    result["batching"] = batching(ck, tok, new_tokens, args.clients, per_client)
+    result["batching"] = batching(ck, tok, new_tokens, args.clients, per_client, rounds)
     if args.http:
-        result["http"] = batching_http(ck, new_tokens, args.clients, per_client, args.tp)
+        result["http"] = batching_http(ck, new_tokens, args.clients, per_client, rounds, args.tp)
     result["load_average"] = {"before": before, "after": load_average()}
     result["goals"] = {"single_request_speedup>=1.5": result["single_request"]["speedup"] >= 1.5,
                        f"{args.clients}_clients_speedup>=6": result["batching"]["speedup"] >= 6}
