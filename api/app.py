@@ -281,19 +281,16 @@ class Gateway:
                     error=job.error, spec=job.spec)
         totals = self.totals(job)
         if totals is not None:
-            run_dir = self.settings.run_dir(job.id)
-            records = self.reader.metrics(run_dir)
-            latest = next((r for r in reversed(records) if "loss" in r), None)
-            val = next((r for r in reversed(records) if "val_loss" in r), None)
+            run = self.reader.summary(self.settings.run_dir(job.id), self.root)
+            latest = run.latest
             v.stages = totals[0]
-            v.run_dir = relative(self.settings, run_dir)
+            v.run_dir = f"runs/{job.id}"
             step, tokens = (latest["step"], latest["tokens"]) if latest else (0, 0)
             v.progress = Progress(step=step, total_steps=totals[1], tokens=tokens, total_tokens=totals[2],
                                   percent=round(100 * tokens / totals[2], 2))
             if latest:
                 v.stage, v.metrics = latest["stage"], latest
-            v.val_loss = val["val_loss"] if val else None
-            v.checkpoints = [relative(self.settings, p) for p in checkpoints(run_dir)]
+            v.val_loss, v.checkpoints = run.val_loss, run.checkpoints
         jd = self.settings.job_dir(job.id)
         if job.kind == "pipeline":
             steps = (read_json(jd / "pipeline.json") or {}).get("steps")

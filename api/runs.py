@@ -26,10 +26,35 @@ class MetricStream:
     key: tuple[int, int] = (-1, -1)
 
 
+@dataclass
+class RunSummary:
+    """What a job view shows of a run directory."""
+
+    latest: dict | None  # the newest record with a training loss
+    val_loss: float | None  # the newest validation loss
+    checkpoints: list[str]  # complete checkpoints, oldest first, relative to the storage root
+
+
 class RunReader:
     def __init__(self):
         self._streams: dict[Path, MetricStream] = {}
+        self._summaries: dict[Path, tuple[tuple, RunSummary]] = {}
         self._lock = threading.Lock()
+
+    def summary(self, run_dir: Path, root: Path) -> RunSummary:
+        """Cached on the metric stream's (size, mtime) and the checkpoints directory's mtime: a checkpoint is
+        renamed into that directory complete (flm.checkpoint.save_checkpoint), which changes its mtime."""
+        key = (_stat_key(run_dir / "metrics.jsonl"), _stat_key(run_dir / "checkpoints"))
+        cached = self._summaries.get(run_dir)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        records = self.metrics(run_dir)
+        latest = next((r for r in reversed(records) if "loss" in r), None)
+        val = next((r for r in reversed(records) if "val_loss" in r), None)
+        found = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in checkpoints(run_dir)]
+        summary = RunSummary(latest, val["val_loss"] if val else None, found)
+        self._summaries[run_dir] = (key, summary)
+        return summary
 
     def metrics(self, run_dir: Path) -> list[dict]:
         """Every complete record of `run_dir/metrics.jsonl` (a resumed trainer truncates the file: re-read then)."""
@@ -54,6 +79,14 @@ class RunReader:
             stream.offset += end
             stream.key = key
             return stream.records
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
