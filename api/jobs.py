@@ -187,9 +187,16 @@ class JobRunner:
         it submitted it). RuntimeError if Ray refuses it."""
         if sid in ray_jobs:
             return
-        self._call("submit_job", entrypoint=command, submission_id=sid,
-                   runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home), "RAY_USAGE_STATS_ENABLED": "0"}},
-                   metadata=metadata)
+        try:
+            self._call("submit_job", entrypoint=command, submission_id=sid,
+                       runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home),
+                                                 "RAY_USAGE_STATS_ENABLED": "0"}},
+                       metadata=metadata)
+        except RuntimeError as refused:
+            try:  # submitted meanwhile (by a second gateway on the same store): not an error
+                self._call("get_job_info", sid)
+            except RuntimeError:
+                raise refused from None
 
     def _submit(self, job: Job, ray_jobs: dict) -> None:
         attempt = job.attempt + 1
