@@ -7,18 +7,36 @@ fault tolerant.
       <name>-stage1/ ...
 
 Stage k is the Ray Train run `<name>-stage<k>` with the stage's own `ScalingConfig` (layout.workers: a count, or
-(min, max) for an elastic run; use_gpu; cpus_per_worker). Every worker runs `Trainer(plan, dist).fit(stages=[k])`:
-the trainer resumes from the newest checkpoint in the run directory, so
+(min, max) for an elastic run; use_gpu; cpus_per_worker). Every worker runs `StageTrainer(plan, dist).fit(stages=[k])`
+(flm/train.py's loop): the trainer resumes from the newest checkpoint in the run directory, so
 
 - growth between stages happens offline, as in FLM-101B: stage k starts from stage k-1's stage-end checkpoint,
   grows it and trains on its own layout (the world size may change between stages);
 - a worker failure restarts the worker group (`FailureConfig(max_failures)`) from the latest checkpoint, and an
-  elastic resize does the same at the new world size: the global batch and the data order do not depend on it;
+  elastic resize does the same at the new world size: the global batch and the data order do not depend on it
+  (the micro batches per worker and the gradient accumulation steps are recomputed for the new world size);
 - relaunching the same name skips the finished stages (those with a stage-end checkpoint) and resumes the
   interrupted one.
 
 Every metric goes to our own stream `<run dir>/metrics.jsonl` (rank 0 writes it); Ray gets a report only at
-checkpoints (each costs about a second), with the latest metrics and a pointer to our checkpoint.
+checkpoints (each costs about a second), with the latest metrics and a pointer to our checkpoint. Each training
+record of a Ray Train run also carries `world_size` (the workers of the attempt that trained that step) and
+`step_tokens` (the tokens the workers fed into that optimizer step, counted as they are read and summed over
+workers: the plan's batch_size x seq_len whatever the world size). Every worker-group start appends one line to
+`<run dir>/attempts.jsonl` (stage, step it resumed from, world size, micro batch, accumulation steps, time); a
+StageRun lists this launch's attempts.
+
+Elastic stages (layout.workers: [min, max], Ray Train's `ScalingConfig(num_workers=(min, max))`): when a worker
+dies, Ray Train restarts the worker group (a failure, counted in max_failures) at the size its elastic policy
+counts from the resources Ray Data's AutoscalingCoordinator reserved for it. In Ray 2.60 that actor re-reads the
+cluster's nodes only on its 20 s tick (`TICK_INTERVAL_S`, ray/data/_internal/cluster_autoscaler/
+default_autoscaling_coordinator.py:333; the elastic policy asks without `recompute`, train/v2/_internal/execution/
+scaling_policy/elastic.py:269), so right after a node is lost the restart usually still asks for the old size. Its
+placement group then waits `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (60 s by default, worker_group.py:301) before
+Ray Train retries (a controller error, retried without limit), until the coordinator has seen the node go: after
+the GCS has declared it dead (5 missed health checks 3 s apart by default) and at its next tick. For elastic stages
+run_plan lowers that timeout to ELASTIC_START_TIMEOUT_S unless the environment sets it: a resize then costs a
+restart plus that wait rounded up to the timeout (up to about 40 s) instead of a restart plus 60 s.
 
 Storage: the run directory must be one directory that every worker of every stage reads and writes. A local path
 is enough on one node. On a multi-node cluster give a shared filesystem mounted at the same path on every node
@@ -32,14 +50,17 @@ The gradient backend of each stage is `layout.backend` ("ddp", or "zero1" / "zer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -48,6 +69,9 @@ from flm.config import FLMConfigError, GrowthPlan, GrowthStage
 from flm.train import Trainer
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+ATTEMPTS = "attempts.jsonl"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT_S = 5.0  # placing a worker group on free resources takes milliseconds
 
 
 @dataclass
@@ -63,6 +87,9 @@ class StageRun:
     summary: dict | None = None  # Trainer.fit's summary from rank 0 (params, steps, tokens, loss, val_loss, ...)
     ray_path: str | None = None  # Ray Train's run directory
     world_size: int | None = None  # workers in the attempt that finished the stage
+    # one per worker-group start of this launch (restarts and elastic resizes add more): stage, step (where it
+    # started or resumed), world_size, micro_batch, accum, time (unix seconds)
+    attempts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +194,67 @@ def stage_end_checkpoint(run_dir: Path, k: int) -> Path | None:
 
 
 # --- one Ray Train run per stage ------------------------------------------------------------------------------
+class _CountingData:
+    """A TokenDataset that counts the tokens it serves (inputs of the training batches)."""
+
+    def __init__(self, data):
+        self._data, self.tokens = data, 0
+
+    def batch_at(self, position: int, batch_size: int, seq_len: int):
+        x, y = self._data.batch_at(position, batch_size, seq_len)
+        self.tokens += x.numel()
+        return x, y
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+
+class StageTrainer(Trainer):
+    """The training loop of flm/train.py inside a Ray Train worker, plus what a cluster run must show: each training
+    record carries the attempt's world size and the tokens all workers fed into that optimizer step, and each
+    worker-group start (`fit`) appends its world size and batch split to the run directory's attempts.jsonl."""
+
+    def __init__(self, plan: GrowthPlan, dist=None, launch: str = "", **kwargs):
+        super().__init__(plan, dist, **kwargs)
+        self.launch = launch
+        self.train_data = _CountingData(self.train_data)
+        self._step_tokens = 0
+
+    def batch_split(self, k: int) -> tuple[int, int]:
+        """(micro batch per worker, accumulation steps) of stage k at this world size (as Trainer._train_stage)."""
+        batch, world = self.plan.stages[k].batch_size, self.dist.world_size
+        micro = self.settings.micro_batch_size or batch // world
+        return micro, batch // (micro * world)
+
+    def _restore(self, first_stage: int) -> None:
+        super()._restore(first_stage)
+        if self.dist.is_main:
+            micro, accum = self.batch_split(self.stage)
+            line = {"launch": self.launch, "stage": self.stage, "step": self.step,
+                    "world_size": self.dist.world_size, "micro_batch": micro, "accum": accum, "time": time.time()}
+            with open(self.run_dir / ATTEMPTS, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def _step(self, cfg, micro: int, accum: int) -> float:
+        before = self.train_data.tokens
+        loss = super()._step(cfg, micro, accum)
+        fed = torch.tensor(self.train_data.tokens - before, dtype=torch.int64, device=self.dist.device)
+        self._step_tokens = int(self.dist.all_reduce_sum(fed).item())
+        return loss
+
+    def _record(self, record: dict) -> None:
+        if "loss" in record and "event" not in record:
+            record = {**record, "world_size": self.dist.world_size, "step_tokens": self._step_tokens}
+        super()._record(record)
+
+
+def read_attempts(run_dir: str | os.PathLike, launch: str | None = None) -> list[dict]:
+    """The worker-group starts logged in a run directory (those of one launch when given)."""
+    path = Path(run_dir) / ATTEMPTS
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [a for a in lines if launch is None or a.get("launch") == launch]
+
+
 def _train_worker(config: dict) -> dict:
     """The train function of every worker of stage `config['stage']`."""
     from cluster.dist import RayDist
@@ -183,7 +271,7 @@ def _train_worker(config: dict) -> dict:
         micro = plan.train.micro_batch_size or batch // world
         dist = ZeroDist.from_context(zero_stage=int(backend[-1]), micro_batch=micro,
                                      accum=batch // (micro * world), grad_clip=plan.train.optim.grad_clip)
-    trainer = Trainer(plan, dist, on_record=dist.observe)  # called on rank 0 only
+    trainer = StageTrainer(plan, dist, config.get("launch", ""), on_record=dist.observe)  # on_record: rank 0
     return {"summaries": trainer.fit(stages=[k]), "world_size": dist.world_size}
 
 
@@ -192,6 +280,19 @@ def scaling_config(stage: GrowthStage) -> ScalingConfig:
     resources = {"CPU": lay.cpus_per_worker, **({"GPU": 1} if lay.use_gpu else {})}
     return ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=lay.use_gpu,
                          resources_per_worker=resources)
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """`name=value` in this process's environment for the block, unless it is already set."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None = None, *,
@@ -225,16 +326,21 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
             summary["steps"] = summary.pop("step", None)
             run = StageRun(k, "skipped", None, stage.layout.workers, str(done), 0.0, summary)
         else:
+            launch = uuid.uuid4().hex
             trainer = TorchTrainer(
                 _train_worker,
-                train_loop_config={"plan": plan.model_dump(mode="json"), "stage": k, "backend": backends[k]},
+                train_loop_config={"plan": plan.model_dump(mode="json"), "stage": k, "backend": backends[k],
+                                   "launch": launch},
                 scaling_config=scaling_config(stage),
                 run_config=RunConfig(name=f"{name}-stage{k}", storage_path=str(root),
                                      failure_config=FailureConfig(max_failures=max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=plan.train.keep_checkpoints)),
             )
+            elastic = worker_range(stage)[0] != worker_range(stage)[1]
             t0 = time.perf_counter()
-            result = trainer.fit()
+            start_timeout = _env_default(START_TIMEOUT_ENV, str(ELASTIC_START_TIMEOUT_S))
+            with start_timeout if elastic else contextlib.nullcontext():
+                result = trainer.fit()
             seconds = time.perf_counter() - t0
             done = stage_end_checkpoint(run_dir, k)
             if done is None:
@@ -242,7 +348,7 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
             value = result.return_value or {}
             summaries = value.get("summaries") or [None]
             run = StageRun(k, "trained", backends[k], stage.layout.workers, str(done), seconds, summaries[0],
-                           result.path, value.get("world_size"))
+                           result.path, value.get("world_size"), read_attempts(run_dir, launch))
         runs.append(run)
         if on_stage is not None:
             on_stage(run)
