@@ -1,4 +1,8 @@
-"""Shared fixtures: one small real-text dataset per test session, and a micro growth plan that trains in seconds."""
+"""Shared fixtures: one small real-text dataset per test session, a micro growth plan that trains in seconds, and a
+local Ray cluster for the modules that need one."""
+
+import contextlib
+import os
 
 import pytest
 
@@ -29,3 +33,27 @@ def micro_plan(data, out, **train) -> GrowthPlan:
         "train": {"data": str(data), "out": str(out), "log_every": 1, "eval_every": 4, "eval_batches": 2,
                   "checkpoint_every": 5, "precision": "fp32", "device": "cpu", **train},
     })
+
+
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2, **env: str):
+    """A local Ray cluster of `num_cpus` CPUs (for a module-scoped fixture), with RAY_TEST_ENV and `env` set while
+    it runs; yields its resources. Stops only the cluster it started (never `ray stop`)."""
+    import ray
+
+    env = {**RAY_TEST_ENV, **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
