@@ -1,5 +1,5 @@
 """Does growing save compute? Validation loss per training FLOP, and per wall-clock second, of three arms that see
-the same Shakespeare tokens in the same order (BPE 2048, seq_len 128, batch 16, 256 steps = 524k tokens per arm;
+the same Shakespeare tokens in the same order (BPE 2048, seq_len 128, batch 16, 320 steps = 655k tokens per arm;
 for seed s every arm uses plan seed s, which fixes the data order, and its own init):
 
   scratch  the target model, 4 layers x 256, from step 0;
@@ -11,7 +11,7 @@ One LR schedule for all arms: FLM's per-stage cosine (each stage warms up/restar
 with stage boundaries at 50% and 75% of the tokens for every arm (scratch and stack merely restart the LR where MSG
 grows; this is the stronger scratch baseline: a single cosine ended at a worse loss, see --scratch-single-cosine).
 The one base LR (muP, transferred across widths) is picked by a sweep of scratch runs on 25% of the tokens, seed 0
-(1e-3, 2e-3, 4e-3; near-ties within 0.02 go to the smaller LR).
+(1e-3, 2e-3, 4e-3; the lowest val loss wins; --sweep-tol T gives near-ties within T to the smaller LR).
 
 Reported, mean +- std over seeds: speedup = FLOPs scratch needs to reach its final val loss / FLOPs the arm needs to
 reach it (first crossing, linear interpolation between evals; if never, "reached" says so and final_gap gives the
@@ -166,8 +166,8 @@ def run_plan(plan: GrowthPlan, grow_fn=None) -> dict:
 
 def lr_sweep(args, data: Path) -> dict:
     """Scratch at the target size on a short run (its own full schedule) per LR, seed 0. The smallest LR whose val
-    loss is within --sweep-tol of the best wins: the optimal LR shrinks as the token horizon grows, so a near-tie
-    on the short run goes to the smaller LR (the plain argmin picked 4e-3 here, worse for every arm at full length)."""
+    loss is within --sweep-tol of the best wins (default 0: the argmin). The optimal LR shrinks as the token horizon
+    grows, so a tolerance gives a short run's near-tie to the smaller LR."""
     steps = max(8, round(args.steps * args.sweep_fraction))
     short = argparse.Namespace(**{**vars(args), "steps": steps, "warmup": min(args.warmup, steps // 4)})
     results = {}
@@ -296,11 +296,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke test: 1 seed, few steps, no LR sweep")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=256, help="optimizer steps per arm (batch x 128 tokens each)")
+    ap.add_argument("--steps", type=int, default=320, help="optimizer steps per arm (batch x 128 tokens each)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="scratch LR when there is no sweep")
     ap.add_argument("--sweep-lrs", type=floats, default=[1e-3, 2e-3, 4e-3], help="comma list; empty: no sweep")
-    ap.add_argument("--sweep-tol", type=float, default=0.02, help="val-loss tie margin; ties go to the smaller LR")
+    ap.add_argument("--sweep-tol", type=float, default=0.0, help="val-loss tie margin; ties go to the smaller LR")
     ap.add_argument("--sweep-fraction", type=float, default=0.25, help="sweep run length, as a fraction of --steps")
     ap.add_argument("--split", type=floats, default=[0.5, 0.25, 0.25],
                     help="token fractions of the 3 stages (MSG: 2x128, 4x128, 4x256; stack: 2x256, 4x256, 4x256)")
