@@ -41,6 +41,22 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                              f"(ray start --head) or fix the address") from None
 
 
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at `address` (None: start a local one) unless this process is connected already;
+    True when this call connected, so the caller shuts Ray down again."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        check_reachable(address)
+    try:
+        ray.init(address=address or "local")
+    except ConnectionError as e:
+        raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {address} ({e})") from None
+    return True
+
+
 def cmd_cluster_train(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -57,14 +73,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
 
     name = args.name or plan.name
     finished = all(stage_end_checkpoint(storage / name, k) for k in range(len(plan.stages)))
-    started = not finished and not ray.is_initialized()  # a finished run needs no cluster
-    if started:
-        if args.address:
-            check_reachable(args.address)
-        try:
-            ray.init(address=args.address or "local")
-        except ConnectionError as e:
-            raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {args.address} ({e})") from None
+    started = not finished and connect(args.address)  # a finished run needs no cluster
 
     def show(run: StageRun) -> None:
         if not args.json:

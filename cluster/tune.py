@@ -296,7 +296,7 @@ def run_search(search: SearchConfig, objective: Objective = train_point,
             max_concurrent_trials=search.max_concurrent, reuse_actors=True,  # torch is imported once per actor
             search_alg=BasicVariantGenerator(random_state=search.seed) if search.search == "random" else None),
         run_config=tune.RunConfig(name="ray", storage_path=str(out), verbose=0,
-                                  callbacks=[_progress_callback(on_trial)] if on_trial else None),
+                                  callbacks=[_progress_callback(on_trial, search.reports)] if on_trial else None),
     )
     grid = tuner.fit()
     trials = [_trial_from(r.config, r.metrics or {}, "error" if r.error else None, search.reports) for r in grid]
@@ -307,7 +307,7 @@ def run_search(search: SearchConfig, objective: Objective = train_point,
     return result
 
 
-def _progress_callback(on_trial: Callable[[Trial], None]):
+def _progress_callback(on_trial: Callable[[Trial], None], max_reports: int):
     """A Tune callback handing each finished trial to `on_trial` (defined here: Ray is imported only to run)."""
     from ray import tune
 
@@ -320,23 +320,23 @@ def _progress_callback(on_trial: Callable[[Trial], None]):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.on_trial:
-                self.on_trial(_trial_from(trial.config, trial.last_result or {}, None, None))
+                self.on_trial(_trial_from(trial.config, trial.last_result or {}, None, max_reports))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self.on_trial:
-                self.on_trial(_trial_from(trial.config, trial.last_result or {}, "error", None))
+                self.on_trial(_trial_from(trial.config, trial.last_result or {}, "error", max_reports))
 
     return Progress(on_trial)
 
 
-def _trial_from(config: dict, metrics: dict, status: str | None, max_reports: int | None) -> Trial:
+def _trial_from(config: dict, metrics: dict, status: str | None, max_reports: int) -> Trial:
     """A Trial from Tune's config and last result; fewer reports than `max_reports` means ASHA stopped it."""
     loss = float(metrics.get(METRIC, math.nan))
     reports = int(metrics.get("training_iteration", 0))
     if status is None:
         if metrics.get("diverged") or loss == math.inf:
             status = "diverged"
-        elif max_reports is not None and reports < max_reports:
+        elif reports < max_reports:
             status = "stopped"
         else:
             status = "completed"
@@ -446,16 +446,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     search = prepare(search)
     import ray
 
-    from cluster.cli import check_reachable
+    from cluster.cli import connect
 
-    started = not ray.is_initialized()
-    if started:
-        if args.address:
-            check_reachable(args.address)
-        try:
-            ray.init(address=args.address or "local")
-        except ConnectionError as e:
-            raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {args.address} ({e})") from None
+    started = connect(args.address)
     total = search.samples if search.search == "random" else search.grid.size * search.samples
     done = []
 

@@ -63,8 +63,8 @@ def proxy_plan(family: ProxyFamily, width: int, out: str | Path, *, lr: float | 
                warmup_fraction: float = 0.1, min_lr_ratio: float = 0.1, name: str = "proxy") -> GrowthPlan:
     """A one-stage plan training the proxy at `width` on `tokens` (default: the family's), with the family's
     hyperparameters unless given. Linear warmup over `warmup_fraction` of the steps, then a cosine to
-    `min_lr_ratio` x lr; validation loss every `eval_every` steps (default: at the end only); no checkpoints
-    besides the stage end."""
+    `min_lr_ratio` x lr; validation loss every `eval_every` steps (default: at the end only), training loss at least
+    every 10 (a diverged run stops there: see train_proxy); no checkpoints besides the stage end."""
     model = family.at_width(width).model_dump()
     for key, value in (("init_std", init_std), ("output_mult", output_mult), ("parametrization", parametrization)):
         if value is not None:
@@ -79,7 +79,7 @@ def proxy_plan(family: ProxyFamily, width: int, out: str | Path, *, lr: float | 
         "stages": [{"name": f"w{width}", "model": model, "tokens": steps * family.batch_size * family.model.seq_len,
                     "lr": lr, "batch_size": family.batch_size,
                     "warmup_samples": round(warmup_fraction * steps) * family.batch_size}],
-        "train": {"data": str(data), "tokenizer": tokenizer, "out": str(out), "log_every": eval_every or steps,
+        "train": {"data": str(data), "tokenizer": tokenizer, "out": str(out), "log_every": min(10, eval_every or steps),
                   "eval_every": eval_every or steps, "eval_batches": eval_batches, "checkpoint_every": 10**9,
                   "keep_checkpoints": 1},
     }, f"proxy at width {width}")
@@ -92,8 +92,10 @@ class Diverged(RuntimeError):
 def train_proxy(plan: GrowthPlan, on_eval: Callable[[dict], None] | None = None) -> dict:
     """Train a proxy plan from scratch in this process (its run directory is replaced, its checkpoints dropped after).
 
-    Returns {params, non_embedding_params, steps, tokens, val_loss, loss, seconds, diverged}; a run whose loss is no
-    longer finite stops there with val_loss = inf. `on_eval(record)` sees every record that has a val_loss."""
+    Returns {params, non_embedding_params, steps, tokens, val_loss, loss, seconds, cpu_seconds, diverged}; a run
+    whose loss is no longer finite stops there with val_loss = inf. cpu_seconds (this process's CPU time) says what
+    the run costs on an idle machine when wall seconds are inflated by other load. `on_eval(record)` sees every
+    record that has a val_loss."""
     run_dir = Path(plan.train.out)
     shutil.rmtree(run_dir, ignore_errors=True)
     last: dict = {}
@@ -108,7 +110,7 @@ def train_proxy(plan: GrowthPlan, on_eval: Callable[[dict], None] | None = None)
             on_eval(record)
 
     cfg = plan.model_configs()[0]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     diverged = False
     try:
         Trainer(plan, on_record=watch).fit()
@@ -119,7 +121,7 @@ def train_proxy(plan: GrowthPlan, on_eval: Callable[[dict], None] | None = None)
     return {"params": param_count(cfg), "non_embedding_params": param_count(cfg, embeddings=False),
             "steps": last.get("step", 0), "tokens": last.get("tokens", 0),
             "val_loss": math.inf if diverged else last["val_loss"], "loss": last.get("loss", math.nan),
-            "seconds": time.perf_counter() - t0, "diverged": diverged}
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "diverged": diverged}
 
 
 def _train_with_threads(plan: GrowthPlan, threads: int) -> dict:

@@ -2,31 +2,16 @@
 law on four and predicts the fifth; the report is complete and its numbers agree with each other. The prediction
 error itself is not checked (20 steps of a 2-layer model say nothing about it); the full run is in the README."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from flm.scaling import PowerLaw
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.timeout(300)
-def test_quick_mode_report(tmp_path, micro_data):
-    out = tmp_path / "lp.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_prediction.py"), "--quick", "--data",
-                           str(micro_data), "--out", str(out), "--workdir", str(tmp_path / "w")],
-                          cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                          timeout=290)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert json.loads(proc.stdout) == result
-    assert out.with_suffix(".png").stat().st_size > 10_000
+def test_quick_mode_report(run_quick):
+    result, _ = run_quick("loss_prediction")
 
     runs = result["runs"]
     assert [r["width"] for r in runs] == [16, 24, 32, 48, 96]

@@ -3,12 +3,7 @@ agrees with the sweeps, and the benchmark's premise holds: at the small width (=
 parametrisation run is the μP run, to the last digit. Whether the LR transfers is not checked at 20 steps; the full
 run is in the README."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,20 +11,10 @@ import torch
 from flm.config import ProxyFamily
 from flm.scaling import proxy_plan, train_proxy
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.timeout(300)
-def test_quick_mode_report(tmp_path, micro_data):
-    out = tmp_path / "mt.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mup_transfer.py"), "--quick", "--data",
-                           str(micro_data), "--out", str(out), "--workdir", str(tmp_path / "w")],
-                          cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                          timeout=290)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert json.loads(proc.stdout) == result
-    assert out.with_suffix(".png").stat().st_size > 10_000
+def test_quick_mode_report(run_quick, tmp_path):
+    result, _ = run_quick("mup_transfer")
     assert result["widths"] == [16, 64] and result["lrs"] == [4e-3, 1.6e-2, 6.4e-2] and result["grid_step"] == 4.0
     assert len(result["runs"]) == 9 and all(r["steps"] == 20 for r in result["runs"])
 

@@ -7,17 +7,17 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import ray
 import torch
 import yaml
 
-from cluster.tune import SearchConfig, load_search, run_search
+from cluster.tune import SearchConfig, Trial, best_point, load_search, param_space, run_search, summarize
 from flm.config import FLMConfigError, SearchedHparams, load_plan
 from flm.scaling import train_proxy
-
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+from tests.conftest import local_ray
 
 # The micro proxy family: real training on the session's micro dataset (BPE 320) in about a second per trial.
 MICRO_PROXY = {
@@ -96,19 +96,24 @@ def test_a_search_file_may_name_its_proxy_relative_to_itself(tmp_path, micro_dat
     assert search.proxy.model.d_model == 32 and search.steps == 10 and search.grid.size == 8
 
 
+def test_search_kinds_map_to_tune_spaces(tmp_path, micro_data):
+    grid = search_config(tmp_path, micro_data, samples=2)
+    space, num_samples = param_space(grid)  # every point once per seed
+    assert num_samples == 1 and space["seed"] == {"grid_search": [0, 1]}
+    assert all(space[a] == {"grid_search": GRID[a]} for a in GRID)
+    rand = search_config(tmp_path, micro_data, search="random", samples=5, seed=7)
+    space, num_samples = param_space(rand)  # 5 points drawn from the grid's values
+    assert num_samples == 5 and space["seed"] == 7
+    assert all(space[a].categories == GRID[a] for a in GRID)
+    asha = search_config(tmp_path, micro_data, search="asha")
+    assert asha.report_every == 2 and asha.reports == 5  # 10 steps: a report every 10 // 4 steps
+
+
 # --- on a real local Ray cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.cluster_resources()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_ray(num_cpus=2) as resources:
+        yield resources
 
 
 def test_grid_returns_the_known_optimum(ray_cluster, tmp_path, micro_data):
@@ -198,3 +203,23 @@ def test_best_yaml_round_trips_into_a_growth_plan(real_search, tmp_path, micro_d
     (plans / "plan.yaml").write_text(yaml.safe_dump(plan_yaml))
     with pytest.raises(FLMConfigError, match="base_width: 64, but .* was searched at base_width 32"):
         load_plan(plans / "plan.yaml")
+
+
+def test_best_point_skips_diverged_stopped_and_failed_points(tmp_path, micro_data):
+    search = search_config(tmp_path, micro_data, samples=2)
+    trials = [Trial(*p, seed=s, val_loss=bowl(*p) + s, step=10, reports=1, status="completed")
+              for p in grid_points() for s in (0, 1)]
+    best = min(grid_points(), key=lambda p: bowl(*p))
+    trials = [t if t.point() != best or t.seed else replace(t, val_loss=math.inf, status="diverged") for t in trials]
+    rows = {(r["lr"], r["init_std"], r["output_mult"]): r for r in summarize(trials)}
+    assert rows[best]["val_loss"] == math.inf and rows[best]["status"] == "completed,diverged"
+    runner_up = sorted(grid_points(), key=lambda p: bowl(*p))[1]
+    assert rows[runner_up]["val_loss"] == pytest.approx(bowl(*runner_up) + 0.5) and rows[runner_up]["seeds"] == 2
+    chosen = best_point(trials, search)
+    assert (chosen.lr, chosen.init_std, chosen.output_mult) == runner_up
+    stopped = [replace(t, status="stopped") if t.point() == runner_up else t for t in trials]
+    third = sorted(grid_points(), key=lambda p: bowl(*p))[2]
+    chosen = best_point(stopped, search)
+    assert (chosen.lr, chosen.init_std, chosen.output_mult) == third
+    with pytest.raises(RuntimeError, match="no trial completed with a finite loss"):
+        best_point([replace(t, status="error") for t in trials], search)

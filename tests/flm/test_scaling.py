@@ -66,3 +66,14 @@ def test_flm_predict_trains_fits_and_extrapolates(tmp_path, micro_data, capsys):
                                                         "base_width": 64}))
     assert main(["predict", str(tmp_path / "family.yaml"), "--hparams", str(tmp_path / "best.yaml")]) == 2
     assert "searched at base_width 64 (mup), the family's is 32 (mup)" in capsys.readouterr().err
+
+
+def test_a_diverging_proxy_run_stops_with_an_infinite_loss(tmp_path, micro_data):
+    from flm.config import ProxyFamily
+    from flm.scaling import proxy_plan, train_proxy
+
+    family = ProxyFamily.model_validate({**MICRO_FAMILY, "tokens": 4 * 32 * 30})
+    result = train_proxy(proxy_plan(family, 32, tmp_path / "run", lr=1e30, data=str(micro_data), warmup_fraction=0))
+    assert result["diverged"] and result["val_loss"] == float("inf")
+    assert result["steps"] == 10  # stopped at the first training-loss record, not after all 30 steps
+    assert not (tmp_path / "run" / "checkpoints").exists()
