@@ -19,10 +19,13 @@ CHECKPOINT_MANIFEST = "checkpoint.json"  # flm.checkpoint.MANIFEST (not imported
 
 @dataclass
 class MetricStream:
-    """The records of one metrics.jsonl read so far; `offset` is the byte position of the first unread line."""
+    """The records of one metrics.jsonl read so far: `offset` is the byte position of the first unread line and
+    `tail` the bytes just before it, to notice a rewrite (a resumed trainer truncates the file to its checkpoint's
+    line count and appends again, which may leave it longer than what was read)."""
 
     records: list[dict] = field(default_factory=list)
     offset: int = 0
+    tail: bytes = b""
     key: tuple[int, int] = (-1, -1)
 
 
@@ -68,14 +71,22 @@ class RunReader:
             stream = self._streams.setdefault(path, MetricStream())
             if stream.key == key:
                 return stream.records
-            if st.st_size < stream.offset:
-                stream.records, stream.offset = [], 0
             with open(path, "rb") as f:
-                f.seek(stream.offset)
+                if stream.offset:
+                    f.seek(stream.offset - len(stream.tail))
+                    if f.read(len(stream.tail)) != stream.tail:  # rewritten since: read it again
+                        stream.records, stream.offset, stream.tail = [], 0, b""
+                        f.seek(0)
                 data = f.read()
             end = data.rfind(b"\n") + 1  # a line being written has no newline yet: leave it for the next read
-            new = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+            new = []
+            for line in data[:end].splitlines():
+                try:
+                    new.append(json.loads(line))
+                except ValueError:
+                    continue  # torn by a rewrite under our read; the next read sees the file whole
             stream.records = stream.records + new  # a new list: callers may hold the old one
+            stream.tail = (stream.tail + data[:end])[-64:]
             stream.offset += end
             stream.key = key
             return stream.records
