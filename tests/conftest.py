@@ -47,7 +47,14 @@ def local_ray(num_cpus: int = 2, **env: str):
     env = {**RAY_TEST_ENV, **env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
     try:
         yield ray.cluster_resources()
     finally:
