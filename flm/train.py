@@ -35,8 +35,10 @@ from flm.flops import flops_per_token
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
 from flm.model import GPT
 from flm.precision import autocast_dtype
+from flm.storage import RunStorage, is_uri, staging_dir
 
 GrowFn = Callable[..., GPT]
+METRICS_PUSH_S = 30.0  # a run on an object store uploads its metric stream at checkpoints and at most this often
 
 
 def flm_home() -> Path:
@@ -108,7 +110,12 @@ def lr_at(plan: GrowthPlan, step: int) -> float:
 
 
 def resolve_run_dir(plan: GrowthPlan) -> Path:
-    return Path(plan.train.out) if plan.train.out else flm_home() / "runs" / plan.name
+    """The local run directory: train.out, its staging directory when train.out is a URI (flm/storage.py), or
+    $FLM_HOME/runs/<plan name>."""
+    out = plan.train.out
+    if is_uri(out):
+        return staging_dir(out, flm_home())
+    return Path(out) if out else flm_home() / "runs" / plan.name
 
 
 def resolve_dataset(plan: GrowthPlan) -> Path:
@@ -139,8 +146,14 @@ class Trainer:
         self.configs = plan.model_configs()
         self.starts = plan.stage_starts()
         self.run_dir = resolve_run_dir(plan)
+        self.storage = RunStorage(plan.train.out, self.run_dir) if is_uri(plan.train.out) else None
+        self._pushed = time.monotonic()
         self.data_dir = resolve_dataset(plan) if self.dist.is_main else None
+        if self.storage and self.dist.is_main:
+            self.storage.pull()
         self.dist.barrier()
+        if self.storage and not self.dist.is_main:  # a node of its own: its staging directory may lag
+            self.storage.pull()
         self.data_dir = self.data_dir or resolve_dataset(plan)
         manifest = Manifest.load(self.data_dir)
         if manifest.vocab_size > self.configs[0].vocab_size:
@@ -168,6 +181,7 @@ class Trainer:
             if nxt >= len(self.plan.stages) or nxt not in wanted:
                 break
             self._grow_into(nxt, reload=self.plan.stages[nxt].growth == "offline")
+        self._push_metrics()
         return summaries
 
     # --- state --------------------------------------------------------------------------------------------------
@@ -329,6 +343,10 @@ class Trainer:
             save_checkpoint(path, self.raw.cfg, model_state, optimizer_state, state,
                             {"torch": torch.get_rng_state()}, self.data_dir / "tokenizer")
             prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)
+            if self.storage:  # the metrics first: the newest checkpoint at the URI never has more lines than they
+                self._push_metrics()
+                self.storage.push_checkpoint(path)
+                self.storage.prune()
         self.dist.barrier()
         self.dist.report({"step": self.step, "stage": self.stage}, path)
 
@@ -338,8 +356,15 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._metrics_lines += 1
+        if self.storage and time.monotonic() - self._pushed > METRICS_PUSH_S:
+            self._push_metrics()
         if self.on_record is not None:
             self.on_record(record)
+
+    def _push_metrics(self) -> None:
+        if self.storage and self.dist.is_main:
+            self.storage.push_file("metrics.jsonl")
+            self._pushed = time.monotonic()
 
     def _truncate_metrics(self, lines: int) -> None:
         """Drop metric records written after the checkpoint we resume from, so the stream has no duplicates."""
@@ -362,6 +387,8 @@ class Trainer:
                 raise FLMConfigError(f"{self.run_dir}: holds a run of a different plan; choose another train.out")
         else:
             path.write_text(json.dumps(stages, indent=2))
+            if self.storage:
+                self.storage.push_file("plan.json")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
