@@ -375,8 +375,9 @@ class FLMDeployment:
             self.group.shutdown()
 
 
-def application(request: DeploymentRequest):
-    """The bound Serve application for `request` (placement group, replicas or autoscaling, health checks)."""
+def deployment_options(request: DeploymentRequest) -> dict:
+    """Serve deployment options for `request`: one placement-group bundle per shard (the replica itself sits in
+    the first), STRICT_PACK, health checks, and either a fixed replica count or autoscaling."""
     first = {"CPU": request.cpus_per_shard + request.replica_cpus}
     rest = {"CPU": request.cpus_per_shard}
     if request.gpus_per_shard:
@@ -396,7 +397,12 @@ def application(request: DeploymentRequest):
             "target_ongoing_requests": a.target_ongoing_requests or request.max_batch}
     else:
         options["num_replicas"] = request.replicas
-    return FLMDeployment.options(**options).bind(request)
+    return options
+
+
+def application(request: DeploymentRequest):
+    """The bound Serve application for `request`."""
+    return FLMDeployment.options(**deployment_options(request)).bind(request)
 
 
 def _http_address() -> tuple[str, int]:

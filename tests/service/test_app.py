@@ -16,7 +16,16 @@ from ray import serve
 from flm.checkpoint import load_model
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
-from service.app import DeploymentRequest, OpenAIServer, build_api, deploy, deployment_status, undeploy
+from service.app import (
+    DeploymentRequest,
+    FLMDeployment,
+    OpenAIServer,
+    build_api,
+    deploy,
+    deployment_options,
+    deployment_status,
+    undeploy,
+)
 from service.protocol import CHAT_STOP, ChatMessage, render_chat
 
 NAME = "micro"
@@ -145,6 +154,20 @@ def test_a_bad_deployment_request_is_refused_before_anything_starts(grown, tmp_p
         deploy({"checkpoint": str(tmp_path)})
     with pytest.raises(FLMConfigError, match="max_replicas"):
         deploy({"checkpoint": str(grown["final"]), "autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+
+
+def test_deployment_options_place_the_shards_and_scale_the_replicas():
+    fixed = deployment_options(DeploymentRequest(checkpoint="ck", tp=2, replicas=3, cpus_per_shard=0.4,
+                                                 replica_cpus=0.1))
+    assert fixed["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 0.4}]  # the replica sits in the first bundle
+    assert fixed["placement_group_strategy"] == "STRICT_PACK" and fixed["num_replicas"] == 3
+    auto = deployment_options(DeploymentRequest(checkpoint="ck", tp=4, gpus_per_shard=1, max_batch=8,
+                                                autoscaling={"min_replicas": 0, "max_replicas": 5}))
+    assert auto["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4 and "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 30.0,
+                                          "downscale_delay_s": 600.0, "target_ongoing_requests": 8}
+    for options in (fixed, auto):  # Serve accepts them
+        assert FLMDeployment.options(**options).max_ongoing_requests == options["max_ongoing_requests"]
 
 
 # --- through Ray Serve ------------------------------------------------------------------------------------------
