@@ -91,7 +91,7 @@ class _Request:
             return
         self.tokens.append(token)
         text = codec.decode(self.tokens)
-        stops = self.params.stop
+        stops = [s for s in self.params.stop if s]  # an empty stop string would end every request at once
         # text up to `sent` held no start of a stop string (it was held back), so a stop can only start after it
         cut = min((i for i in (text.find(s, self.sent) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
