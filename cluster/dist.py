@@ -1,7 +1,8 @@
 """`RayDist`: the training loop's `Dist` inside a Ray Train worker, with torch DDP as the gradient backend.
 
-Ray Train's TorchTrainer has already set up the torch process group (gloo on CPU, nccl on GPU) when the train
-function starts; rank and world size come from `ray.train.get_context()`, the device from `ray.train.torch`.
+Ray Train's TorchTrainer has already set up the torch process group (gloo on CPU, nccl on GPU, gloo for a plan with
+train.device: cpu) when the train function starts; rank and world size come from `ray.train.get_context()`, the
+device from `ray.train.torch` (or the CPU, for train.device: cpu).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class RayDist(Dist):
     last_record: dict = field(default_factory=dict)
 
     @classmethod
-    def from_context(cls, **kwargs) -> RayDist:
+    def from_context(cls, device: str = "auto", **kwargs) -> RayDist:
+        """`device` is the plan's train.device: "cpu" keeps the worker on the CPU even where Ray gave it a GPU (the
+        stage's process group is then gloo: cluster/train.py); otherwise the GPU Ray assigned, if any."""
         ctx = ray.train.get_context()
-        return cls(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                   **kwargs)
+        dev = torch.device("cpu") if device == "cpu" else ray.train.torch.get_device()
+        return cls(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=dev, **kwargs)
 
     def wrap(self, model: GPT) -> nn.Module:
         if self.world_size == 1:

@@ -55,6 +55,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,7 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.config import FLMConfigError, GrowthPlan, GrowthStage
@@ -144,6 +145,22 @@ def check_resources(plan: GrowthPlan, resources: dict[str, float]) -> None:
                 fix = "layout.workers or layout.cpus_per_worker" if kind == "CPU" else "layout.workers or use_gpu"
                 raise FLMConfigError(f"stages.{k}.layout: needs {amount:g} {kind}s ({lo} workers x {per} each) but "
                                      f"the Ray cluster has {have:g}; lower {fix}, or add nodes")
+
+
+def cluster_capacity() -> dict[str, float] | None:
+    """The resources the connected cluster can ever have, for `check_resources`: with an autoscaler, the most its
+    node types allow (autoscaler v2 reports them to the GCS); None when an autoscaler runs that does not report them
+    (v1, the default in Ray 2.60: nodes may come that nobody can count yet); without one, what the cluster has now."""
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    most = state.get_max_resources_from_cluster_config()
+    if most:
+        return {k: float(v) for k, v in most.items()}
+    if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):  # the v1 monitor writes it at every update
+        return None
+    return ray.cluster_resources()
 
 
 def check_storage(storage_path: str | os.PathLike) -> Path:
@@ -262,14 +279,14 @@ def _train_worker(config: dict) -> dict:
     plan, k = GrowthPlan.model_validate(config["plan"]), config["stage"]
     backend = config["backend"]
     if backend == "ddp":
-        dist = RayDist.from_context()
+        dist = RayDist.from_context(plan.train.device)
     else:
         from cluster.zero import ZeroDist
 
         ctx = ray.train.get_context()
         world, batch = ctx.get_world_size(), plan.stages[k].batch_size
         micro = plan.train.micro_batch_size or batch // world
-        dist = ZeroDist.from_context(zero_stage=int(backend[-1]), micro_batch=micro,
+        dist = ZeroDist.from_context(plan.train.device, zero_stage=int(backend[-1]), micro_batch=micro,
                                      accum=batch // (micro * world), grad_clip=plan.train.optim.grad_clip)
     trainer = StageTrainer(plan, dist, config.get("launch", ""), on_record=dist.observe)  # on_record: rank 0
     return {"summaries": trainer.fit(stages=[k]), "world_size": dist.world_size}
@@ -303,8 +320,9 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
     `name` (default: the plan's) names the run directory `storage_path/name` and the Ray Train runs
     `name-stage<k>`; launching the same name again continues that run. `backend` overrides every stage's
     `layout.backend`. `max_failures` worker-group restarts are allowed per stage. `on_stage(StageRun)` is called
-    after each stage; `check_cluster=False` skips the resource check (an autoscaling cluster whose nodes are not up
-    yet). The plan's `train.out` is replaced by the run directory. User errors (unwritable storage, a
+    after each stage; the resource check compares each stage with what the cluster can ever hold (`cluster_capacity`:
+    an autoscaler's maximum, or the nodes up now without one); `check_cluster=False` skips it. The plan's
+    `train.out` is replaced by the run directory. User errors (unwritable storage, a
     layout the cluster cannot hold, a batch the workers cannot split, a run directory of another plan) raise
     FLMConfigError before anything trains."""
     root = check_storage(storage_path)
@@ -312,8 +330,13 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
     if not name or "/" in name or name.startswith("."):
         raise FLMConfigError(f"name: {name!r} must be a plain directory name")
     backends = check_plan(plan, backend)
-    if check_cluster:
-        check_resources(plan, ray.cluster_resources())
+    capacity = cluster_capacity() if check_cluster else None
+    if capacity is not None:
+        check_resources(plan, capacity)
+    elif check_cluster:
+        warnings.warn("the Ray cluster's autoscaler does not report the most resources it can add (autoscaler v1): "
+                      "stage layouts are not checked against the cluster; a stage that cannot fit waits for nodes",
+                      stacklevel=2)
     run_dir = root / name
     check_run_dir(plan, run_dir)
     plan = with_run_dir(plan, run_dir)
@@ -332,6 +355,8 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
                 train_loop_config={"plan": plan.model_dump(mode="json"), "stage": k, "backend": backends[k],
                                    "launch": launch},
                 scaling_config=scaling_config(stage),
+                # train.device: cpu on GPU workers (a test cluster with fake GPUs) must not get nccl
+                torch_config=TorchConfig(backend="gloo" if plan.train.device == "cpu" else None),
                 run_config=RunConfig(name=f"{name}-stage{k}", storage_path=str(root),
                                      failure_config=FailureConfig(max_failures=max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=plan.train.keep_checkpoints)),
