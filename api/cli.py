@@ -157,13 +157,19 @@ def follow(client: Client, job_id: str) -> str:
     c = console()
     final = "UNKNOWN"
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    steps: dict[str, str] = {}
     with Progress(*columns, console=c) as bar:
         task = bar.add_task(f"{job_id} queued", total=None)
         for event, data in client.stream_events(f"/v1/jobs/{job_id}/metrics?stream=true"):
             if event == "state":
                 p = data.get("progress") or {}
                 bar.update(task, total=p.get("total_tokens"), description=f"{job_id} {data['state'].lower()}")
-                for step in data.get("steps") or []:
+                for step in data.get("steps") or []:  # a pipeline's steps, as they change
+                    if steps.get(step["name"]) != step["state"]:
+                        steps[step["name"]] = step["state"]
+                        if step["state"] not in ("PENDING", "SKIPPED"):
+                            result = f" {step['result']}" if step.get("result") else ""
+                            c.print(f"{step['name']}: {step['state'].lower()}{result}", soft_wrap=True)
                     if step["state"] == "RUNNING":
                         bar.update(task, description=f"{job_id} {step['name']}")
             elif event == "metric":

@@ -280,7 +280,8 @@ class JobRunner:
         with self.sessions.begin() as s:
             if s.get(Deployment, result["name"]) is None:
                 s.add(Deployment(id=result["name"], owner=job.owner, job_id=job.id, checkpoint=result["checkpoint"],
-                                 spec=job.spec["deploy"], state="RUNNING", url=result["url"], attempt=0))
+                                 spec={**job.spec["deploy"], "name": result["name"]}, state="RUNNING",
+                                 url=result["url"], attempt=0))
 
 
 def relative(settings: GatewaySettings, path: Path) -> str:
