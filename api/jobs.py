@@ -146,6 +146,10 @@ class JobRunner:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:  # connect now (importing Ray's client takes seconds): the first submission does not wait for it
+            self.client()
+        except RayUnavailable as e:
+            self.last_error = str(e)
         while not self._stopping.is_set():
             try:
                 self.tick()
