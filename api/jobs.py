@@ -152,8 +152,8 @@ class JobRunner:
             self.last_error = str(e)
         while not self._stopping.is_set():
             try:
-                self.tick()
-                self.last_error = None
+                if self.tick():
+                    self.last_error = None
             except RayUnavailable as e:
                 if self.last_error != str(e):
                     log.warning("%s", e)
@@ -163,13 +163,14 @@ class JobRunner:
             self._wake.wait(self.settings.poll_s)
             self._wake.clear()
 
-    def tick(self) -> None:
-        """One reconciliation: submit what is queued, copy Ray's state into the store for what runs."""
+    def tick(self) -> bool:
+        """One reconciliation: submit what is queued, copy Ray's state into the store for what runs. True if it
+        talked to Ray (there was something to do)."""
         with self.sessions() as s:
             jobs = list(s.scalars(select(Job).where(Job.state.in_(("QUEUED", "PENDING", "RUNNING", "STOPPING")))))
             deps = list(s.scalars(select(Deployment).where(Deployment.state.in_(("DEPLOYING", "DELETING")))))
         if not jobs and not deps:
-            return
+            return False
         ray_jobs = {d.submission_id: d for d in self._call("list_jobs")}
         for job in jobs:
             if job.state == "QUEUED":
@@ -178,6 +179,7 @@ class JobRunner:
                 self._sync(job, ray_jobs.get(job.ray_submission_id))
         for dep in deps:
             self._sync_deployment(dep, ray_jobs)
+        return True
 
     def set_state(self, job: Job, expected: str, **values) -> bool:
         """Update `job` only if its state is still `expected` (a cancel may have raced us); True if done."""
