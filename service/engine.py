@@ -1,7 +1,7 @@
 """The decode engine: continuous batching over a model that steps a batch of rows (`ModelShard` in-process, or the
 `ShardGroup` of tensor-parallel Ray actors).
 
-One background thread loops: finished rows leave, waiting requests join (up to `max_batch` rows and
+One asyncio task loops: finished rows leave, waiting requests join (up to `max_batch` rows and
 `max_batch_tokens` reserved KV positions, first come first served), every running row decodes one token, and each
 request's sampler (its own temperature, top-k/top-p and seeded generator, flm/generate.py's `next_tokens`) picks
 its next token. New text goes to the request's asyncio queue as it is produced, so callers can stream it.
@@ -14,7 +14,6 @@ an incomplete UTF-8 character, is held back until it is decided.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -27,7 +26,11 @@ from service.slots import apply_release
 
 
 class SteppableModel(Protocol):
+    """ModelShard or ShardGroup (which also has `async step_async`, same arguments)."""
+
     def step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
 
 
 class EngineConfig(BaseModel):
@@ -78,7 +81,10 @@ class _Request:
     def reserve(self) -> int:
         return len(self.prompt) + self.params.max_tokens
 
-    def emit(self, item: Delta | BaseException) -> None:
+    def emit(self, item: Delta | BaseException, threadsafe: bool = False) -> None:
+        if not threadsafe:  # from the engine's task, on the request's own loop
+            self.queue.put_nowait(item)
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is gone: nobody listens any more
@@ -135,7 +141,13 @@ class RequestStream:
 
 class Engine:
     """Continuous batching decode loop over `model`; `codec` turns text into tokens and back, `context` is the
-    model's context length (a request's prompt + max_tokens must fit in it)."""
+    model's context length (a request's prompt + max_tokens must fit in it).
+
+    The loop is a task on the event loop of its callers (Serve's replica loop, a test's `asyncio.run`), started
+    by the first `submit`: an in-process model steps inside the loop (a step is milliseconds; callers' handlers
+    run between steps), a ShardGroup's step is awaited. No second thread: on a busy CPU, handing the GIL back and
+    forth with a decoding thread cost a quarter of the single-request speed. If that event loop ends (one
+    `asyncio.run` after another), the next `submit` empties the model's batch and starts over on the new loop."""
 
     def __init__(self, model: SteppableModel, codec: TextCodec, context: int, config: EngineConfig | None = None):
         self.model, self.codec, self.context = model, codec, context
@@ -149,21 +161,20 @@ class Engine:
         self.peak_batch = 0  # most rows decoded in one step
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # one per row of the model's batch, in row order
-        self._cv = threading.Condition()
+        self._sampled: list[int] = []  # the token each row sampled last, to decode next
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="flm-engine", daemon=True)
-        self._thread.start()
 
     # --- public -------------------------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and not self._closed
 
     def load(self) -> dict:
         """Requests running (in the batch) and waiting (queued), model steps so far and the largest batch."""
-        with self._cv:
-            return {"running": sum(not r.done for r in self._running), "waiting": len(self._waiting),
-                    "steps": self.steps, "peak_batch": self.peak_batch}
+        return {"running": sum(not r.done for r in self._running), "waiting": len(self._waiting),
+                "steps": self.steps, "peak_batch": self.peak_batch}
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request (from inside an event loop); raises now if it cannot run (ValueError: bad input,
@@ -175,15 +186,19 @@ class Engine:
         if len(prompt) + params.max_tokens > self.context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceed the context "
                              f"of {self.context} tokens")
+        if self.error is not None or self._closed:
+            raise EngineError(f"the model is unavailable ({self.error or 'engine closed'})")
+        if len(self._waiting) >= self.config.max_waiting:
+            raise EngineError(f"{len(self._waiting)} requests are waiting; retry later", overloaded=True)
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._restart(loop)
+        elif self._task.get_loop() is not loop:
+            raise RuntimeError("the engine is running on another event loop")
         gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        req = _Request(list(prompt), params, asyncio.get_running_loop(), asyncio.Queue(), gen)
-        with self._cv:
-            if self.error is not None or self._closed:
-                raise EngineError(f"the model is unavailable ({self.error or 'engine closed'})")
-            if len(self._waiting) >= self.config.max_waiting:
-                raise EngineError(f"{len(self._waiting)} requests are waiting; retry later", overloaded=True)
-            self._waiting.append(req)
-            self._cv.notify()
+        req = _Request(list(prompt), params, loop, asyncio.Queue(), gen)
+        self._waiting.append(req)
+        self._wake.set()
         return RequestStream(req)
 
     async def complete(self, prompt: list[int], params: SamplingParams) -> Result:
@@ -199,12 +214,31 @@ class Engine:
         return Result("".join(parts), len(prompt), n, reason)
 
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join(timeout=30)
+        """Stop the loop (from any thread), fail what has not finished, and empty the model's batch."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        for req in [r for r in self._running if not r.done] + list(self._waiting):
+            req.emit(EngineError("the engine was closed"), threadsafe=True)
+        self._waiting.clear()
+        if self.error is None:
+            self._empty_model()
 
     # --- the loop -----------------------------------------------------------------------------------------------
+    def _restart(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the loop task on `loop`; requests of an event loop that has ended are dropped."""
+        if self._running or self._waiting:
+            self._empty_model()
+            self._running, self._sampled = [], []
+            self._waiting.clear()
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._loop())
+
+    def _empty_model(self) -> None:
+        """Release every row of the model's batch (its count may be ahead of ours if a step was interrupted)."""
+        self.model.reset()
+
     def _admit(self, rows: int, reserved: int) -> list[_Request]:
         """Waiting requests that fit beside `rows` running rows holding `reserved` KV positions (FIFO)."""
         admitted = []
@@ -219,47 +253,50 @@ class Engine:
             reserved += req.reserve
         return admitted
 
-    def _loop(self) -> None:
-        sampled: list[int] = []  # the token each row sampled last, to decode next
+    async def _step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        step_async = getattr(self.model, "step_async", None)
+        if step_async is not None:  # remote ranks: the event loop stays free while they compute
+            return await step_async(release, tokens, prompts)
+        return self.model.step(release, tokens, prompts)
+
+    async def _loop(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug, not a request's fault: fail loudly rather than leave streams waiting
+            self._fail(e, [r for r in self._running if not r.done])
+            raise
+
+    async def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._closed and not self._waiting and all(r.done or r.cancelled for r in self._running):
-                    self._cv.wait()
-                if self._closed:
-                    rows = list(range(len(self._running)))
-                    unfinished = [r for r in self._running if not r.done] + list(self._waiting)
-                    self._waiting.clear()
-                    break
-                release = [b for b, r in enumerate(self._running) if r.done or r.cancelled]
-                kept = apply_release(list(range(len(self._running))), release)
-                live = [self._running[b] for b in kept]
-                admitted = self._admit(len(live), sum(r.reserve for r in live))
+            while not self._waiting and all(r.done or r.cancelled for r in self._running):
+                self._wake.clear()
+                await self._wake.wait()
+            release = [b for b, r in enumerate(self._running) if r.done or r.cancelled]
+            kept = apply_release(list(range(len(self._running))), release)
+            live = [self._running[b] for b in kept]
+            admitted = self._admit(len(live), sum(r.reserve for r in live))
             try:
-                logits = self.model.step(release, [sampled[b] for b in kept], [r.prompt for r in admitted])
-            except BaseException as e:  # a dead rank: fail everything, the health check reports it
+                logits = await self._step(release, [self._sampled[b] for b in kept], [r.prompt for r in admitted])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a dead rank: fail everything, the health check reports it
                 self._fail(e, live + admitted)
                 return
-            with self._cv:
-                self._running = live + admitted
+            self._running = live + admitted
             self.steps += 1
             self.peak_batch = max(self.peak_batch, len(self._running))
-            sampled = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
+            self._sampled = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
             for b, req in enumerate(self._running):
                 if req.params.temperature > 0:
-                    sampled[b] = int(next_tokens(logits[b:b + 1], req.params, req.generator)[0])
-                token = sampled[b]
+                    self._sampled[b] = int(next_tokens(logits[b:b + 1], req.params, req.generator)[0])
                 if not req.cancelled:
-                    req.accept(token, self.codec)
-
-        for req in unfinished:
-            req.emit(EngineError("the engine was closed"))
-        if rows:  # leave the model's batch empty for whoever steps it next
-            self.model.step(rows, [], [])
+                    req.accept(self._sampled[b], self.codec)
+            await asyncio.sleep(0)  # the streams' readers and new requests run between steps
 
     def _fail(self, error: BaseException, requests: list[_Request]) -> None:
-        with self._cv:
-            self.error = error
-            requests = requests + list(self._waiting)
-            self._waiting.clear()
-        for req in requests:
+        self.error = error
+        for req in requests + list(self._waiting):
             req.emit(EngineError(f"the model failed: {error!r}"))
+        self._waiting.clear()

@@ -60,6 +60,10 @@ class SlotBatch:
             self.pad = torch.zeros(max_batch, dtype=torch.long, device=w.device)
         self.rows = 0
 
+    def reset(self) -> None:
+        """Drop every row."""
+        self.rows, self.cache.pos = 0, 0
+
     @property
     def capacity(self) -> int:
         return self.cache.max_len

@@ -38,8 +38,10 @@ all-reduces never cross the network), joined in a torch.distributed group: gloo 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -179,16 +181,18 @@ class ModelShard:
             torch.set_num_threads(threads)
         self.rank, self.tp, self.max_batch, self.capacity = rank, tp, max_batch, capacity
         self.device, self.dtype = device, DTYPES[dtype]
+        self._lock = threading.Lock()  # an actor runs two calls at once (ping answers during a step): not these
         self.load(checkpoint)
 
     def load(self, checkpoint: str) -> None:
         """Read this rank's slices of `checkpoint` and start an empty batch (also to swap in another checkpoint,
         of any shape the degree divides, without restarting the actors and their process group)."""
-        self.cfg = read_config(checkpoint)
-        state = read_shard_state(checkpoint, self.cfg, self.rank, self.tp)
-        self.loaded_numel = sum(t.numel() for t in state.values())
-        self.model = build_shard(self.cfg, state, self.tp).to(device=self.device, dtype=self.dtype)
-        self.batch = SlotBatch(self.model, self.max_batch, self.capacity or 2 * self.cfg.seq_len)
+        with self._lock:
+            self.cfg = read_config(checkpoint)
+            state = read_shard_state(checkpoint, self.cfg, self.rank, self.tp)
+            self.loaded_numel = sum(t.numel() for t in state.values())
+            self.model = build_shard(self.cfg, state, self.tp).to(device=self.device, dtype=self.dtype)
+            self.batch = SlotBatch(self.model, self.max_batch, self.capacity or 2 * self.cfg.seq_len)
 
     # --- process group ------------------------------------------------------------------------------------------
     @staticmethod
@@ -208,13 +212,19 @@ class ModelShard:
     # --- work -------------------------------------------------------------------------------------------------------
     def step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor | None:
         """One engine step (see SlotBatch.step); rank 0 returns the logits (float32, CPU), the others None."""
-        logits = self.batch.step(release, tokens, prompts)
+        with self._lock:
+            logits = self.batch.step(release, tokens, prompts)
         return logits.float().cpu() if self.rank == 0 else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self.batch.reset()
 
     @torch.inference_mode()
     def logits(self, idx: list[list[int]]) -> torch.Tensor | None:
         """Full-sequence logits (B, T, vocab) of equal-length rows, without the cache (tests, scoring)."""
-        out, _ = self.model(torch.tensor(idx, device=self.model.wte.weight.device))
+        with self._lock:
+            out, _ = self.model(torch.tensor(idx, device=self.model.wte.weight.device))
         return out.float().cpu() if self.rank == 0 else None
 
     def ping(self) -> int:
@@ -284,6 +294,13 @@ class ShardGroup:
 
     def step(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor:
         return self._gather([a.step.remote(release, tokens, prompts) for a in self.actors])[0]
+
+    async def step_async(self, release: list[int], tokens: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """`step` awaited: gather raises as soon as any rank fails, like `_gather`."""
+        return (await asyncio.gather(*(a.step.remote(release, tokens, prompts) for a in self.actors)))[0]
+
+    def reset(self) -> None:
+        self._gather([a.reset.remote() for a in self.actors])
 
     def load(self, checkpoint: str) -> None:
         """Every rank swaps in its slices of another checkpoint (the running batch is dropped)."""
