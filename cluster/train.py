@@ -158,7 +158,11 @@ def cluster_capacity() -> dict[str, float] | None:
     most = state.get_max_resources_from_cluster_config()
     if most:
         return {k: float(v) for k, v in most.items()}
-    if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):  # the v1 monitor writes it at every update
+    # The v1 monitor runs on every head; without an autoscaling config it is read-only and names each node's type
+    # "node_<id>" (ray.autoscaler._private.util.format_readonly_node_type); with one, after the config's node types.
+    status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or "{}")
+    types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    if any(kind != f"node_{node}" for node, kind in types.items()):
         return None
     return ray.cluster_resources()
 

@@ -63,7 +63,7 @@ def _kill_tree(head: subprocess.Popen, marker: str) -> None:
     """Stop our head, then every process left that names our temp dir: only what this module started."""
     head.send_signal(signal.SIGTERM)
     try:
-        head.wait(30)
+        head.wait(10)
     except subprocess.TimeoutExpired:
         head.kill()
     for _ in range(3):
@@ -90,8 +90,9 @@ def autoscaling_cluster():
             [ray_bin, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
              "--num-gpus=0", f"--dashboard-port={free_port()}", f"--autoscaling-config={temp / 'autoscaler.json'}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
+    mp = pytest.MonkeyPatch()
+    for k, v in RAY_TEST_ENV.items():
+        mp.setenv(k, v)
     try:
         deadline = time.monotonic() + 120  # a loaded machine: the head takes its time
         while True:
@@ -103,15 +104,17 @@ def autoscaling_cluster():
                     log = (temp / "head.log").read_text()[-3000:]
                     raise RuntimeError(f"the Ray head did not come up:\n{log}") from e
                 time.sleep(2)
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        while not _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):  # the monitor's first update
+            assert time.monotonic() < deadline, "the autoscaler did not report"
+            time.sleep(1)
         yield temp
     finally:
         ray.shutdown()
         _kill_tree(head, str(temp))
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        mp.undo()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -3,7 +3,6 @@ resumes from there after its local staging directory is lost, bit-identically to
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 
@@ -33,19 +32,15 @@ def s3(tmp_path_factory):
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FLM_HOME": str(tmp_path_factory.mktemp("home"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=BUCKET)
+            yield client
+        finally:
+            server.stop()
 
 
 def plan_on(data, out):
