@@ -473,6 +473,12 @@ def cmd_up(args) -> None:
     c.print(f"export FLM_URL={stack['processes']['gateway']['url']}  # and FLM_API_KEY from `flm keys create`")
 
 
+def cmd_demo(args) -> None:
+    from api.demo import run_demo
+
+    run_demo(args.out, eval_items=args.eval_items, tp=args.tp)
+
+
 def cmd_down(args) -> None:
     from api.settings import flm_home
 
@@ -496,6 +502,13 @@ def add_api_cli(sub) -> None:
     p.add_argument("--serve-port", type=int, default=8000, help="Ray Serve HTTP port for deployments (8000)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="the main job end to end: stack up, tiny pipeline over REST, TP=2 deploy, "
+                                    "a completion, stack down")
+    p.add_argument("--out", default="runs/demo", help="the demo's storage root ($FLM_HOME of its stack)")
+    p.add_argument("--eval-items", type=int, default=5, help="IQ items per subtask")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the deployment")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("down", help="stop the Ray head and gateway that `flm up` started (by PID)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")

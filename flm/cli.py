@@ -169,12 +169,6 @@ def cmd_mup_check(args) -> None:
                   f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
 
 
-def cmd_demo(args) -> None:
-    from flm.demo import run_demo
-
-    run_demo(args.out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,9 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/mup/coord_check.png")
     p.set_defaults(func=cmd_mup_check)
 
-    p = sub.add_parser("demo", help="the main job end to end on this machine")
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
