@@ -434,9 +434,38 @@ def start_stack(home: Path, port: int, ray_port: int, dashboard_port: int, serve
     return stack
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (with the PID, it names one process), None if gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of every process below `pid` now (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if (t := start_time(child)) is not None:
+                found[child] = t
+                todo.append(child)
+    return found
+
+
 def stop_processes(procs: dict, grace_s: float = 30.0) -> list[str]:
-    """SIGTERM each recorded process that is still the one we started (its command line says so), SIGKILL after
-    `grace_s`; the gateway first, so it does not see Ray vanish under running jobs."""
+    """SIGTERM each recorded process that is still the one we started (its command line says so), the gateway
+    first, so it does not see Ray vanish under running jobs. A blocking `ray start` stops the processes it started
+    itself; whatever of that process tree (noted before the SIGTERM) is still there after `grace_s` (a loaded
+    machine can take that long) is SIGKILLed, each only if it is still the same process (PID and start time)."""
     marks = {"gateway": "api.server", "ray": "ray start"}
     stopped = []
     for name in ("gateway", "ray"):
@@ -444,13 +473,16 @@ def stop_processes(procs: dict, grace_s: float = 30.0) -> list[str]:
         if not info or not alive(info["pid"]) or marks[name] not in cmdline(info["pid"]):
             continue
         pid = info["pid"]
+        tree = {pid: start_time(pid), **descendants(pid)}
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while alive(pid) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and any(alive(p) and start_time(p) == t for p, t in tree.items()):
             _reap(pid)
             time.sleep(0.2)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        for p, t in tree.items():
+            if alive(p) and start_time(p) == t:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
         _reap(pid)
         stopped.append(f"{name} (PID {pid})")
     return stopped
