@@ -8,6 +8,8 @@
   (b) continuous batching: aggregate tokens/s of C concurrent clients (each sends requests back to back) against
       one client, through the same engine; the two settings alternate for --rounds rounds (medians);
   (c) time to first token (submit -> first token), p50 / p99 over every request of each setting in (b).
+  In-process runs also report tokens per CPU-second of this process (`time.process_time`; every model runs on one
+  thread here): on a shared machine wall-clock rates swing with the other jobs' load, CPU time much less.
   --http adds (b) and (c) through the whole stack: `service.app.deploy` on a local Ray cluster (tp = --tp shard
   actors, Ray Serve's HTTP proxy), clients streaming over HTTP (`stream: true`; tokens from `usage`).
 
@@ -111,12 +113,12 @@ def single_request(ck: Path, tok: Tokenizer, new_tokens: int, repeats: int, work
     engine = Engine(shard, NeverEnds(tok), shard.cfg.seq_len)
     params = SamplingParams(max_tokens=new_tokens)
 
-    def ours() -> tuple[float, str]:
+    def ours() -> tuple[float, float, str]:
         async def one():
-            t, text = time.perf_counter(), ""
+            t, c, text = time.perf_counter(), time.process_time(), ""
             async for d in engine.submit(ids, params):
                 text += d.text
-            return time.perf_counter() - t, text
+            return time.perf_counter() - t, time.process_time() - c, text
 
         return asyncio.run(one())
 
@@ -124,25 +126,29 @@ def single_request(ck: Path, tok: Tokenizer, new_tokens: int, repeats: int, work
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     x = torch.tensor([ids])
 
-    def theirs() -> tuple[float, str]:
-        t = time.perf_counter()
+    def theirs() -> tuple[float, float, str]:
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=True)
-        return time.perf_counter() - t, tok.decode(out[0, len(ids):].tolist())
+        return time.perf_counter() - t, time.process_time() - c, tok.decode(out[0, len(ids):].tolist())
 
-    runs = {"engine": {"seconds": []}, "transformers": {"seconds": []}}
+    runs = {"engine": {"seconds": [], "cpu_seconds": []}, "transformers": {"seconds": [], "cpu_seconds": []}}
     try:
-        same = ours()[1] == theirs()[1]  # also the warm-up
+        same = ours()[2] == theirs()[2]  # also the warm-up
         for _ in range(repeats):  # alternated: a shared machine's load drifts
             for name, fn in (("engine", ours), ("transformers", theirs)):
-                runs[name]["seconds"].append(fn()[0])
+                wall, cpu, _ = fn()
+                runs[name]["seconds"].append(wall)
+                runs[name]["cpu_seconds"].append(cpu)
     finally:
         engine.close()
     for r in runs.values():
         r["tokens_per_s"] = new_tokens / statistics.median(r["seconds"])
+        r["tokens_per_cpu_s"] = new_tokens / statistics.median(r["cpu_seconds"])
     return {"prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats, **runs,
             "speedup": runs["engine"]["tokens_per_s"] / runs["transformers"]["tokens_per_s"],
+            "speedup_cpu": runs["engine"]["tokens_per_cpu_s"] / runs["transformers"]["tokens_per_cpu_s"],
             "same_greedy_text": same}
 
 
@@ -156,12 +162,13 @@ async def clients(send, n_clients: int, per_client: int) -> dict:
             out.append(await send(CLIENT_PROMPTS[(c + r) % len(CLIENT_PROMPTS)]))
         return out
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     results = [x for rs in await asyncio.gather(*(client(c) for c in range(n_clients))) for x in rs]
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     ttft = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
-    return {"clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": wall, "ttft_s": ttft}
+    return {"clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": wall, "cpu_seconds": cpu,
+            "ttft_s": ttft}
 
 
 def alternate(run, n_clients: int, rounds: int) -> dict:
@@ -177,7 +184,9 @@ def alternate(run, n_clients: int, rounds: int) -> dict:
         out[key] = {"clients": c, "requests": runs[c][0]["requests"], "tokens": runs[c][0]["tokens"],
                     "rounds": runs[c], "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs[c]),
                     "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)}
+        out[key]["tokens_per_cpu_s"] = statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs[c])
     out["speedup"] = out["many"]["tokens_per_s"] / out["one"]["tokens_per_s"]
+    out["speedup_cpu"] = out["many"]["tokens_per_cpu_s"] / out["one"]["tokens_per_cpu_s"]
     return out
 
 
@@ -246,6 +255,11 @@ def batching_http(ck: Path, new_tokens: int, n_clients: int, per_client: int, ro
     finally:
         serve.shutdown()
         ray.shutdown()
+    for key in ("one", "many"):  # the CPU time of this process is the clients', not the server's
+        result[key].pop("tokens_per_cpu_s")
+        for r in result[key]["rounds"]:
+            r.pop("cpu_seconds")
+    result.pop("speedup_cpu")
     return {"tp": tp, **result}
 
 
@@ -263,7 +277,8 @@ def plot(result: dict, path: Path) -> None:
                                                              a["transformers"]["tokens_per_s"]],
                   color=["#2a7f62", "#777777"])
     ax.bar_label(bars, fmt="%.0f")
-    ax.set_title(f"(a) one request, {a['new_tokens']} new tokens: {a['speedup']:.2f}x")
+    ax.set_title(f"(a) one request, {a['new_tokens']} new tokens: {a['speedup']:.2f}x\n"
+                 f"(per CPU-second: {a['speedup_cpu']:.2f}x)")
     ax.set_ylabel("decode tokens / s")
     modes = [("engine", result["batching"])] + ([(f"HTTP, tp={result['http']['tp']}", result["http"])]
                                                  if result.get("http") else [])
@@ -271,8 +286,9 @@ def plot(result: dict, path: Path) -> None:
     width = 0.8 / len(modes)
     for k, (name, b) in enumerate(modes):
         xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(2)]
+        cpu = f" ({b['speedup_cpu']:.1f}x per CPU-s)" if "speedup_cpu" in b else ""
         bars = ax.bar(xs, [b["one"]["tokens_per_s"], b["many"]["tokens_per_s"]], width,
-                      label=f"{name}: {b['speedup']:.1f}x")
+                      label=f"{name}: {b['speedup']:.1f}x{cpu}")
         ax.bar_label(bars, fmt="%.0f")
     ax.set_xticks(range(2), ["1 client", f"{result['batching']['many']['clients']} clients"])
     ax.set_title("(b) aggregate throughput (continuous batching)")

@@ -31,11 +31,12 @@ def test_quick_mode_report(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     a = result["single_request"]
     assert a["new_tokens"] == 16 and a["same_greedy_text"] is True
-    assert positive(a["speedup"]) and all(positive(a[k]["tokens_per_s"]) for k in ("engine", "transformers"))
+    assert positive(a["speedup"]) and positive(a["speedup_cpu"])
+    assert all(positive(a[k][m]) for k in ("engine", "transformers") for m in ("tokens_per_s", "tokens_per_cpu_s"))
     b = result["batching"]
     assert b["one"]["clients"] == 1 and b["many"]["clients"] == 16 and b["peak_batch"] > 1
     for run in (b["one"], b["many"]):
         assert run["tokens"] == run["requests"] * 16  # every request decodes exactly max_tokens
-        assert all(positive(run[k]) for k in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s"))
+        assert all(positive(run[k]) for k in ("tokens_per_s", "tokens_per_cpu_s", "ttft_p50_s", "ttft_p99_s"))
         assert run["ttft_p50_s"] <= run["ttft_p99_s"]
     assert set(result["goals"]) == {"single_request_speedup>=1.5", "16_clients_speedup>=6"}
