@@ -53,7 +53,7 @@ from torch import nn
 
 from flm.checkpoint import MANIFEST
 from flm.config import FLMConfigError, ModelConfig
-from flm.model import GPT
+from flm.model import GPT, Rotary
 from service.slots import SlotBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,11 +149,39 @@ class WithoutResidualMask(nn.Module):
         return self.inner(*args)
 
 
-def build_shard(cfg: ModelConfig, state: dict[str, torch.Tensor], tp: int) -> GPT:
-    """flm's GPT holding one rank's slices, its two output projections per block made row-parallel."""
+class PositionTables(Rotary):
+    """flm's rotary tables computed once for positions 0 .. `positions` - 1 and gathered per call: decoding asks for
+    new positions at every step. Each entry is the same float64 computation of the same integer position, so the
+    angles are bit-identical to Rotary's."""
+
+    def __init__(self, cfg: ModelConfig, positions: int):
+        super().__init__(cfg)
+        self.positions = positions
+        self._all: dict[tuple, tuple] = {}  # (dtype, device) -> (cos, sin, scale), each (positions, head_dim)
+
+    def tables(self, start: int, length: int, dtype: torch.dtype, device: torch.device,
+               pad: torch.Tensor | None = None):
+        if start + length > self.positions:
+            return super().tables(start, length, dtype, device, pad)
+        key = (dtype, device)
+        if key not in self._all:
+            self._all[key] = super().tables(0, self.positions, dtype, device)
+        if pad is None:
+            return tuple(None if t is None else t[start:start + length] for t in self._all[key])
+        pos = (torch.arange(start, start + length, device=device) - pad.unsqueeze(-1)).clamp(min=0)  # (B, T)
+        return tuple(None if t is None else t[pos].unsqueeze(1) for t in self._all[key])
+
+
+def build_shard(cfg: ModelConfig, state: dict[str, torch.Tensor], tp: int, positions: int = 0) -> GPT:
+    """flm's GPT holding one rank's slices, its two output projections per block made row-parallel. For inference
+    only: dropout modules go, and with `positions` > 0 the rotary tables of that many positions are precomputed."""
     model = GPT.from_state(shard_config(cfg, tp), state).eval()
+    model.drop = nn.Identity()
+    if positions:
+        model.rotary = PositionTables(model.cfg, positions)
     c = model.hidden_mask
     for block in model.blocks:
+        block.drop = nn.Identity()
         for owner in (block.attn, block.mlp):
             w, b = owner.proj.weight.detach(), owner.proj.bias
             b = None if b is None else b.detach()
@@ -191,8 +219,9 @@ class ModelShard:
             self.cfg = read_config(checkpoint)
             state = read_shard_state(checkpoint, self.cfg, self.rank, self.tp)
             self.loaded_numel = sum(t.numel() for t in state.values())
-            self.model = build_shard(self.cfg, state, self.tp).to(device=self.device, dtype=self.dtype)
-            self.batch = SlotBatch(self.model, self.max_batch, self.capacity or 2 * self.cfg.seq_len)
+            capacity = self.capacity or 2 * self.cfg.seq_len
+            self.model = build_shard(self.cfg, state, self.tp, capacity).to(device=self.device, dtype=self.dtype)
+            self.batch = SlotBatch(self.model, self.max_batch, capacity)
 
     # --- process group ------------------------------------------------------------------------------------------
     @staticmethod
