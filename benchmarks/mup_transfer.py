@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench/mup_transfer"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mup_transfer.json")
     ap.add_argument("--quick", action="store_true", help="CI smoke test: 2 layers, 16 -> 64, 3 LRs, 20 steps")
+    ap.add_argument("--reanalyse", type=Path, help="recompute the verdict and PNG of this result JSON, no training")
     args = ap.parse_args(argv)
     if args.quick:
         args.lrs, args.steps, args.eval_batches = [4e-3, 1.6e-2, 6.4e-2], 20, min(args.eval_batches, 4)
@@ -95,8 +96,62 @@ def best_lr(curve: dict[float, float]) -> float | None:
     return min(finite, key=finite.get) if finite else None
 
 
+def interpolated_best_lr(curve: dict[float, float]) -> float | None:
+    """The vertex of the parabola in log(lr) through the best grid point and its two neighbours: a finer optimum
+    than the grid's argmin (None when the best point is at the grid's edge or a neighbour diverged)."""
+    lrs = sorted(curve)
+    b = best_lr(curve)
+    i = lrs.index(b) if b is not None else 0
+    if b is None or i in (0, len(lrs) - 1):
+        return None
+    y0, y1, y2 = (curve[lrs[j]] for j in (i - 1, i, i + 1))
+    if not all(math.isfinite(y) for y in (y0, y2)):
+        return None
+    offset = (y0 - y2) / (2 * (y0 - 2 * y1 + y2))  # in grid steps from the best point, within (-0.5, 0.5]
+    return b * (lrs[i + 1] / b) ** offset
+
+
+def analyse(runs: list[dict], small: int, large: int, lrs: list[float]) -> tuple[dict, dict]:
+    """Per parametrisation: the two LR curves, the best LR at each width, its shift in grid steps (argmin and
+    interpolated), and the regret at 4x of using the small width's best LR."""
+    loss = {(r["width"], r["parametrization"], r["lr"]): r["val_loss"] for r in runs}
+    step = lrs[1] / lrs[0]
+    sweeps, verdict = {}, {}
+    for p in PARAMS:
+        curves = {str(small): {lr: loss[small, "mup", lr] for lr in lrs},  # μP = SP at base_width
+                  str(large): {lr: loss[large, p, lr] for lr in lrs}}
+        b_small, b_large = best_lr(curves[str(small)]), best_lr(curves[str(large)])
+        shift = None if None in (b_small, b_large) else round(math.log(b_large / b_small) / math.log(step))
+        i_small, i_large = (interpolated_best_lr(curves[w]) for w in (str(small), str(large)))
+        i_shift = None if None in (i_small, i_large) else math.log(i_large / i_small) / math.log(step)
+        at_transferred = curves[str(large)][b_small] if b_small is not None else math.nan
+        sweeps[p] = {w: {f"{lr:g}": v for lr, v in c.items()} for w, c in curves.items()}
+        verdict[p] = {"best_lr_small": b_small, "best_lr_large": b_large, "shift_grid_steps": shift,
+                      "transfers": shift is not None and abs(shift) <= 1,
+                      "interpolated_best_lr_small": i_small, "interpolated_best_lr_large": i_large,
+                      "interpolated_shift_grid_steps": i_shift,
+                      "large_loss_at_small_best_lr": at_transferred,
+                      "large_best_loss": curves[str(large)].get(b_large, math.nan),
+                      "regret": at_transferred - curves[str(large)].get(b_large, math.nan)}
+    return sweeps, verdict
+
+
+def reanalyse(path: Path) -> dict:
+    """Recompute the verdict and redraw the PNG of a result JSON from its runs (no training)."""
+    result = json.loads(path.read_text())
+    result["sweeps"], result["verdict"] = analyse(result["runs"], *result["widths"], result["lrs"])
+    result["claim_holds"] = result["verdict"]["mup"]["transfers"] and not result["verdict"]["sp"]["transfers"]
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.reanalyse:
+        result = reanalyse(args.reanalyse)
+        print(json.dumps(result, indent=2))
+        return result
     t_start, load_start = time.perf_counter(), os.getloadavg()
     family, data = family_for(args)
     small, large = family.widths
@@ -118,33 +173,19 @@ def main(argv=None) -> dict:
     results = train_proxies([plan(*j, data_dir) for j in jobs], jobs=args.jobs, threads=args.threads,
                             on_done=lambda i, r: log(f"width {jobs[i][0]} {jobs[i][1]} lr {jobs[i][2]:g}: "
                                                      f"val_loss {r['val_loss']:.4f} ({r['seconds']:.0f} s)"))
-    loss = {(w, p, lr): r["val_loss"] for (w, p, lr), r in zip(jobs, results, strict=True)}
-    step = args.lrs[1] / args.lrs[0]
-    sweeps, verdict = {}, {}
-    for p in PARAMS:
-        curves = {str(small): {lr: loss[small, "mup", lr] for lr in args.lrs},
-                  str(large): {lr: loss[large, p, lr] for lr in args.lrs}}
-        b_small, b_large = best_lr(curves[str(small)]), best_lr(curves[str(large)])
-        shift = None if None in (b_small, b_large) else round(math.log(b_large / b_small) / math.log(step))
-        at_transferred = curves[str(large)][b_small] if b_small is not None else math.nan
-        sweeps[p] = {w: {f"{lr:g}": v for lr, v in c.items()} for w, c in curves.items()}
-        verdict[p] = {"best_lr_small": b_small, "best_lr_large": b_large, "shift_grid_steps": shift,
-                      "transfers": shift is not None and abs(shift) <= 1,
-                      "large_loss_at_small_best_lr": at_transferred,
-                      "large_best_loss": curves[str(large)].get(b_large, math.nan),
-                      "regret": at_transferred - curves[str(large)].get(b_large, math.nan)}
+    runs = [{"width": w, "parametrization": p, "lr": lr, **r} for (w, p, lr), r in zip(jobs, results, strict=True)]
+    sweeps, verdict = analyse(runs, small, large, args.lrs)
     result = {
         "benchmark": "mup_transfer",
         "command": " ".join(["benchmarks/mup_transfer.py", *(sys.argv[1:] if argv is None else argv)]),
         "family": family.model_dump(mode="json"),
-        "widths": [small, large], "lrs": args.lrs, "grid_step": step, "steps": args.steps,
+        "widths": [small, large], "lrs": args.lrs, "grid_step": args.lrs[1] / args.lrs[0], "steps": args.steps,
         "tokens_per_run": args.steps * family.batch_size * family.model.seq_len,
         "eval_batches": args.eval_batches, "eval_tokens": args.eval_batches * 8 * family.model.seq_len,
         "data": data_dir,
         "sweeps": sweeps, "verdict": verdict,
         "claim_holds": verdict["mup"]["transfers"] and not verdict["sp"]["transfers"],
-        "runs": [{"width": w, "parametrization": p, "lr": lr, **r}
-                 for (w, p, lr), r in zip(jobs, results, strict=True)],
+        "runs": runs,
         "wall_s": time.perf_counter() - t_start,
         "loadavg": {"start": load_start, "end": os.getloadavg()},
         "jobs": args.jobs, "threads": args.threads,
@@ -172,21 +213,26 @@ def plot(result: dict, path: Path) -> None:
             b = v["best_lr_small" if w == small else "best_lr_large"]
             if b is not None:
                 ax.scatter([b], [curve[b]], marker="*", s=200, color=color, zorder=4, edgecolor="k")
+            fine = v["interpolated_best_lr_small" if w == small else "interpolated_best_lr_large"]
+            if fine is not None:
+                ax.axvline(fine, color=color, ls="--", lw=1)
             for lr in sorted(curve):
                 if not math.isfinite(curve[lr]):
                     ax.annotate("diverged", (lr, max(finite)), fontsize=7, color=color, rotation=90)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate (base, at base_width)")
-        shift = v["shift_grid_steps"]
+        shift, fine = v["shift_grid_steps"], v["interpolated_shift_grid_steps"]
         ax.set_title(f"{LABELS[p]}: best LR {v['best_lr_small']:g} -> {v['best_lr_large']:g} "
-                     f"({'n/a' if shift is None else f'{shift:+d}'} grid steps), regret {v['regret']:.3f}",
+                     f"({'n/a' if shift is None else f'{shift:+d}'} grid steps), regret {v['regret']:.3f}\n"
+                     f"interpolated optimum (dashed): {'n/a' if fine is None else f'{fine:+.2f}'} grid steps",
                      fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     axes[0].set_ylabel(f"final validation loss after {result['steps']} steps")
     if finite:
         axes[0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 2.0) + 0.05)
-    fig.suptitle(f"LR transfer from width {small} to {large} (stars: best LR; at width {small} μP = SP)", fontsize=10)
+    fig.suptitle(f"LR transfer from width {small} to {large}, {result['steps']} steps (stars: best grid LR; dashed: "
+                 f"parabola vertex in log LR; at width {small} μP = SP)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, SearchedHparams, load_yaml, parse
-from flm.flops import param_count
+from flm.flops import flops_per_token, param_count
 from flm.train import Trainer, flm_home, resolve_dataset
 
 
@@ -146,8 +146,10 @@ def train_proxies(plans: list[GrowthPlan], jobs: int = 1, threads: int = 1,
         finally:
             torch.set_num_threads(before)
     results: list[dict | None] = [None] * len(plans)
+    cost = [flops_per_token(p.model_configs()[0]) * p.stages[0].tokens for p in plans]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_with_threads, plan, threads): i for i, plan in enumerate(plans)}
+        futures = {pool.submit(_train_with_threads, plans[i], threads): i  # longest first: the shortest wall-clock
+                   for i in sorted(range(len(plans)), key=lambda i: -cost[i])}
         for future in as_completed(futures):
             i = futures[future]
             results[i] = future.result()

@@ -25,6 +25,12 @@ def test_quick_mode_report(run_quick, tmp_path):
             finite = {float(lr): x for lr, x in sweeps[width].items() if math.isfinite(x)}
             assert v[key] == min(finite, key=finite.get)
         assert v["shift_grid_steps"] == round(math.log(v["best_lr_large"] / v["best_lr_small"], 4))
+        for key in ("best_lr_small", "best_lr_large"):  # the parabola's vertex lies within half a step of the argmin
+            fine = v[f"interpolated_{key}"]
+            assert fine is None or v[key] / 2 <= fine <= v[key] * 2
+        if v["interpolated_shift_grid_steps"] is not None:
+            assert v["interpolated_shift_grid_steps"] == pytest.approx(
+                math.log(v["interpolated_best_lr_large"] / v["interpolated_best_lr_small"], 4))
         assert v["transfers"] == (abs(v["shift_grid_steps"]) <= 1)
         assert v["regret"] == pytest.approx(v["large_loss_at_small_best_lr"] - v["large_best_loss"], abs=1e-12)
         assert v["regret"] >= 0
