@@ -21,11 +21,9 @@ from cluster.train import run_plan, stage_backend
 from flm.checkpoint import list_checkpoints, load_checkpoint
 from flm.config import FLMConfigError, GrowthPlan
 from flm.train import Trainer, read_metrics
-from tests.conftest import micro_plan
+from tests.conftest import local_ray, micro_plan
 
 TIMING = ("tokens_per_s", "mfu")
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # one actor fewer per run: no preemptions on this machine
 # Tolerances against the single-process run (same plan, seed, global batch). Losses: 1e-4 absolute (observed: 5e-7).
 # Final float32 state: max |a - b| of each tensor over max |b| <= 1e-3 (observed 3.9e-4, in the attention's key
 # bias: its exact gradient is zero, softmax ignores it, so AdamW turns rounding noise into lr-sized steps; the
@@ -76,16 +74,8 @@ def copy_run_until(src, dst, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.cluster_resources()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_ray(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0") as resources:  # one actor fewer per run: no preemptions
+        yield resources
 
 
 @pytest.fixture(scope="module")
