@@ -21,6 +21,7 @@ from api.settings import GatewaySettings
 from api.store import create_key, open_store
 from flm.config import load_plan
 from flm.plan import Hardware, plan_cost
+from flm.train import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPT = "ROMEO:"
@@ -68,10 +69,7 @@ def run_demo(out: str, eval_items: int = 5, tp: int = 2, num_cpus: int = 2) -> d
 
 
 def summarize(home: Path, job: dict, cost, completion: dict) -> dict:
-    run_dir = home / job["run_dir"] if job.get("run_dir") else None
-    records = []
-    if run_dir and (run_dir / "metrics.jsonl").exists():
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(home / job["run_dir"]) if job.get("run_dir") else []
     evals = [r for r in records if "val_loss" in r]
     stages = {}
     for r in evals:
