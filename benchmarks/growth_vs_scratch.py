@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import floats, log  # benchmarks/common.py (the script's own folder)
 
 from flm.config import GrowthPlan, ModelConfig
 from flm.data import TokenizerSpec, prepare_dataset
@@ -284,14 +285,6 @@ def plot(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke test: 1 seed, few steps, no LR sweep")

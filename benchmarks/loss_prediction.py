@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import ints, log  # benchmarks/common.py (the script's own folder)
 
 from cluster.tune import load_search
 from flm.config import ProxyFamily, SearchedHparams, parse
@@ -32,14 +33,6 @@ from flm.data import Manifest
 from flm.scaling import PowerLaw, family_hparams, fit_runs, plot_prediction, train_widths
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

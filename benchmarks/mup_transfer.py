@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import floats, log  # benchmarks/common.py (the script's own folder)
 
 from cluster.tune import load_search
 from flm.config import ProxyFamily, SearchedHparams, parse
@@ -35,14 +36,6 @@ from flm.train import resolve_dataset
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("mup", "sp")
 LABELS = {"mup": "μP", "sp": "standard parametrisation"}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
