@@ -61,7 +61,8 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from cluster.train import StageRun, check_plan, check_storage, run_plan, stage_end_checkpoint
+    from cluster.train import StageRun, check_plan, check_storage, run_plan, stage_end
+    from flm.storage import join
     from flm.train import flm_home
 
     # everything that can be wrong with the input fails here, before a cluster starts
@@ -72,7 +73,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
         raise FLMConfigError(f"--max-failures: {args.max_failures}; use -1 (retry forever) or a count >= 0")
 
     name = args.name or plan.name
-    finished = all(stage_end_checkpoint(storage / name, k) for k in range(len(plan.stages)))
+    finished = all(stage_end(join(storage, name), k) for k in range(len(plan.stages)))
     started = not finished and connect(args.address)  # a finished run needs no cluster
 
     def show(run: StageRun) -> None:
@@ -91,7 +92,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps([r.to_dict() for r in runs], indent=2))
         return
-    table = Table(title=f"{name}: {storage / name}")
+    table = Table(title=f"{name}: {join(storage, name)}")
     for col in ("stage", "status", "backend", "workers", "params", "steps", "loss", "val loss", "seconds"):
         table.add_column(col, justify="right")
     for r in runs:
@@ -115,8 +116,8 @@ def add_cluster_cli(subparsers) -> None:
     t.add_argument("plan", help="growth plan YAML; each stage's layout gives its workers, GPUs and CPUs")
     t.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); "
                                      "default: start a local one")
-    t.add_argument("--storage", help="directory holding the run and Ray's records; on several nodes a shared "
-                                     "mount (default: $FLM_HOME/runs)")
+    t.add_argument("--storage", help="directory or object store URI (s3://bucket/prefix) holding the run and Ray's "
+                                     "records; on several nodes a shared mount or a URI (default: $FLM_HOME/runs)")
     t.add_argument("--name", help="run name (default: the plan's name): the run directory is STORAGE/NAME")
     t.add_argument("--backend", help="gradient backend for every stage, overriding the plan: ddp (torch DDP) or "
                                      "zero1, zero2, zero3 (DeepSpeed ZeRO stage 1/2/3)")

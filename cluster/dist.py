@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flm.model import GPT
+from flm.storage import is_uri
 from flm.train import Dist
 
 POINTER = "flm_checkpoint.json"
@@ -64,7 +65,7 @@ class RayDist(Dist):
         if "loss" in record:
             self.last_record = {k: v for k, v in record.items() if v is not None}
 
-    def report(self, record: dict, checkpoint: Path | None) -> None:
+    def report(self, record: dict, checkpoint: Path | str | None) -> None:
         """One `ray.train.report` per checkpoint, on every rank (it is a barrier). Rank 0 attaches a pointer to our
         checkpoint directory rather than the directory itself: the checkpoint already lives in the shared run
         directory in our format, so Ray keeps a few bytes instead of a second copy of the weights."""
@@ -73,14 +74,18 @@ class RayDist(Dist):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / POINTER).write_text(json.dumps({"path": str(Path(checkpoint).resolve()), **record}))
+            location = str(checkpoint) if is_uri(checkpoint) else str(Path(checkpoint).resolve())
+            (Path(tmp) / POINTER).write_text(json.dumps({"path": location, **record}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def checkpoint_path(checkpoint: ray.train.Checkpoint | None) -> Path | None:
-    """Our checkpoint directory that a Ray checkpoint reported by `RayDist.report` points to."""
+def checkpoint_path(checkpoint: ray.train.Checkpoint | None) -> Path | str | None:
+    """Our checkpoint (a directory, or its URI) that a Ray checkpoint reported by `RayDist.report` points to."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
         pointer = Path(d) / POINTER
-        return Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        location = json.loads(pointer.read_text())["path"]
+        return location if is_uri(location) else Path(location)

@@ -38,11 +38,14 @@ the GCS has declared it dead (5 missed health checks 3 s apart by default) and a
 run_plan lowers that timeout to ELASTIC_START_TIMEOUT_S unless the environment sets it: a resize then costs a
 restart plus that wait rounded up to the timeout (up to about 40 s) instead of a restart plus 60 s.
 
-Storage: the run directory must be one directory that every worker of every stage reads and writes. A local path
-is enough on one node. On a multi-node cluster give a shared filesystem mounted at the same path on every node
-(NFS, Lustre, a FUSE-mounted bucket); an object store URI (s3://) is not enough by itself, because the trainer
-writes and reads its checkpoints as files. Syncing node-local run directories through Ray checkpoints instead
-would copy every checkpoint once per report; it is not implemented.
+Storage: the run directory must be one directory that every worker of every stage reads and writes: a local path
+on one node; on a multi-node cluster a shared filesystem mounted at the same path on every node (NFS, Lustre), or an
+object store URI (s3://bucket/prefix, gs://..., any scheme pyarrow.fs knows). On a URI the run directory is
+`<uri>/<name>` and Ray Train's records go to `<uri>/<name>-stage<k>` (RunConfig.storage_filesystem); each worker
+stages the run in its node's $FLM_HOME/cache/runs and mirrors checkpoints, metrics.jsonl and attempts.jsonl to the
+URI (flm/storage.py), so a worker on a fresh node resumes from the URI. Every node needs the store's credentials in
+its own environment (an instance profile, or AWS_* set where `ray start` runs; AWS_ENDPOINT_URL for MinIO and
+other S3 APIs): run_plan does not forward secrets to the workers.
 
 The gradient backend of each stage is `layout.backend` ("ddp", or "zero1" / "zero2" / "zero3" for DeepSpeed ZeRO);
 `run_plan(backend=...)` overrides it for every stage.
@@ -67,6 +70,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.config import FLMConfigError, GrowthPlan, GrowthStage
+from flm.storage import RunStorage, check_writable, filesystem, is_uri, join
 from flm.train import Trainer
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
@@ -167,12 +171,15 @@ def cluster_capacity() -> dict[str, float] | None:
     return ray.cluster_resources()
 
 
-def check_storage(storage_path: str | os.PathLike) -> Path:
-    """The storage root as an absolute path, created and proven writable (before any training starts)."""
+def check_storage(storage_path: str | os.PathLike) -> Path | str:
+    """The storage root as an absolute path (or a URI), created and proven writable before any training starts."""
     text = str(storage_path)
-    if "://" in text:
-        raise FLMConfigError(f"storage: {text} is a URI; cluster training needs a filesystem path every worker can "
-                             f"write (a local directory, or a shared mount such as NFS on a multi-node cluster)")
+    if is_uri(text):
+        try:
+            return check_writable(text)
+        except (OSError, ValueError) as e:
+            raise FLMConfigError(f"storage: cannot write to {text} ({e}); check the bucket, the credentials and "
+                                 f"AWS_ENDPOINT_URL") from None
     root = Path(text).expanduser().absolute()
     probe = root / f".flm-write-test-{os.getpid()}"
     try:
@@ -185,7 +192,7 @@ def check_storage(storage_path: str | os.PathLike) -> Path:
     return root
 
 
-def with_run_dir(plan: GrowthPlan, run_dir: Path) -> GrowthPlan:
+def with_run_dir(plan: GrowthPlan, run_dir: Path | str) -> GrowthPlan:
     """The plan with train.out = run_dir, and a local dataset path made absolute (workers may run elsewhere)."""
     data = plan.train.data
     if Path(data).expanduser().is_dir():
@@ -194,23 +201,37 @@ def with_run_dir(plan: GrowthPlan, run_dir: Path) -> GrowthPlan:
     return plan.model_copy(update={"train": train})
 
 
-def check_run_dir(plan: GrowthPlan, run_dir: Path) -> None:
+def read_run_file(run_dir: Path | str, rel: str) -> str | None:
+    """The text of run_dir/rel (a path or a URI), or None if there is none."""
+    if is_uri(run_dir):
+        return RunStorage(str(run_dir)).read_text(rel)
+    path = Path(run_dir) / rel
+    return path.read_text() if path.is_file() else None
+
+
+def check_run_dir(plan: GrowthPlan, run_dir: Path | str) -> None:
     """A run directory holds one plan (the trainer refuses another): say so before a Ray Train run retries it."""
-    path = run_dir / "plan.json"
-    if path.is_file() and json.loads(path.read_text()) != plan.model_dump(mode="json", exclude={"train"}):
+    text = read_run_file(run_dir, "plan.json")
+    if text is not None and json.loads(text) != plan.model_dump(mode="json", exclude={"train"}):
         raise FLMConfigError(f"name: {run_dir} holds a run of a different plan; choose another name")
 
 
-def stage_end_checkpoint(run_dir: Path, k: int) -> Path | None:
-    """Stage k's output if a launch finished it: its stage-end checkpoint. Saves are atomic (a directory renamed
-    into place, its manifest written last); the trainer verifies the hashes when it loads one."""
-    for path in reversed(list_checkpoints(run_dir)):
-        state_file = path / "trainer_state.json"
-        if not (state_file.is_file() and (path / MANIFEST).is_file()):
-            continue
-        state = json.loads(state_file.read_text())
+def stage_end(run_dir: Path | str, k: int) -> tuple[Path | str, dict] | None:
+    """Stage k's output if a launch finished it: (its stage-end checkpoint, that checkpoint's trainer state).
+    Saves are atomic (a directory renamed into place, or on a URI uploaded manifest last); the trainer verifies the
+    hashes when it loads one."""
+    if is_uri(run_dir):
+        storage = RunStorage(str(run_dir))
+        names = storage.remote_checkpoints()  # those with a manifest
+        states = ((join(run_dir, f"checkpoints/{n}"), storage.read_text(f"checkpoints/{n}/trainer_state.json"))
+                  for n in reversed(names))
+    else:
+        paths = [p for p in reversed(list_checkpoints(run_dir)) if (p / MANIFEST).is_file()]
+        states = ((p, read_run_file(p, "trainer_state.json")) for p in paths)
+    for path, text in states:
+        state = json.loads(text) if text else {}
         if state.get("stage") == k and state.get("stage_end"):
-            return path
+            return path, state
     return None
 
 
@@ -253,8 +274,12 @@ class StageTrainer(Trainer):
             micro, accum = self.batch_split(self.stage)
             line = {"launch": self.launch, "stage": self.stage, "step": self.step,
                     "world_size": self.dist.world_size, "micro_batch": micro, "accum": accum, "time": time.time()}
+            if self.storage:  # this node's copy may lag the URI's (a restart on another node wrote since)
+                self.storage.pull_file(ATTEMPTS)
             with open(self.run_dir / ATTEMPTS, "a") as f:
                 f.write(json.dumps(line) + "\n")
+            if self.storage:
+                self.storage.push_file(ATTEMPTS)
 
     def _step(self, cfg, micro: int, accum: int) -> float:
         before = self.train_data.tokens
@@ -270,9 +295,8 @@ class StageTrainer(Trainer):
 
 
 def read_attempts(run_dir: str | os.PathLike, launch: str | None = None) -> list[dict]:
-    """The worker-group starts logged in a run directory (those of one launch when given)."""
-    path = Path(run_dir) / ATTEMPTS
-    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """The worker-group starts logged in a run directory (a path or a URI; those of one launch when given)."""
+    lines = [json.loads(line) for line in (read_run_file(run_dir, ATTEMPTS) or "").splitlines()]
     return [a for a in lines if launch is None or a.get("launch") == launch]
 
 
@@ -301,6 +325,15 @@ def scaling_config(stage: GrowthStage) -> ScalingConfig:
     resources = {"CPU": lay.cpus_per_worker, **({"GPU": 1} if lay.use_gpu else {})}
     return ScalingConfig(num_workers=lo if lo == hi else (lo, hi), use_gpu=lay.use_gpu,
                          resources_per_worker=resources)
+
+
+def ray_storage(root: Path | str) -> dict:
+    """RunConfig's storage arguments for our storage root. A URI goes as a pyarrow filesystem (flm/storage.py's,
+    which honours AWS_ENDPOINT_URL whatever pyarrow's AWS SDK does) and the path inside it."""
+    if not is_uri(root):
+        return {"storage_path": str(root)}
+    filesys, path = filesystem(str(root))
+    return {"storage_path": path, "storage_filesystem": filesys}
 
 
 @contextlib.contextmanager
@@ -341,17 +374,17 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
         warnings.warn("the Ray cluster's autoscaler does not report the most resources it can add (autoscaler v1): "
                       "stage layouts are not checked against the cluster; a stage that cannot fit waits for nodes",
                       stacklevel=2)
-    run_dir = root / name
+    run_dir = join(root, name)
     check_run_dir(plan, run_dir)
     plan = with_run_dir(plan, run_dir)
     runs = []
     for k, stage in enumerate(plan.stages):
-        done = stage_end_checkpoint(run_dir, k)
+        done = stage_end(run_dir, k)
         if done is not None:
-            state = json.loads((done / "trainer_state.json").read_text())
+            state = done[1]
             summary = {key: state[key] for key in ("stage", "step", "tokens", "flops") if key in state}
             summary["steps"] = summary.pop("step", None)
-            run = StageRun(k, "skipped", None, stage.layout.workers, str(done), 0.0, summary)
+            run = StageRun(k, "skipped", None, stage.layout.workers, str(done[0]), 0.0, summary)
         else:
             launch = uuid.uuid4().hex
             trainer = TorchTrainer(
@@ -361,7 +394,7 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
                 scaling_config=scaling_config(stage),
                 # train.device: cpu on GPU workers (a test cluster with fake GPUs) must not get nccl
                 torch_config=TorchConfig(backend="gloo" if plan.train.device == "cpu" else None),
-                run_config=RunConfig(name=f"{name}-stage{k}", storage_path=str(root),
+                run_config=RunConfig(name=f"{name}-stage{k}", **ray_storage(root),
                                      failure_config=FailureConfig(max_failures=max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=plan.train.keep_checkpoints)),
             )
@@ -371,12 +404,12 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
             with start_timeout if elastic else contextlib.nullcontext():
                 result = trainer.fit()
             seconds = time.perf_counter() - t0
-            done = stage_end_checkpoint(run_dir, k)
+            done = stage_end(run_dir, k)
             if done is None:
                 raise RuntimeError(f"stage {k}: the Ray Train run {result.path} ended without a stage-end checkpoint")
             value = result.return_value or {}
             summaries = value.get("summaries") or [None]
-            run = StageRun(k, "trained", backends[k], stage.layout.workers, str(done), seconds, summaries[0],
+            run = StageRun(k, "trained", backends[k], stage.layout.workers, str(done[0]), seconds, summaries[0],
                            result.path, value.get("world_size"), read_attempts(run_dir, launch))
         runs.append(run)
         if on_stage is not None:

@@ -53,11 +53,30 @@ def filesystem(uri: str):
     return filesys, path.rstrip("/")
 
 
-class RunStorage:
-    """A run directory at `uri`, staged in the local directory `staging`."""
+def join(root: str | os.PathLike, name: str) -> str | Path:
+    """`root/name` for a directory path or a URI (a URI stays a string: Path would fold its '//')."""
+    return f"{str(root).rstrip('/')}/{name}" if is_uri(root) else Path(root) / name
 
-    def __init__(self, uri: str, staging: Path):
-        self.uri, self.staging = uri, Path(staging)
+
+def check_writable(uri: str) -> str:
+    """`uri` without a trailing '/', after creating it and writing and deleting a probe object there; OSError if
+    that fails (no such bucket, no credentials, no endpoint)."""
+    uri = uri.rstrip("/")
+    filesys, root = filesystem(uri)
+    probe = f"{root}/.flm-write-test-{os.getpid()}"
+    filesys.create_dir(root, recursive=True)
+    with filesys.open_output_stream(probe) as out:
+        out.write(b"")
+    filesys.delete_file(probe)
+    return uri
+
+
+class RunStorage:
+    """A run directory at `uri`, staged in the local directory `staging` (None: only `read_text` and
+    `remote_checkpoints` are used, e.g. by a driver that watches a run its workers write)."""
+
+    def __init__(self, uri: str, staging: Path | None = None):
+        self.uri, self.staging = uri, Path(staging) if staging is not None else None
         self.fs, self.root = filesystem(uri)
         self._dirs: set[str] = set()
 
@@ -71,6 +90,18 @@ class RunStorage:
                        if i.type == fs.FileType.Directory and i.base_name.startswith(STEP_PREFIX))
         infos = self.fs.get_file_info([f"{self.root}/checkpoints/{n}/{MANIFEST}" for n in names])
         return [n for n, i in zip(names, infos, strict=True) if i.type == fs.FileType.File]
+
+    def read_text(self, rel: str) -> str | None:
+        """The text of uri/rel, or None if there is no such file."""
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def pull_file(self, rel: str) -> None:
+        """Replace staging/rel with uri/rel when the URI has it."""
+        self._download_file(rel, self.staging / rel)
 
     def pull(self) -> Path | None:
         """Download the newest complete checkpoint (with plan.json and metrics.jsonl) when it is newer than the

@@ -35,7 +35,7 @@ from flm.flops import flops_per_token
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
 from flm.model import GPT
 from flm.precision import autocast_dtype
-from flm.storage import RunStorage, is_uri, staging_dir
+from flm.storage import RunStorage, is_uri, join, staging_dir
 
 GrowFn = Callable[..., GPT]
 METRICS_PUSH_S = 30.0  # a run on an object store uploads its metric stream at checkpoints and at most this often
@@ -67,8 +67,9 @@ class Dist:
     def barrier(self) -> None:
         pass
 
-    def report(self, record: dict, checkpoint: Path | None) -> None:
-        """Called on every rank at each checkpoint (Ray Train reports here)."""
+    def report(self, record: dict, checkpoint: Path | str | None) -> None:
+        """Called on every rank at each checkpoint (Ray Train reports here); `checkpoint` is where it lives: the
+        run directory's copy, or its URI when train.out is one."""
 
     # --- hooks for backends that own the gradient reduction or the optimizer (cluster/: DeepSpeed ZeRO) --------
     def prepare(self, model: GPT, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
@@ -348,7 +349,8 @@ class Trainer:
                 self.storage.push_checkpoint(path)
                 self.storage.prune()
         self.dist.barrier()
-        self.dist.report({"step": self.step, "stage": self.stage}, path)
+        where = join(self.storage.uri, f"checkpoints/{path.name}") if self.storage else path
+        self.dist.report({"step": self.step, "stage": self.stage}, where)
 
     def _record(self, record: dict) -> None:
         if not self.dist.is_main:

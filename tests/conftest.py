@@ -3,6 +3,8 @@ local Ray cluster for the modules that need one."""
 
 import contextlib
 import os
+import socket
+import urllib.request
 
 import pytest
 
@@ -35,7 +37,11 @@ def micro_plan(data, out, **train) -> GrowthPlan:
     })
 
 
-RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# Ray for tests: no telemetry or auth tokens; Ray Train without its preemption watcher (one actor fewer per run) and
+# with its controller polling workers every 0.5 s instead of 2 s (measured: a 12-step stage run 20 s instead of 25 s,
+# most of the difference in the wait between the workers finishing and the controller noticing)
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @contextlib.contextmanager
@@ -64,3 +70,29 @@ def local_ray(num_cpus: int = 2, **env: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str, home):
+    """A moto S3 server (a real S3 API over HTTP) on a free port holding `bucket`; AWS_* point at it and FLM_HOME at
+    `home` while it runs (set before a Ray cluster starts, its workers inherit them). Yields a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FLM_HOME": str(home)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=bucket)
+            yield client
+        finally:  # moto's backends are global to the process: empty them for the next server
+            urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
+            server.stop()

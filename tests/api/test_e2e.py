@@ -24,10 +24,9 @@ from openai import OpenAI
 from api.cli import free_port, start_gateway, start_ray, stop_processes
 from api.settings import GatewaySettings
 from api.store import create_key, open_store
-from tests.conftest import micro_plan
+from tests.conftest import RAY_TEST_ENV, micro_plan
 
 pytestmark = pytest.mark.timeout(600)  # each test waits on Ray jobs; on a loaded machine they take minutes
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
 LONG = 5000  # steps of the job that is cancelled, resumed and cancelled again
@@ -80,8 +79,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, micro_data):
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
+    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
     home = tmp_path_factory.mktemp("flm-home")
     shutil.copytree(micro_data, home / "data" / "micro")
     t0 = time.perf_counter()

@@ -122,6 +122,8 @@ def test_compose_stack():
         env = s["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env, name
         assert env["FLM_HOME"] == "/data" and "flm-home:/data" in s["volumes"], name
+        # object store credentials pass through from the shell (s3:// runs), never written in the file
+        assert all(env[k] is None for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")), name
     published = {n: s["ports"] for n, s in services.items() if s.get("ports")}
     assert published == {"gateway": [f"{DEFAULT_PORT}:{DEFAULT_PORT}"]}
     gateway = services["gateway"]

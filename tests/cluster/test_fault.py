@@ -33,10 +33,8 @@ from cluster.train import ATTEMPTS, StageTrainer, run_plan
 from flm.checkpoint import load_checkpoint
 from flm.config import GrowthPlan
 from flm.train import read_metrics
-from tests.conftest import micro_plan
+from tests.conftest import RAY_TEST_ENV, micro_plan
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 TIMING = ("tokens_per_s", "mfu")
 # The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s). Only the
 # elastic restart waits for it: its size comes from the nodes the GCS still lists (see cluster/train.py).
@@ -90,8 +88,8 @@ def reference(micro_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multinode():
     """A head node (1 CPU; the driver and Ray Train's controller live there) and 2 worker nodes of 1 CPU."""
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
+    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": GCS_CONFIG})
     use_worker_nodes(cluster, 2)

@@ -74,7 +74,7 @@ def copy_run_until(src, dst, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    with local_ray(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0") as resources:  # one actor fewer per run: no preemptions
+    with local_ray() as resources:
         yield resources
 
 
@@ -136,8 +136,6 @@ def test_bad_input_fails_before_training(ray_cluster, micro_data, tmp_path):
     afile.write_text("")
     with pytest.raises(FLMConfigError, match="not a writable directory"):
         run_plan(plan, afile / "runs", "micro")
-    with pytest.raises(FLMConfigError, match="is a URI"):
-        run_plan(plan, "s3://bucket/runs", "micro")
 
     def with_layout(k: int, **layout) -> GrowthPlan:
         d = plan.model_dump()

@@ -4,7 +4,6 @@ resumes from there after its local staging directory is lost, bit-identically to
 import hashlib
 import json
 import shutil
-import socket
 
 import pytest
 import yaml
@@ -13,7 +12,7 @@ from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.cli import main
 from flm.storage import staging_dir
 from flm.train import Trainer, flm_home
-from tests.conftest import micro_plan
+from tests.conftest import micro_plan, moto_s3
 from tests.flm.test_train import TIMING, stream
 
 BUCKET, URI = "flm-runs", "s3://flm-runs/team/micro"
@@ -21,26 +20,8 @@ BUCKET, URI = "flm-runs", "s3://flm-runs/team/micro"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on a free port; AWS_* point at it and FLM_HOME at a temporary directory while it runs."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FLM_HOME": str(tmp_path_factory.mktemp("home"))}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        try:
-            client = boto3.client("s3")
-            client.create_bucket(Bucket=BUCKET)
-            yield client
-        finally:
-            server.stop()
+    with moto_s3(BUCKET, tmp_path_factory.mktemp("home")) as client:
+        yield client
 
 
 def plan_on(data, out):
