@@ -169,6 +169,8 @@ class Attention(nn.Module):
         elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif T == 1:  # decoding one token: it is the newest position and sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v)
         else:  # decoding: query i sits at absolute position start + i
             allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

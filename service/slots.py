@@ -116,7 +116,10 @@ class SlotBatch:
                 raise ValueError(f"a row spans all {self.capacity} columns: longer than the context")
             self._shift(-free)
         idx = torch.tensor(tokens, device=self.pad.device).view(-1, 1)
-        logits, _ = self.model(idx, cache=self.cache, pad=self.pad[:self.rows])
+        pad = self.pad[:self.rows]
+        # no row padded (one request, or rows that joined together): the plain causal path, without the padding
+        # mask and the per-row position gather (the same numbers, fewer kernels per step)
+        logits, _ = self.model(idx, cache=self.cache, pad=pad if bool(pad.any()) else None)
         return logits[:, -1]
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
