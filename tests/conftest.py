@@ -2,7 +2,6 @@
 local Ray cluster for the modules that need one."""
 
 import contextlib
-import os
 import socket
 import urllib.request
 
@@ -45,31 +44,33 @@ RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
 
 
 @contextlib.contextmanager
+def ray_test_env(**env: str):
+    """RAY_TEST_ENV and `env` in os.environ for the block (Ray processes started inside inherit them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**RAY_TEST_ENV, **env}.items():
+            mp.setenv(k, v)
+        yield
+
+
+@contextlib.contextmanager
 def local_ray(num_cpus: int = 2, **env: str):
     """A local Ray cluster of `num_cpus` CPUs (for a module-scoped fixture), with RAY_TEST_ENV and `env` set while
     it runs; yields its resources. Stops only the cluster it started (never `ray stop`)."""
     import ray
 
-    env = {**RAY_TEST_ENV, **env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
+    with ray_test_env(**env):
+        for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
+            try:
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception as e:
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:
+            yield ray.cluster_resources()
+        finally:
             ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-    try:
-        yield ray.cluster_resources()
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from openai import OpenAI
 from api.cli import free_port, start_gateway, start_ray, stop_processes
 from api.settings import GatewaySettings
 from api.store import create_key, open_store
-from tests.conftest import RAY_TEST_ENV, micro_plan
+from tests.conftest import micro_plan, ray_test_env
 
 pytestmark = pytest.mark.timeout(600)  # each test waits on Ray jobs; on a loaded machine they take minutes
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -79,21 +79,15 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, micro_data):
-    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
     home = tmp_path_factory.mktemp("flm-home")
     shutil.copytree(micro_data, home / "data" / "micro")
-    t0 = time.perf_counter()
-    s = Stack(home, dict(os.environ))
-    s.http.headers["Authorization"] = f"Bearer {s.key}"
-    print(f"\nstack up in {time.perf_counter() - t0:.1f} s")
-    yield s
-    stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ray_test_env():
+        t0 = time.perf_counter()
+        s = Stack(home, dict(os.environ))
+        s.http.headers["Authorization"] = f"Bearer {s.key}"
+        print(f"\nstack up in {time.perf_counter() - t0:.1f} s")
+        yield s
+        stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
 
 
 def plan(stages: int, **train) -> dict:

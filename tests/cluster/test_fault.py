@@ -19,7 +19,6 @@ This module starts its own Ray cluster (its own GCS): it cannot share a process 
 
 import contextlib
 import json
-import os
 import threading
 import time
 
@@ -33,7 +32,7 @@ from cluster.train import ATTEMPTS, StageTrainer, run_plan
 from flm.checkpoint import load_checkpoint
 from flm.config import GrowthPlan
 from flm.train import read_metrics
-from tests.conftest import RAY_TEST_ENV, micro_plan
+from tests.conftest import micro_plan, ray_test_env
 
 TIMING = ("tokens_per_s", "mfu")
 # The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s). Only the
@@ -88,20 +87,14 @@ def reference(micro_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multinode():
     """A head node (1 CPU; the driver and Ray Train's controller live there) and 2 worker nodes of 1 CPU."""
-    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": GCS_CONFIG})
-    use_worker_nodes(cluster, 2)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ray_test_env():
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": GCS_CONFIG})
+        use_worker_nodes(cluster, 2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def use_worker_nodes(cluster: Cluster, n: int) -> None:
