@@ -20,7 +20,7 @@ FLOPs. Wall-clock is everything inside Trainer.fit (steps, growth surgery, stage
 which is timed and subtracted. The machine may be shared: the JSON records the load average.
 
     .venv/bin/python benchmarks/growth_vs_scratch.py            # full: LR sweep + 3 seeds x 3 arms
-    .venv/bin/python benchmarks/growth_vs_scratch.py --quick    # CI smoke test: 1 seed, 32 small steps, no sweep
+    .venv/bin/python benchmarks/growth_vs_scratch.py --quick    # CI smoke test: 1 seed, 16 small steps, no sweep
     .venv/bin/python benchmarks/growth_vs_scratch.py --replot benchmarks/results/growth_vs_scratch.json
 
 Writes benchmarks/results/growth_vs_scratch.{json,png} (`--out`) and prints the JSON without its curves. Run
@@ -314,8 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--replot", type=Path, default=None, help="only redraw the PNG next to this result JSON")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.batch, args.sweep_lrs = 1, 32, 8, []
-        args.eval_every, args.eval_batches, args.warmup, args.ramp = 8, 2, 4, 4
+        args.seeds, args.steps, args.batch, args.sweep_lrs = 1, 16, 4, []
+        args.eval_every, args.eval_batches, args.warmup, args.ramp = 4, 2, 2, 2
     args.arms = ["scratch", *[a for a in args.arms.split(",") if a in ARMS and a != "scratch"]]
     return args
 

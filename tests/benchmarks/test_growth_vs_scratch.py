@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/growth_vs_scratch.py: the --quick mode runs end to end and writes a complete report.
 
-The speedup value itself is not checked (a one-seed, 40-step run says nothing about it); only that every arm ran
+The speedup value itself is not checked (a one-seed, 16-step run says nothing about it); only that every arm ran
 and every reported number is finite.
 """
 
@@ -23,11 +23,12 @@ def finite(x) -> bool:
 
 
 @pytest.mark.timeout(600)
-def test_quick_mode_report(tmp_path):
+def test_quick_mode_report(tmp_path, micro_data):
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--workdir", str(tmp_path / "w")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=590)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data", str(micro_data), "--out", str(out),
+                           "--workdir", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=590)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
     result = json.loads(out.read_text())
