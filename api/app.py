@@ -281,10 +281,11 @@ class Gateway:
                     error=job.error, spec=job.spec)
         totals = self.totals(job)
         if totals is not None:
-            run = self.reader.summary(self.settings.run_dir(job.id), self.root)
+            run_dir = self.settings.run_dir(job.id)
+            run = self.reader.summary(run_dir, self.root)
             latest = run.latest
             v.stages = totals[0]
-            v.run_dir = f"runs/{job.id}"
+            v.run_dir = relative(self.settings, run_dir)
             step, tokens = (latest["step"], latest["tokens"]) if latest else (0, 0)
             v.progress = Progress(step=step, total_steps=totals[1], tokens=tokens, total_tokens=totals[2],
                                   percent=round(100 * tokens / totals[2], 2))
