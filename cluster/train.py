@@ -71,7 +71,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.config import FLMConfigError, GrowthPlan, GrowthStage
 from flm.storage import RunStorage, check_writable, filesystem, is_uri, join
-from flm.train import Trainer
+from flm.train import Trainer, batch_split
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
 ATTEMPTS = "attempts.jsonl"
@@ -123,15 +123,14 @@ def check_plan(plan: GrowthPlan, backend: str | None = None) -> list[str]:
 
 def check_layouts(plan: GrowthPlan) -> None:
     """Every world size a stage may run at must split its global batch into whole micro batches."""
-    mbs = plan.train.micro_batch_size
     for k, stage in enumerate(plan.stages):
         lo, hi = worker_range(stage)
         if lo < 1 or hi < lo:
             raise FLMConfigError(f"stages.{k}.layout.workers: {stage.layout.workers} must be a count >= 1 or "
                                  f"(min, max) with 1 <= min <= max")
         for w in range(lo, hi + 1):
-            micro = mbs or stage.batch_size // w
-            if micro == 0 or stage.batch_size % (micro * w):
+            micro, accum, rest = batch_split(plan, k, w)
+            if accum == 0 or rest:
                 raise FLMConfigError(f"stages.{k}.layout.workers: batch_size {stage.batch_size} does not split "
                                      f"into micro batches of {micro or 1} on {w} workers; use worker counts that "
                                      f"divide it (or set train.micro_batch_size)")
@@ -262,16 +261,10 @@ class StageTrainer(Trainer):
         self.train_data = _CountingData(self.train_data)
         self._step_tokens = 0
 
-    def batch_split(self, k: int) -> tuple[int, int]:
-        """(micro batch per worker, accumulation steps) of stage k at this world size (as Trainer._train_stage)."""
-        batch, world = self.plan.stages[k].batch_size, self.dist.world_size
-        micro = self.settings.micro_batch_size or batch // world
-        return micro, batch // (micro * world)
-
     def _restore(self, first_stage: int) -> None:
         super()._restore(first_stage)
         if self.dist.is_main:
-            micro, accum = self.batch_split(self.stage)
+            micro, accum, _ = batch_split(self.plan, self.stage, self.dist.world_size)
             line = {"launch": self.launch, "stage": self.stage, "step": self.step,
                     "world_size": self.dist.world_size, "micro_batch": micro, "accum": accum, "time": time.time()}
             if self.storage:  # this node's copy may lag the URI's (a restart on another node wrote since)
@@ -311,11 +304,9 @@ def _train_worker(config: dict) -> dict:
     else:
         from cluster.zero import ZeroDist
 
-        ctx = ray.train.get_context()
-        world, batch = ctx.get_world_size(), plan.stages[k].batch_size
-        micro = plan.train.micro_batch_size or batch // world
+        micro, accum, _ = batch_split(plan, k, ray.train.get_context().get_world_size())
         dist = ZeroDist.from_context(plan.train.device, zero_stage=int(backend[-1]), micro_batch=micro,
-                                     accum=batch // (micro * world), grad_clip=plan.train.optim.grad_clip)
+                                     accum=accum, grad_clip=plan.train.optim.grad_clip)
     trainer = StageTrainer(plan, dist, config.get("launch", ""), on_record=dist.observe)  # on_record: rank 0
     return {"summaries": trainer.fit(stages=[k]), "world_size": dist.world_size}
 

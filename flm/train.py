@@ -110,6 +110,18 @@ def lr_at(plan: GrowthPlan, step: int) -> float:
     return plan.min_lr + (stage.lr - plan.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def batch_split(plan: GrowthPlan, k: int, world: int) -> tuple[int, int, int]:
+    """(micro batch per rank, accumulation steps, remainder) of stage k's global batch on `world` ranks: the micro
+    batch is train.micro_batch_size, or the batch split evenly. The batch splits only when micro and accumulation
+    are >= 1 and the remainder is 0."""
+    batch = plan.stages[k].batch_size
+    micro = plan.train.micro_batch_size or batch // world
+    if micro == 0:
+        return 0, 0, batch
+    accum, rest = divmod(batch, micro * world)
+    return micro, accum, rest
+
+
 def resolve_run_dir(plan: GrowthPlan) -> Path:
     """The local run directory: train.out, its staging directory when train.out is a URI (flm/storage.py), or
     $FLM_HOME/runs/<plan name>."""
@@ -252,8 +264,7 @@ class Trainer:
         k, s = self.stage, self.settings
         stage, cfg = self.plan.stages[k], self.configs[k]
         end = self.starts[k + 1]
-        micro = s.micro_batch_size or stage.batch_size // self.dist.world_size
-        accum, rest = divmod(stage.batch_size, micro * self.dist.world_size)
+        micro, accum, rest = batch_split(self.plan, k, self.dist.world_size)
         if accum == 0 or rest:
             raise FLMConfigError(f"stages.{k}.batch_size: {stage.batch_size} is not a multiple of micro batch "
                                  f"{micro} x {self.dist.world_size} workers")
