@@ -222,22 +222,18 @@ class Engine:
         for req in [r for r in self._running if not r.done] + list(self._waiting):
             req.emit(EngineError("the engine was closed"), threadsafe=True)
         self._waiting.clear()
-        if self.error is None:
-            self._empty_model()
+        if self.error is None:  # the model's row count may be ahead of ours if a step was interrupted
+            self.model.reset()
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def _restart(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the loop task on `loop`; requests of an event loop that has ended are dropped."""
         if self._running or self._waiting:
-            self._empty_model()
+            self.model.reset()
             self._running, self._sampled = [], []
             self._waiting.clear()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._loop())
-
-    def _empty_model(self) -> None:
-        """Release every row of the model's batch (its count may be ahead of ours if a step was interrupted)."""
-        self.model.reset()
 
     def _admit(self, rows: int, reserved: int) -> list[_Request]:
         """Waiting requests that fit beside `rows` running rows holding `reserved` KV positions (FIFO)."""
