@@ -174,9 +174,9 @@ class PositionTables(Rotary):
 
 def input_major(model: nn.Module) -> None:
     """Store every projection weight (and the tied embedding / head) input-major: W as the transpose of a contiguous
-    (in, out) matrix, the same values. F.linear then runs x @ (in, out) without a transpose, which one-row decode
-    steps on CPU read faster: 16 projections of the 3.7M-parameter tiny model took 1.8 ms instead of 2.6 ms per
-    token on one core (benchmarks/serve.py measures the whole engine). The embedding lookup reads strided rows."""
+    (in, out) matrix, the same values. F.linear then runs x @ (in, out) without a transpose, which is faster on CPU:
+    1.14x for the 16 projections of a tiny-model step, 1 or 16 rows (benchmarks/linear_layout.py; benchmarks/serve.py
+    measures the whole engine). The embedding lookup reads strided rows."""
     for m in model.modules():
         if isinstance(m, nn.Linear | RowParallelLinear | nn.Embedding):
             m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
