@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -191,6 +192,23 @@ def cmd_mup_check(args) -> None:
                   f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
 
 
+def cmd_consolidate(args) -> None:
+    from flm.checkpoint import CheckpointError, verify_checkpoint
+    from flm.sharded import consolidate, is_sharded
+
+    src = Path(args.checkpoint)
+    if not is_sharded(src):
+        raise FLMConfigError(f"{src}: not a sharded checkpoint (no sharded/ directory)")
+    if Path(args.out).resolve() == src.resolve():
+        raise FLMConfigError("OUT: must differ from the sharded checkpoint")
+    try:
+        verify_checkpoint(src)
+    except CheckpointError as e:
+        raise FLMConfigError(str(e)) from None
+    out = consolidate(src, args.out)
+    console.print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "process group of the stage's world size, and report the measured shard bytes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    c = csub.add_parser("consolidate", help="a sharded (DCP) checkpoint -> the single-file format, in one process")
+    c.add_argument("checkpoint", help="a sharded checkpoint directory (runs/<name>/checkpoints/step_...)")
+    c.add_argument("out", help="the single-file checkpoint directory to write")
+    c.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("check", help="validate a plan or proxy YAML")
     p.add_argument("file")
