@@ -38,6 +38,7 @@ from api.deploy import service_request
 from api.jobs import JobRunner, RayUnavailable, relative, write_json
 from api.runs import RunReader, checkpoints, plan_totals, read_json
 from api.schemas import (
+    NAME,
     TERMINAL,
     DeploymentList,
     DeploymentRequest,
@@ -65,6 +66,7 @@ from flm.config import GrowthPlan
 log = logging.getLogger("flm.gateway")
 KINDS = ("train", "tune", "eval", "pipeline")
 JOB_ID = re.compile(r"^job-[0-9a-f]{10}$")
+DEPLOYMENT_NAME = re.compile(NAME)
 DATA_SOURCES = ("shakespeare",)  # besides hf:NAME; anything else is a path inside the storage root
 ERROR_TEXT = {
     400: "Bad request: a path or a value the gateway cannot use",
@@ -95,13 +97,31 @@ class ApiError(StarletteHTTPException):
 
 
 # --- request checks ---------------------------------------------------------------------------------------------
+MAX_PATH_CHARS = 1024  # a path in a request; its parts at most NAME_MAX (255) bytes
+
+
 def resolve_path(root: Path, text: str, field: str) -> Path:
     """`text` (relative to the storage root, or absolute) as a path inside the root; '..' and anything resolving
-    outside (absolute paths elsewhere, symlinks out) are refused, naming the field."""
-    path = Path(text).expanduser()
+    outside (absolute paths elsewhere, symlinks out) are refused, naming the field. So is what the file system
+    cannot take (a NUL byte, a part over 255 bytes) and `~`, which would name the gateway's home, not the caller's."""
+    if "\x00" in text:
+        raise ApiError(400, f"{field}: contains a NUL byte; give a path inside the storage root", field)
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode("utf-8", "surrogateescape")) > 255
+                                         for part in text.split("/")):
+        raise ApiError(400, f"{field}: longer than {MAX_PATH_CHARS} characters, or a part of it longer than 255 "
+                            f"bytes; give a shorter path inside the storage root", field)
+    if text.startswith("~"):
+        raise ApiError(400, f"{field}: {text!r} starts with '~', which the gateway does not expand; give a path "
+                            f"relative to the storage root, or an absolute one inside it", field)
+    path = Path(text)
     if ".." in path.parts:
         raise ApiError(400, f"{field}: {text!r} contains '..'; give a path inside the storage root {root}", field)
-    full = (path if path.is_absolute() else root / path).resolve()
+    try:
+        full = (path if path.is_absolute() else root / path).resolve()
+        full.exists()  # what the kernel refuses to look up (ENAMETOOLONG after symlinks, EACCES) fails here
+    except (OSError, ValueError) as e:
+        raise ApiError(400, f"{field}: {text!r} cannot be looked up ({type(e).__name__}); give a path inside the "
+                            f"storage root", field) from None
     if not full.is_relative_to(root.resolve()):
         raise ApiError(403, f"{field}: {text!r} is outside the storage root {root}; paths must lie inside it", field)
     return full
@@ -189,7 +209,7 @@ class Gateway:
 
     # jobs ---------------------------------------------------------------------------------------------------------
     def owned_job(self, owner: str, job_id: str) -> Job:
-        job = get_job(self.sessions, job_id)
+        job = get_job(self.sessions, job_id) if JOB_ID.match(job_id) else None  # never a NUL byte to the database
         if job is None:
             raise ApiError(404, f"job {job_id!r}: no such job; see GET /v1/jobs", "job_id")
         if job.owner != owner:
@@ -276,9 +296,22 @@ class Gateway:
         return self._totals[job.id]
 
     def view(self, job: Job) -> JobView:
+        """The job's row, with what its files say (progress, metrics, results). A job whose files or stored spec
+        cannot be read (a plan an older gateway accepted, a torn results file) still has a view: its `error` says
+        so, and a list of jobs never fails because of one of them."""
         v = JobView(id=job.id, kind=job.kind, owner=job.owner, state=job.state, attempt=job.attempt,
                     ray_submission_id=job.ray_submission_id, created_at=job.created_at, updated_at=job.updated_at,
                     error=job.error, spec=job.spec)
+        try:
+            self._add_progress(v, job)
+        except Exception as e:
+            log.exception("job %s: its progress and results cannot be computed", job.id)
+            problem = (f"the gateway cannot compute this job's progress and results ({type(e).__name__}; its log "
+                       f"has the details under job {job.id})")
+            return v.model_copy(update={"error": f"{job.error}; {problem}" if job.error else problem})
+        return v
+
+    def _add_progress(self, v: JobView, job: Job) -> None:
         totals = self.totals(job)
         if totals is not None:
             run_dir = self.settings.run_dir(job.id)
@@ -288,7 +321,7 @@ class Gateway:
             v.run_dir = relative(self.settings, run_dir)
             step, tokens = (latest["step"], latest["tokens"]) if latest else (0, 0)
             v.progress = Progress(step=step, total_steps=totals[1], tokens=tokens, total_tokens=totals[2],
-                                  percent=round(100 * tokens / totals[2], 2))
+                                  percent=round(100 * tokens / totals[2], 2) if totals[2] else None)
             if latest:
                 v.stage, v.metrics = latest["stage"], latest
             v.val_loss, v.checkpoints = run.val_loss, run.checkpoints
@@ -306,12 +339,13 @@ class Gateway:
             best = jd / "tune" / "best.yaml"
             v.results = {"best": yaml.safe_load(best.read_text()), "path": relative(self.settings, best)} \
                 if best.is_file() else None
-        return v
 
     # deployments ------------------------------------------------------------------------------------------------
     def owned_deployment(self, owner: str, name: str) -> Deployment:
-        with self.sessions() as s:
-            dep = s.get(Deployment, name)
+        dep = None
+        if DEPLOYMENT_NAME.match(name):  # never a NUL byte to the database
+            with self.sessions() as s:
+                dep = s.get(Deployment, name)
         if dep is None or dep.state == "DELETED":
             raise ApiError(404, f"deployment {name!r}: no such deployment; see GET /v1/deployments", "name")
         if dep.owner != owner:
@@ -457,8 +491,12 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(ErrorResponse(error=f"internal error: {type(exc).__name__}: {exc}").model_dump(), 500)
+        # the exception's text may quote a file or a path of the server: it goes to the log, the caller gets the id
+        request_id = secrets.token_hex(8)
+        log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path,
+                  exc_info=exc)
+        body = ErrorResponse(error=f"internal error; the gateway's log has the details under request id {request_id}")
+        return JSONResponse(body.model_dump(), 500, headers={"X-Request-ID": request_id})
 
     # --- routes -------------------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"])

@@ -3,6 +3,7 @@ route refuses bad input with a 4xx whose JSON body names the problem, never a 50
 cancel/resume state rules; the OpenAPI schema documents every route and every error it returns."""
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
-from api.store import create_key, revoke_key
+from api.store import Job, create_key, revoke_key, utcnow
 
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
 LIMIT = 64 * 1024
@@ -39,6 +40,7 @@ def gw(app_client, request):
     client.root, client.base = root, f"runs/{uid}"
     (root / client.base).mkdir(parents=True)
     client.keys = {"alice": alice, "bob": bob, "revoked": old}
+    client.app_client = app_client
     return client
 
 
@@ -293,6 +295,94 @@ def test_eval_of_a_checkpoint_inside_the_root(gw):
     for given in (f"{gw.base}/ckpt", str(path)):
         job = gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": given, "hold": True}, headers=auth(gw)).json()
         assert job["state"] == "HELD" and job["spec"]["checkpoint_path"] == str(path.resolve())
+
+
+UNUSABLE_PATHS = {  # what the file system cannot take, or the gateway must not expand: a 400, never a 500
+    "NUL byte": ("{base}/a\x00b", "NUL byte"),
+    "~user": ("~nosuchuser/x", "'~'"),
+    "~": ("~/x", "'~'"),
+    "too long": ("{base}/" + "a" * 1100, "longer than 1024"),
+    "a part too long": ("{base}/" + "a" * 256 + "/b", "255 bytes"),
+}
+PATH_FIELDS = {  # a request naming a path, and the field that names it
+    "deployment checkpoint": ("/v1/deployments", lambda p: {"checkpoint": p}, "checkpoint"),
+    "eval checkpoint": ("/v1/jobs", lambda p: {"kind": "eval", "checkpoint": p}, "checkpoint"),
+    "plan data": ("/v1/jobs", lambda p: {"kind": "train", "plan": {**tiny_plan(), "train": {"data": p}}},
+                  "plan.train.data"),
+    "pipeline data": ("/v1/jobs", lambda p: {"kind": "pipeline", "plan": {**tiny_plan(), "train": {"data": p}}},
+                      "plan.train.data"),
+    "search data": ("/v1/jobs", lambda p: {"kind": "tune", "search": search(data=p)}, "search.data"),
+}
+
+
+@pytest.mark.parametrize("where", PATH_FIELDS)
+@pytest.mark.parametrize("case", UNUSABLE_PATHS)
+def test_unusable_path_is_400_naming_the_field(gw, where, case):
+    route, body, field = PATH_FIELDS[where]
+    path, words = UNUSABLE_PATHS[case]
+    err = assert_error(gw.post(route, json=body(path.format(base=gw.base)), headers=auth(gw)), 400, field, words)
+    assert err["field"] == field
+
+
+def one_stage_plan(tokens: int) -> dict:
+    plan = tiny_plan()
+    plan["stages"] = plan["stages"][:1]
+    plan["stages"][0].update(tokens=tokens, ramp_steps=0)
+    return plan
+
+
+@pytest.mark.parametrize("kind", ["train", "pipeline", "pipeline with tune"])
+def test_zero_step_stage_is_422_naming_the_stage(gw, kind):
+    plan = tiny_plan()
+    plan["stages"][1].update(tokens=100, ramp_steps=0)  # batch 16 x seq_len 128 = 2048 tokens a step
+    body = {"kind": kind.split()[0], "plan": plan, **({"tune": "search"} if "tune" in kind else {})}
+    err = assert_error(gw.post("/v1/jobs", json=body, headers=auth(gw)), 422, "stages.1.tokens", "100 tokens",
+                       "no optimizer step", "at least 2048")
+    assert err["field"] == "plan"
+    one_step = gw.post("/v1/jobs", json={"kind": "train", "plan": one_stage_plan(2048), "hold": True},
+                       headers=auth(gw))
+    assert one_step.status_code == 201 and one_step.json()["progress"]["total_steps"] == 1
+
+
+def test_a_job_whose_view_cannot_be_computed_does_not_break_the_list(gw, caplog):
+    """Jobs stored by an older gateway: a zero-step plan (its progress divided by zero) and a plan that no longer
+    validates. Both are listed, the second with an error saying why it has no progress; the others are unaffected."""
+    _, sessions, _ = gw.app_client
+    good = held_job(gw)
+    zero, broken = "job-00000000b0", "job-00000000b1"
+    with sessions.begin() as s:
+        for job_id, plan in ((zero, one_stage_plan(1)), (broken, {"stages": "not a list"})):
+            s.add(Job(id=job_id, owner=good["owner"], kind="train", spec={"kind": "train", "plan": plan},
+                      state="FAILED", attempt=1, error="it failed", created_at=utcnow(), updated_at=utcnow()))
+    with caplog.at_level(logging.ERROR, "flm.gateway"):
+        r = gw.get("/v1/jobs", params={"limit": 200}, headers=auth(gw))
+    assert r.status_code == 200, r.text
+    jobs = {j["id"]: j for j in r.json()["jobs"]}
+    assert jobs[good["id"]]["error"] is None and jobs[good["id"]]["progress"]["total_steps"] == 256
+    assert jobs[zero]["progress"] == {"step": 0, "total_steps": 0, "tokens": 0, "total_tokens": 0, "percent": None}
+    assert jobs[zero]["error"] == "it failed"
+    error = jobs[broken]["error"]
+    assert error.startswith("it failed; ") and "cannot compute this job's progress" in error and broken in error
+    assert "not a list" not in error  # the stored spec is the log's to quote, not the error's
+    for job_id in (zero, broken):
+        assert gw.get(f"/v1/jobs/{job_id}", headers=auth(gw)).json() == jobs[job_id]
+    assert any(broken in rec.getMessage() for rec in caplog.records)
+
+
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_no_exception_text(tmp_path, caplog):
+    app = create_app(GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY), reconcile=False)
+
+    @app.get("/v1/broken")
+    async def broken():
+        raise RuntimeError("the contents of /etc/shadow")
+
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR, "flm.gateway"):
+        r = client.get("/v1/broken")
+    body = assert_error(r, 500, "internal error", "request id")
+    request_id = r.headers["x-request-id"]
+    assert request_id in body["error"] and "shadow" not in r.text and "RuntimeError" not in r.text
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and "the contents of /etc/shadow" in str(logged[0].exc_info[1])
 
 
 def test_eval_of_a_job_without_checkpoints_is_409(gw):
