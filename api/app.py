@@ -98,6 +98,7 @@ class ApiError(StarletteHTTPException):
 
 # --- request checks ---------------------------------------------------------------------------------------------
 MAX_PATH_CHARS = 1024  # a path in a request; its parts at most NAME_MAX (255) bytes
+MAX_OFFSET = 10**9  # of GET /v1/jobs: a database takes 64-bit integers, and no owner has a billion jobs
 
 
 def resolve_path(root: Path, text: str, field: str) -> Path:
@@ -512,7 +513,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
     async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+                  offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
         """The owner's jobs, newest first."""
         q = select(Job).where(Job.owner == who)
         if state:

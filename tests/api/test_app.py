@@ -424,7 +424,8 @@ def test_jobs_are_listed_newest_first_paginated_and_filtered(gw):
 
 
 @pytest.mark.parametrize("params,field", [({"limit": 0}, "limit"), ({"limit": "all"}, "limit"),
-                                          ({"offset": -1}, "offset"), ({"state": "DONE"}, "state")])
+                                          ({"offset": -1}, "offset"), ({"offset": 2**63}, "offset"),
+                                          ({"state": "DONE"}, "state")])
 def test_bad_list_query_is_422(gw, params, field):
     assert assert_error(gw.get("/v1/jobs", params=params, headers=auth(gw)), 422, field)["field"] == field
 
