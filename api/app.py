@@ -217,38 +217,66 @@ class Gateway:
             raise ApiError(403, f"job {job_id!r} belongs to another owner", "job_id")
         return job
 
-    def check_outputs(self, out: str, data: str, field: str) -> str:
-        """The dataset made an absolute path inside the root (or a built-in source); where results go is the
-        gateway's to choose (`out` must be empty)."""
+    def owned_path(self, owner: str, text: str, field: str) -> Path:
+        """`text` resolved (see resolve_path) inside the owner's own directory or a directory of one of the owner's
+        jobs (symlinks followed first): a path into another owner's files is a 403, whether or not it exists."""
+        path = resolve_path(self.root, text, field)
+        home = self.settings.owner_dir(owner)
+        if home is not None and path.is_relative_to(home.resolve()):
+            return path
+        parts = path.relative_to(self.root.resolve()).parts
+        if len(parts) >= 2 and JOB_ID.match(parts[1]) and any(
+                path.is_relative_to(d.resolve()) for d in (self.settings.run_dir(parts[1]),
+                                                            self.settings.job_dir(parts[1]))):
+            job = get_job(self.sessions, parts[1])
+            if job is not None and job.owner == owner:
+                return path
+        mine = f"{relative(self.settings, home)}/ or " if home is not None else ""
+        raise ApiError(403, f"{field}: {text!r} is not among your files; give a path in {mine}the runs/<job id> or "
+                            f"jobs/<job id> directory of one of your jobs", field)
+
+    def check_outputs(self, owner: str, out: str, data: str, field: str) -> str:
+        """The dataset made an absolute path among the owner's files (or a built-in source); where results go is
+        the gateway's to choose (`out` must be empty)."""
         if out:
             raise ApiError(422, f"{field}.out: the gateway chooses where results go (runs/<job id>, jobs/<job id>); "
                                 f"leave it empty", f"{field}.out")
         if data in DATA_SOURCES or data.startswith("hf:"):
             return data
-        path = resolve_path(self.root, data, f"{field}.data")
+        path = self.owned_path(owner, data, f"{field}.data")
         if not path.exists():
             raise ApiError(400, f"{field}.data: {data!r} does not exist in the storage root; give a prepared "
                                 f"dataset or corpus there, 'shakespeare' or hf:NAME", f"{field}.data")
         return str(path)
 
-    def check_plan_paths(self, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
-        data = self.check_outputs(plan.train.out, plan.train.data, f"{field}.train")
-        return plan.model_copy(update={"train": plan.train.model_copy(update={"data": data})})
+    def check_plan_paths(self, owner: str, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
+        """The plan's dataset and `hparams_from` (a best.yaml) as absolute paths among the owner's files."""
+        update = {"train": plan.train.model_copy(update={
+            "data": self.check_outputs(owner, plan.train.out, plan.train.data, f"{field}.train")})}
+        if plan.hparams_from is not None:
+            path = self.owned_path(owner, plan.hparams_from, f"{field}.hparams_from")
+            if not path.is_file():
+                raise ApiError(400, f"{field}.hparams_from: {plan.hparams_from!r} is not a file; give the best.yaml "
+                                    f"of one of your tune jobs (jobs/<job id>/tune/best.yaml)", f"{field}.hparams_from")
+            update["hparams_from"] = str(path)
+        return plan.model_copy(update=update)
 
-    def check_search_paths(self, search: dict, field: str) -> dict:
-        return {**search, "data": self.check_outputs(search.get("out", ""), search.get("data", "shakespeare"), field)}
+    def check_search_paths(self, owner: str, search: dict, field: str) -> dict:
+        return {**search, "data": self.check_outputs(owner, search.get("out", ""), search.get("data", "shakespeare"),
+                                                     field)}
 
     def resolve_checkpoint(self, owner: str, text: str, field: str = "checkpoint") -> Path:
-        """A checkpoint directory in the root, or a job id of `owner` (its newest complete checkpoint)."""
+        """A checkpoint directory among the owner's files, or a job id of `owner` (its newest complete
+        checkpoint)."""
         if JOB_ID.match(text):
             job = self.owned_job(owner, text)
             found = checkpoints(self.settings.run_dir(job.id))
             if not found:
                 raise ApiError(409, f"{field}: job {text} has no checkpoint yet (state {job.state})", field)
             return found[-1]
-        path = resolve_path(self.root, text, field)
+        path = self.owned_path(owner, text, field)
         if not (path / "config.json").is_file():
-            raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in {path})", field)
+            raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in it)", field)
         return path
 
     def create_job(self, owner: str, req) -> Job:
@@ -257,19 +285,23 @@ class Gateway:
         spec = req.model_dump(mode="json", exclude={"hold"})
         files: dict[str, str] = {}
         if isinstance(req, TrainJob):
-            plan = self.check_plan_paths(req.plan)
+            plan = self.check_plan_paths(owner, req.plan)
             spec["plan"] = plan.model_dump(mode="json")
             files["plan.yaml"] = dump_yaml(spec["plan"])
         if isinstance(req, PipelineJob):  # the plan stays as written: a tune step may fill in its hparams
-            plan = self.check_plan_paths(req.growth_plan())
+            plan = self.check_plan_paths(owner, req.growth_plan())
             spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": plan.train.data}}
+            if plan.hparams_from is not None:
+                spec["plan"]["hparams_from"] = plan.hparams_from
         if isinstance(req, EvalJob):
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
-            spec["search"] = self.check_search_paths(req.search, "search")
+            spec["search"] = self.check_search_paths(owner, req.search, "search")
             files["search.yaml"] = dump_yaml(spec["search"])
         if isinstance(req, PipelineJob) and req.tune is not None:
-            spec["tune"] = self.check_search_paths(req.tune, "tune")
+            spec["tune"] = self.check_search_paths(owner, req.tune, "tune")
+        if isinstance(req, PipelineJob) and req.deploy is not None:
+            self.check_deployment_name(owner, req.deploy.name or job_id, "deploy.name")
         if isinstance(req, PipelineJob):
             pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python,
                         "serve_url": self.settings.serve_url}
@@ -353,6 +385,17 @@ class Gateway:
             raise ApiError(403, f"deployment {name!r} belongs to another owner", "name")
         return dep
 
+    def check_deployment_name(self, owner: str, name: str, field: str) -> None:
+        """409 if `name` is another owner's: one of their deployments (any state: names are never handed over), or
+        what the deploy step of one of their pipelines that has not ended will create (its Serve application)."""
+        with self.sessions() as s:
+            dep = s.get(Deployment, name)
+            pipelines = s.execute(select(Job.id, Job.spec).where(Job.kind == "pipeline", Job.owner != owner,
+                                                                 Job.state.not_in(TERMINAL))).all()
+        if (dep is not None and dep.owner != owner) or any(
+                spec.get("deploy") and (spec["deploy"].get("name") or job_id) == name for job_id, spec in pipelines):
+            raise ApiError(409, f"{field}: {name!r} is another owner's deployment name; choose another", field)
+
     def create_deployment(self, owner: str, req: DeploymentRequest) -> Deployment:
         if req.job_id is not None:
             job = self.owned_job(owner, req.job_id)
@@ -366,6 +409,7 @@ class Gateway:
             raise ApiError(400, f"checkpoint: {relative(self.settings, checkpoint)} has no tokenizer/; serving "
                                 f"needs the tokenizer the model was trained with", "checkpoint")
         name = req.name or req.job_id or f"model-{secrets.token_hex(4)}"
+        self.check_deployment_name(owner, name, "name")
         settings = {**req.model_dump(mode="json", exclude={"checkpoint", "job_id"}), "name": name}
         home = self.root / "deployments" / name
         spec = {"request": service_request(str(checkpoint), settings), "serve_url": self.settings.serve_url,
@@ -576,6 +620,8 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         """Start a held job, or submit a stopped or failed one again: training continues from its newest
         checkpoint (same run name), finished pipeline steps are skipped."""
         job = gw.owned_job(who, job_id)
+        if job.kind == "pipeline" and job.spec.get("deploy") and job.state in ("HELD", "STOPPED", "FAILED"):
+            gw.check_deployment_name(who, job.spec["deploy"].get("name") or job.id, "deploy.name")
         if job.state not in ("HELD", "STOPPED", "FAILED") or not gw.runner.set_state(job, job.state, state="QUEUED",
                                                                                  error=None):
             raise ApiError(409, f"job {job_id} is {job.state}; only HELD, STOPPED or FAILED jobs can be resumed",

@@ -30,14 +30,14 @@ def app_client(tmp_path_factory):
 @pytest.fixture
 def gw(app_client, request):
     """The client of one gateway shared by the module, with this test's own owners (alice, bob, and a revoked key
-    of alice's) and its own directory `base` (relative to the storage root `root`) for files."""
+    of alice's), `base`: alice's own directory (relative to the storage root `root`), and `uid` for names."""
     client, sessions, root = app_client
     uid = f"t{abs(hash(request.node.nodeid)) % 10**8}"
     alice, _ = create_key(sessions, f"alice-{uid}")
     bob, _ = create_key(sessions, f"bob-{uid}")
     old, _ = create_key(sessions, f"old-{uid}", owner=f"alice-{uid}")
     revoke_key(sessions, f"old-{uid}")
-    client.root, client.base = root, f"runs/{uid}"
+    client.root, client.base, client.uid = root, f"owners/alice-{uid}", uid
     (root / client.base).mkdir(parents=True)
     client.keys = {"alice": alice, "bob": bob, "revoked": old}
     client.app_client = app_client
@@ -255,11 +255,11 @@ def test_plan_out_is_the_gateways(gw):
 @pytest.mark.parametrize("data,status,words", [
     ("/etc", 403, "outside the storage root"),
     ("../data", 400, "contains '..'"),
-    ("data/missing", 400, "does not exist"),
+    ("{base}/missing", 400, "does not exist"),
 ])
 def test_dataset_path_must_be_inside_the_root(gw, data, status, words):
     plan = tiny_plan()
-    plan["train"] = {"data": data}
+    plan["train"] = {"data": data.format(base=gw.base)}
     body = assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), status, words)
     assert body["field"] == "plan.train.data"
 
@@ -322,6 +322,91 @@ def test_unusable_path_is_400_naming_the_field(gw, where, case):
     path, words = UNUSABLE_PATHS[case]
     err = assert_error(gw.post(route, json=body(path.format(base=gw.base)), headers=auth(gw)), 400, field, words)
     assert err["field"] == field
+
+
+# --- tenant isolation: paths among the caller's own files, deployment names ----------------------------------
+def with_hparams_from(path: str) -> dict:
+    return {"kind": "train", "plan": {**tiny_plan(), "hparams_from": path}}
+
+
+PATH_FIELDS_ALL = {**PATH_FIELDS, "hparams_from": ("/v1/jobs", with_hparams_from, "plan.hparams_from")}
+OTHERS_PATHS = {  # relative to the root; {bob}: bob's directory, {job}: a job of bob's, {uid}: this test's
+    "bob's own directory": "{bob}/ckpt",
+    "bob's directory, missing file": "{bob}/nothing",
+    "bob's job's run directory": "runs/{job}",
+    "bob's job's files": "jobs/{job}",
+    "every run": "runs",
+    "every owner": "owners",
+    "the root": ".",
+    "a run of no job": "runs/tiny",
+    "the store": "gateway.db",
+    "a symlink from alice's directory into bob's": "owners/alice-{uid}/link",
+}
+
+
+@pytest.mark.parametrize("where", PATH_FIELDS_ALL)
+@pytest.mark.parametrize("case", OTHERS_PATHS)
+def test_a_path_among_another_owners_files_is_403(gw, where, case):
+    bobs = f"owners/bob-{gw.uid}"
+    (gw.root / bobs / "ckpt").mkdir(parents=True)
+    (gw.root / bobs / "ckpt" / "config.json").write_text("{}")
+    (gw.root / gw.base / "link").symlink_to(gw.root / bobs / "ckpt")
+    job = held_job(gw, "bob")["id"]
+    (gw.root / "runs" / job).mkdir(parents=True, exist_ok=True)
+    route, body, field = PATH_FIELDS_ALL[where]
+    path = OTHERS_PATHS[case].format(bob=bobs, job=job, uid=gw.uid)
+    for given in (path, str(gw.root / path)):
+        err = assert_error(gw.post(route, json=body(given), headers=auth(gw)), 403, field, "not among your files",
+                           f"owners/alice-{gw.uid}/")
+        assert err["field"] == field
+
+
+def test_paths_among_the_callers_own_files_are_accepted(gw):
+    """The caller's own directory, and the run and job directories of the caller's own jobs."""
+    job = held_job(gw)["id"]
+    best = gw.root / "jobs" / job / "tune" / "best.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text("lr: 0.001\ninit_std: 0.02\noutput_mult: 1.0\nbase_width: 64\n")
+    own_ckpt, run_ckpt = checkpoint_dir(gw), gw.root / "runs" / job / "exported"
+    run_ckpt.mkdir(parents=True)
+    (run_ckpt / "config.json").write_text("{}")
+    for given in (f"{gw.base}/ckpt", str(own_ckpt), f"runs/{job}/exported"):
+        r = gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": given, "hold": True}, headers=auth(gw))
+        assert r.status_code == 201, r.text
+    r = gw.post("/v1/jobs", json={**with_hparams_from(f"jobs/{job}/tune/best.yaml"), "hold": True}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["plan"]["hparams_from"] == str(best.resolve())
+    written = yaml.safe_load((gw.root / "jobs" / r.json()["id"] / "plan.yaml").read_text())
+    assert written["hparams_from"] == str(best.resolve())  # absolute: not resolved against the plan's directory
+    assert_error(gw.post("/v1/jobs", json=with_hparams_from(f"jobs/{job}/tune"), headers=auth(gw)), 400,
+                 "plan.hparams_from", "not a file")
+
+
+def test_a_deployment_name_of_another_owner_is_409(gw):
+    checkpoint_dir(gw)
+    bobs = f"owners/bob-{gw.uid}/ckpt"
+    (gw.root / bobs).mkdir(parents=True)
+    (gw.root / bobs / "config.json").write_text("{}")
+    (gw.root / bobs / "tokenizer").mkdir()
+    taken, pending = f"{gw.uid}-taken", f"{gw.uid}-pending"
+    assert gw.post("/v1/deployments", json={"checkpoint": bobs, "name": taken}, headers=auth(gw, "bob")).status_code \
+        == 201
+    pipeline = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {"name": pending},
+                                         "hold": True}, headers=auth(gw, "bob")).json()
+    unnamed = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {}, "hold": True},
+                      headers=auth(gw, "bob")).json()  # will deploy as its job id
+    for name in (taken, pending, unnamed["id"]):
+        assert_error(gw.post("/v1/deployments", json={"checkpoint": f"{gw.base}/ckpt", "name": name},
+                             headers=auth(gw)), 409, "another owner's deployment name")
+        err = assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {"name": name}},
+                                   headers=auth(gw)), 409, "another owner's deployment name")
+        assert err["field"] == "deploy.name"
+    # once bob's pipeline has ended, its name is free again; resuming it then checks the name anew
+    gw.delete(f"/v1/jobs/{pipeline['id']}", headers=auth(gw, "bob"))
+    r = gw.post("/v1/deployments", json={"checkpoint": f"{gw.base}/ckpt", "name": pending}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    assert_error(gw.post(f"/v1/jobs/{pipeline['id']}/resume", headers=auth(gw, "bob")), 409,
+                 "another owner's deployment name")
 
 
 def one_stage_plan(tokens: int) -> dict:

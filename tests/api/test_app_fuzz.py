@@ -33,21 +33,21 @@ def fuzzed(tmp_path_factory):
     with TestClient(app, raise_server_exceptions=False) as client:
         sessions = app.state.gateway.sessions
         keys = {who: create_key(sessions, who)[0] for who in ("alice", "bob")}
-        ckpt = root / "data" / "ckpt"
-        (ckpt / "tokenizer").mkdir(parents=True)
-        (ckpt / "config.json").write_text("{}")
         ids: dict[str, list[str]] = {"job_id": [], "name": []}
         for who, key in keys.items():
+            ckpt = f"owners/{who}/ckpt"
+            (root / ckpt / "tokenizer").mkdir(parents=True)
+            (root / ckpt / "config.json").write_text("{}")
             headers = {"Authorization": f"Bearer {key}"}
             for body in ({"kind": "train", "plan": "tiny", "hold": True},
                          {"kind": "pipeline", "plan": "tiny", "tune": "search", "hold": True},
-                         {"kind": "eval", "checkpoint": "data/ckpt", "hold": True},
+                         {"kind": "eval", "checkpoint": ckpt, "hold": True},
                          {"kind": "tune", "search": "search", "hold": True}):
                 r = client.post("/v1/jobs", json=body, headers=headers)
                 assert r.status_code == 201, r.text
                 ids["job_id"].append(r.json()["id"])
             client.delete(f"/v1/jobs/{ids['job_id'][-1]}", headers=headers)  # one STOPPED job each
-            r = client.post("/v1/deployments", json={"checkpoint": "data/ckpt", "name": f"{who}-model"},
+            r = client.post("/v1/deployments", json={"checkpoint": ckpt, "name": f"{who}-model"},
                             headers=headers)
             assert r.status_code == 201, r.text
             ids["name"].append(f"{who}-model")
@@ -56,7 +56,8 @@ def fuzzed(tmp_path_factory):
 
 # what a generated string rarely is and a file system or a database chokes on
 HOSTILE = ["a\x00b", "~nosuchuser/x", "~/x", "../x", "/etc", "/", ".", "x/" + "a" * 300, "a" * 5000, "runs",
-           "job-0123456789", "\u202e\ufeff\U0001f600", " ", "%00", "\\x00"]
+           "owners/bob/ckpt", "owners/alice/ckpt", "bob-model", "alice-model", "job-0123456789",
+           "\u202e\ufeff\U0001f600", " ", "%00", "\\x00"]
 
 
 def string_leaves(value, path=()):
