@@ -38,6 +38,7 @@ from api.deploy import service_request
 from api.jobs import JobRunner, RayUnavailable, relative, write_json
 from api.runs import RunReader, checkpoints, plan_totals, read_json
 from api.schemas import (
+    NAME,
     TERMINAL,
     DeploymentList,
     DeploymentRequest,
@@ -65,6 +66,7 @@ from flm.config import GrowthPlan
 log = logging.getLogger("flm.gateway")
 KINDS = ("train", "tune", "eval", "pipeline")
 JOB_ID = re.compile(r"^job-[0-9a-f]{10}$")
+DEPLOYMENT_NAME = re.compile(NAME)
 DATA_SOURCES = ("shakespeare",)  # besides hf:NAME; anything else is a path inside the storage root
 ERROR_TEXT = {
     400: "Bad request: a path or a value the gateway cannot use",
@@ -95,13 +97,32 @@ class ApiError(StarletteHTTPException):
 
 
 # --- request checks ---------------------------------------------------------------------------------------------
+MAX_PATH_CHARS = 1024  # a path in a request; its parts at most NAME_MAX (255) bytes
+MAX_OFFSET = 10**9  # of GET /v1/jobs: a database takes 64-bit integers, and no owner has a billion jobs
+
+
 def resolve_path(root: Path, text: str, field: str) -> Path:
     """`text` (relative to the storage root, or absolute) as a path inside the root; '..' and anything resolving
-    outside (absolute paths elsewhere, symlinks out) are refused, naming the field."""
-    path = Path(text).expanduser()
+    outside (absolute paths elsewhere, symlinks out) are refused, naming the field. So is what the file system
+    cannot take (a NUL byte, a part over 255 bytes) and `~`, which would name the gateway's home, not the caller's."""
+    if "\x00" in text:
+        raise ApiError(400, f"{field}: contains a NUL byte; give a path inside the storage root", field)
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode("utf-8", "surrogateescape")) > 255
+                                         for part in text.split("/")):
+        raise ApiError(400, f"{field}: longer than {MAX_PATH_CHARS} characters, or a part of it longer than 255 "
+                            f"bytes; give a shorter path inside the storage root", field)
+    if text.startswith("~"):
+        raise ApiError(400, f"{field}: {text!r} starts with '~', which the gateway does not expand; give a path "
+                            f"relative to the storage root, or an absolute one inside it", field)
+    path = Path(text)
     if ".." in path.parts:
         raise ApiError(400, f"{field}: {text!r} contains '..'; give a path inside the storage root {root}", field)
-    full = (path if path.is_absolute() else root / path).resolve()
+    try:
+        full = (path if path.is_absolute() else root / path).resolve()
+        full.exists()  # what the kernel refuses to look up (ENAMETOOLONG after symlinks, EACCES) fails here
+    except (OSError, ValueError) as e:
+        raise ApiError(400, f"{field}: {text!r} cannot be looked up ({type(e).__name__}); give a path inside the "
+                            f"storage root", field) from None
     if not full.is_relative_to(root.resolve()):
         raise ApiError(403, f"{field}: {text!r} is outside the storage root {root}; paths must lie inside it", field)
     return full
@@ -189,45 +210,73 @@ class Gateway:
 
     # jobs ---------------------------------------------------------------------------------------------------------
     def owned_job(self, owner: str, job_id: str) -> Job:
-        job = get_job(self.sessions, job_id)
+        job = get_job(self.sessions, job_id) if JOB_ID.match(job_id) else None  # never a NUL byte to the database
         if job is None:
             raise ApiError(404, f"job {job_id!r}: no such job; see GET /v1/jobs", "job_id")
         if job.owner != owner:
             raise ApiError(403, f"job {job_id!r} belongs to another owner", "job_id")
         return job
 
-    def check_outputs(self, out: str, data: str, field: str) -> str:
-        """The dataset made an absolute path inside the root (or a built-in source); where results go is the
-        gateway's to choose (`out` must be empty)."""
+    def owned_path(self, owner: str, text: str, field: str) -> Path:
+        """`text` resolved (see resolve_path) inside the owner's own directory or a directory of one of the owner's
+        jobs (symlinks followed first): a path into another owner's files is a 403, whether or not it exists."""
+        path = resolve_path(self.root, text, field)
+        home = self.settings.owner_dir(owner)
+        if home is not None and path.is_relative_to(home.resolve()):
+            return path
+        parts = path.relative_to(self.root.resolve()).parts
+        if len(parts) >= 2 and JOB_ID.match(parts[1]) and any(
+                path.is_relative_to(d.resolve()) for d in (self.settings.run_dir(parts[1]),
+                                                            self.settings.job_dir(parts[1]))):
+            job = get_job(self.sessions, parts[1])
+            if job is not None and job.owner == owner:
+                return path
+        mine = f"{relative(self.settings, home)}/ or " if home is not None else ""
+        raise ApiError(403, f"{field}: {text!r} is not among your files; give a path in {mine}the runs/<job id> or "
+                            f"jobs/<job id> directory of one of your jobs", field)
+
+    def check_outputs(self, owner: str, out: str, data: str, field: str) -> str:
+        """The dataset made an absolute path among the owner's files (or a built-in source); where results go is
+        the gateway's to choose (`out` must be empty)."""
         if out:
             raise ApiError(422, f"{field}.out: the gateway chooses where results go (runs/<job id>, jobs/<job id>); "
                                 f"leave it empty", f"{field}.out")
         if data in DATA_SOURCES or data.startswith("hf:"):
             return data
-        path = resolve_path(self.root, data, f"{field}.data")
+        path = self.owned_path(owner, data, f"{field}.data")
         if not path.exists():
             raise ApiError(400, f"{field}.data: {data!r} does not exist in the storage root; give a prepared "
                                 f"dataset or corpus there, 'shakespeare' or hf:NAME", f"{field}.data")
         return str(path)
 
-    def check_plan_paths(self, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
-        data = self.check_outputs(plan.train.out, plan.train.data, f"{field}.train")
-        return plan.model_copy(update={"train": plan.train.model_copy(update={"data": data})})
+    def check_plan_paths(self, owner: str, plan: GrowthPlan, field: str = "plan") -> GrowthPlan:
+        """The plan's dataset and `hparams_from` (a best.yaml) as absolute paths among the owner's files."""
+        update = {"train": plan.train.model_copy(update={
+            "data": self.check_outputs(owner, plan.train.out, plan.train.data, f"{field}.train")})}
+        if plan.hparams_from is not None:
+            path = self.owned_path(owner, plan.hparams_from, f"{field}.hparams_from")
+            if not path.is_file():
+                raise ApiError(400, f"{field}.hparams_from: {plan.hparams_from!r} is not a file; give the best.yaml "
+                                    f"of one of your tune jobs (jobs/<job id>/tune/best.yaml)", f"{field}.hparams_from")
+            update["hparams_from"] = str(path)
+        return plan.model_copy(update=update)
 
-    def check_search_paths(self, search: dict, field: str) -> dict:
-        return {**search, "data": self.check_outputs(search.get("out", ""), search.get("data", "shakespeare"), field)}
+    def check_search_paths(self, owner: str, search: dict, field: str) -> dict:
+        return {**search, "data": self.check_outputs(owner, search.get("out", ""), search.get("data", "shakespeare"),
+                                                     field)}
 
     def resolve_checkpoint(self, owner: str, text: str, field: str = "checkpoint") -> Path:
-        """A checkpoint directory in the root, or a job id of `owner` (its newest complete checkpoint)."""
+        """A checkpoint directory among the owner's files, or a job id of `owner` (its newest complete
+        checkpoint)."""
         if JOB_ID.match(text):
             job = self.owned_job(owner, text)
             found = checkpoints(self.settings.run_dir(job.id))
             if not found:
                 raise ApiError(409, f"{field}: job {text} has no checkpoint yet (state {job.state})", field)
             return found[-1]
-        path = resolve_path(self.root, text, field)
+        path = self.owned_path(owner, text, field)
         if not (path / "config.json").is_file():
-            raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in {path})", field)
+            raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in it)", field)
         return path
 
     def create_job(self, owner: str, req) -> Job:
@@ -236,19 +285,23 @@ class Gateway:
         spec = req.model_dump(mode="json", exclude={"hold"})
         files: dict[str, str] = {}
         if isinstance(req, TrainJob):
-            plan = self.check_plan_paths(req.plan)
+            plan = self.check_plan_paths(owner, req.plan)
             spec["plan"] = plan.model_dump(mode="json")
             files["plan.yaml"] = dump_yaml(spec["plan"])
         if isinstance(req, PipelineJob):  # the plan stays as written: a tune step may fill in its hparams
-            plan = self.check_plan_paths(req.growth_plan())
+            plan = self.check_plan_paths(owner, req.growth_plan())
             spec["plan"] = {**req.plan, "train": {**req.plan.get("train", {}), "data": plan.train.data}}
+            if plan.hparams_from is not None:
+                spec["plan"]["hparams_from"] = plan.hparams_from
         if isinstance(req, EvalJob):
             spec["checkpoint_path"] = str(self.resolve_checkpoint(owner, req.checkpoint))
         if isinstance(req, TuneJob):
-            spec["search"] = self.check_search_paths(req.search, "search")
+            spec["search"] = self.check_search_paths(owner, req.search, "search")
             files["search.yaml"] = dump_yaml(spec["search"])
         if isinstance(req, PipelineJob) and req.tune is not None:
-            spec["tune"] = self.check_search_paths(req.tune, "tune")
+            spec["tune"] = self.check_search_paths(owner, req.tune, "tune")
+        if isinstance(req, PipelineJob) and req.deploy is not None:
+            self.check_deployment_name(owner, req.deploy.name or job_id, "deploy.name")
         if isinstance(req, PipelineJob):
             pipeline = {**spec, "id": job_id, "home": str(self.root), "python": self.settings.job_python,
                         "serve_url": self.settings.serve_url}
@@ -276,9 +329,22 @@ class Gateway:
         return self._totals[job.id]
 
     def view(self, job: Job) -> JobView:
+        """The job's row, with what its files say (progress, metrics, results). A job whose files or stored spec
+        cannot be read (a plan an older gateway accepted, a torn results file) still has a view: its `error` says
+        so, and a list of jobs never fails because of one of them."""
         v = JobView(id=job.id, kind=job.kind, owner=job.owner, state=job.state, attempt=job.attempt,
                     ray_submission_id=job.ray_submission_id, created_at=job.created_at, updated_at=job.updated_at,
                     error=job.error, spec=job.spec)
+        try:
+            self._add_progress(v, job)
+        except Exception as e:
+            log.exception("job %s: its progress and results cannot be computed", job.id)
+            problem = (f"the gateway cannot compute this job's progress and results ({type(e).__name__}; its log "
+                       f"has the details under job {job.id})")
+            return v.model_copy(update={"error": f"{job.error}; {problem}" if job.error else problem})
+        return v
+
+    def _add_progress(self, v: JobView, job: Job) -> None:
         totals = self.totals(job)
         if totals is not None:
             run_dir = self.settings.run_dir(job.id)
@@ -288,7 +354,7 @@ class Gateway:
             v.run_dir = relative(self.settings, run_dir)
             step, tokens = (latest["step"], latest["tokens"]) if latest else (0, 0)
             v.progress = Progress(step=step, total_steps=totals[1], tokens=tokens, total_tokens=totals[2],
-                                  percent=round(100 * tokens / totals[2], 2))
+                                  percent=round(100 * tokens / totals[2], 2) if totals[2] else None)
             if latest:
                 v.stage, v.metrics = latest["stage"], latest
             v.val_loss, v.checkpoints = run.val_loss, run.checkpoints
@@ -306,17 +372,29 @@ class Gateway:
             best = jd / "tune" / "best.yaml"
             v.results = {"best": yaml.safe_load(best.read_text()), "path": relative(self.settings, best)} \
                 if best.is_file() else None
-        return v
 
     # deployments ------------------------------------------------------------------------------------------------
     def owned_deployment(self, owner: str, name: str) -> Deployment:
-        with self.sessions() as s:
-            dep = s.get(Deployment, name)
+        dep = None
+        if DEPLOYMENT_NAME.match(name):  # never a NUL byte to the database
+            with self.sessions() as s:
+                dep = s.get(Deployment, name)
         if dep is None or dep.state == "DELETED":
             raise ApiError(404, f"deployment {name!r}: no such deployment; see GET /v1/deployments", "name")
         if dep.owner != owner:
             raise ApiError(403, f"deployment {name!r} belongs to another owner", "name")
         return dep
+
+    def check_deployment_name(self, owner: str, name: str, field: str) -> None:
+        """409 if `name` is another owner's: one of their deployments (any state: names are never handed over), or
+        what the deploy step of one of their pipelines that has not ended will create (its Serve application)."""
+        with self.sessions() as s:
+            dep = s.get(Deployment, name)
+            pipelines = s.execute(select(Job.id, Job.spec).where(Job.kind == "pipeline", Job.owner != owner,
+                                                                 Job.state.not_in(TERMINAL))).all()
+        if (dep is not None and dep.owner != owner) or any(
+                spec.get("deploy") and (spec["deploy"].get("name") or job_id) == name for job_id, spec in pipelines):
+            raise ApiError(409, f"{field}: {name!r} is another owner's deployment name; choose another", field)
 
     def create_deployment(self, owner: str, req: DeploymentRequest) -> Deployment:
         if req.job_id is not None:
@@ -331,6 +409,7 @@ class Gateway:
             raise ApiError(400, f"checkpoint: {relative(self.settings, checkpoint)} has no tokenizer/; serving "
                                 f"needs the tokenizer the model was trained with", "checkpoint")
         name = req.name or req.job_id or f"model-{secrets.token_hex(4)}"
+        self.check_deployment_name(owner, name, "name")
         settings = {**req.model_dump(mode="json", exclude={"checkpoint", "job_id"}), "name": name}
         home = self.root / "deployments" / name
         spec = {"request": service_request(str(checkpoint), settings), "serve_url": self.settings.serve_url,
@@ -457,8 +536,12 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(ErrorResponse(error=f"internal error: {type(exc).__name__}: {exc}").model_dump(), 500)
+        # the exception's text may quote a file or a path of the server: it goes to the log, the caller gets the id
+        request_id = secrets.token_hex(8)
+        log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path,
+                  exc_info=exc)
+        body = ErrorResponse(error=f"internal error; the gateway's log has the details under request id {request_id}")
+        return JSONResponse(body.model_dump(), 500, headers={"X-Request-ID": request_id})
 
     # --- routes -------------------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"])
@@ -474,7 +557,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
     async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+                  offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
         """The owner's jobs, newest first."""
         q = select(Job).where(Job.owner == who)
         if state:
@@ -537,6 +620,8 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         """Start a held job, or submit a stopped or failed one again: training continues from its newest
         checkpoint (same run name), finished pipeline steps are skipped."""
         job = gw.owned_job(who, job_id)
+        if job.kind == "pipeline" and job.spec.get("deploy") and job.state in ("HELD", "STOPPED", "FAILED"):
+            gw.check_deployment_name(who, job.spec["deploy"].get("name") or job.id, "deploy.name")
         if job.state not in ("HELD", "STOPPED", "FAILED") or not gw.runner.set_state(job, job.state, state="QUEUED",
                                                                                  error=None):
             raise ApiError(409, f"job {job_id} is {job.state}; only HELD, STOPPED or FAILED jobs can be resumed",

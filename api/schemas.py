@@ -70,6 +70,16 @@ def search_or_preset(value: Any) -> dict | None:
 SEARCHED_STAND_IN = {"lr": 1e-3, "init_std": 0.02, "output_mult": 1.0}
 
 
+def check_stage_steps(plan: GrowthPlan) -> GrowthPlan:
+    """A stage of fewer tokens than one batch trains no step (and has no progress to show): refused at the door."""
+    for k, (stage, cfg) in enumerate(zip(plan.stages, plan.model_configs(), strict=True)):
+        batch = stage.batch_size * cfg.seq_len
+        if stage.tokens < batch:
+            raise ValueError(f"stages.{k}.tokens: {stage.tokens} tokens make no optimizer step of "
+                             f"{stage.batch_size}x{cfg.seq_len} tokens; give at least {batch} (one batch)")
+    return plan
+
+
 def searched_plan(data: dict) -> GrowthPlan:
     """A plan whose LR, init_std and output_mult may come from a tune step (`hparams_from`), validated with
     stand-ins for the missing ones (the values written in the plan win, as with hparams_from)."""
@@ -127,6 +137,7 @@ class TrainJob(_Request):
     hold: bool = Field(default=False, description="create the job but start it only on POST .../resume")
 
     _preset = field_validator("plan", mode="before")(plan_or_preset)
+    _steps = field_validator("plan")(check_stage_steps)
 
 
 class TuneJob(_Request):
@@ -174,8 +185,8 @@ class PipelineJob(_Request):
         if not isinstance(value, dict):
             raise ValueError("expected a growth plan mapping or a preset name")
         if info.data.get("tune") is None:
-            return GrowthPlan.model_validate(value).model_dump(mode="json")
-        searched_plan(value)
+            return check_stage_steps(GrowthPlan.model_validate(value)).model_dump(mode="json")
+        check_stage_steps(searched_plan(value))
         return value
 
     def growth_plan(self) -> GrowthPlan:

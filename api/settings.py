@@ -4,17 +4,23 @@
       gateway.db              the SQLite store (FLM_DATABASE_URL selects another database)
       jobs/<id>/              a job's own files: spec.json, plan.yaml, eval/, pipeline.json
       runs/<id>/              its training run directory (metrics.jsonl, checkpoints/), Ray Train's runs beside it
+      owners/<owner>/         a key owner's own files (datasets, checkpoints trained elsewhere)
+
+A path in a request must lie in the caller's `owners/<owner>/` or in the `runs/<id>/` or `jobs/<id>/` of one of the
+caller's jobs: no key reads another owner's files.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_PORT = 8080  # Ray Serve's HTTP proxy takes 8000 on the head node
+OWNER_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")  # an owner that can name a directory as is
 
 
 def flm_home() -> Path:
@@ -45,3 +51,7 @@ class GatewaySettings(BaseModel):
 
     def run_dir(self, job_id: str) -> Path:
         return self.home / "runs" / job_id
+
+    def owner_dir(self, owner: str) -> Path | None:
+        """The owner's own directory; None for an owner whose name is no plain directory name ('..', 'a/b')."""
+        return self.home / "owners" / owner if OWNER_DIR_NAME.match(owner) and ".." not in owner else None

@@ -3,6 +3,7 @@ route refuses bad input with a 4xx whose JSON body names the problem, never a 50
 cancel/resume state rules; the OpenAPI schema documents every route and every error it returns."""
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
-from api.store import create_key, revoke_key
+from api.store import Job, create_key, revoke_key, utcnow
 
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
 LIMIT = 64 * 1024
@@ -29,16 +30,17 @@ def app_client(tmp_path_factory):
 @pytest.fixture
 def gw(app_client, request):
     """The client of one gateway shared by the module, with this test's own owners (alice, bob, and a revoked key
-    of alice's) and its own directory `base` (relative to the storage root `root`) for files."""
+    of alice's), `base`: alice's own directory (relative to the storage root `root`), and `uid` for names."""
     client, sessions, root = app_client
     uid = f"t{abs(hash(request.node.nodeid)) % 10**8}"
     alice, _ = create_key(sessions, f"alice-{uid}")
     bob, _ = create_key(sessions, f"bob-{uid}")
     old, _ = create_key(sessions, f"old-{uid}", owner=f"alice-{uid}")
     revoke_key(sessions, f"old-{uid}")
-    client.root, client.base = root, f"runs/{uid}"
+    client.root, client.base, client.uid = root, f"owners/alice-{uid}", uid
     (root / client.base).mkdir(parents=True)
     client.keys = {"alice": alice, "bob": bob, "revoked": old}
+    client.app_client = app_client
     return client
 
 
@@ -253,11 +255,11 @@ def test_plan_out_is_the_gateways(gw):
 @pytest.mark.parametrize("data,status,words", [
     ("/etc", 403, "outside the storage root"),
     ("../data", 400, "contains '..'"),
-    ("data/missing", 400, "does not exist"),
+    ("{base}/missing", 400, "does not exist"),
 ])
 def test_dataset_path_must_be_inside_the_root(gw, data, status, words):
     plan = tiny_plan()
-    plan["train"] = {"data": data}
+    plan["train"] = {"data": data.format(base=gw.base)}
     body = assert_error(gw.post("/v1/jobs", json={"kind": "train", "plan": plan}, headers=auth(gw)), status, words)
     assert body["field"] == "plan.train.data"
 
@@ -293,6 +295,179 @@ def test_eval_of_a_checkpoint_inside_the_root(gw):
     for given in (f"{gw.base}/ckpt", str(path)):
         job = gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": given, "hold": True}, headers=auth(gw)).json()
         assert job["state"] == "HELD" and job["spec"]["checkpoint_path"] == str(path.resolve())
+
+
+UNUSABLE_PATHS = {  # what the file system cannot take, or the gateway must not expand: a 400, never a 500
+    "NUL byte": ("{base}/a\x00b", "NUL byte"),
+    "~user": ("~nosuchuser/x", "'~'"),
+    "~": ("~/x", "'~'"),
+    "too long": ("{base}/" + "a" * 1100, "longer than 1024"),
+    "a part too long": ("{base}/" + "a" * 256 + "/b", "255 bytes"),
+}
+PATH_FIELDS = {  # a request naming a path, and the field that names it
+    "deployment checkpoint": ("/v1/deployments", lambda p: {"checkpoint": p}, "checkpoint"),
+    "eval checkpoint": ("/v1/jobs", lambda p: {"kind": "eval", "checkpoint": p}, "checkpoint"),
+    "plan data": ("/v1/jobs", lambda p: {"kind": "train", "plan": {**tiny_plan(), "train": {"data": p}}},
+                  "plan.train.data"),
+    "pipeline data": ("/v1/jobs", lambda p: {"kind": "pipeline", "plan": {**tiny_plan(), "train": {"data": p}}},
+                      "plan.train.data"),
+    "search data": ("/v1/jobs", lambda p: {"kind": "tune", "search": search(data=p)}, "search.data"),
+}
+
+
+@pytest.mark.parametrize("where", PATH_FIELDS)
+@pytest.mark.parametrize("case", UNUSABLE_PATHS)
+def test_unusable_path_is_400_naming_the_field(gw, where, case):
+    route, body, field = PATH_FIELDS[where]
+    path, words = UNUSABLE_PATHS[case]
+    err = assert_error(gw.post(route, json=body(path.format(base=gw.base)), headers=auth(gw)), 400, field, words)
+    assert err["field"] == field
+
+
+# --- tenant isolation: paths among the caller's own files, deployment names ----------------------------------
+def with_hparams_from(path: str) -> dict:
+    return {"kind": "train", "plan": {**tiny_plan(), "hparams_from": path}}
+
+
+PATH_FIELDS_ALL = {**PATH_FIELDS, "hparams_from": ("/v1/jobs", with_hparams_from, "plan.hparams_from")}
+OTHERS_PATHS = {  # relative to the root; {bob}: bob's directory, {job}: a job of bob's, {uid}: this test's
+    "bob's own directory": "{bob}/ckpt",
+    "bob's directory, missing file": "{bob}/nothing",
+    "bob's job's run directory": "runs/{job}",
+    "bob's job's files": "jobs/{job}",
+    "every run": "runs",
+    "every owner": "owners",
+    "the root": ".",
+    "a run of no job": "runs/tiny",
+    "the store": "gateway.db",
+    "a symlink from alice's directory into bob's": "owners/alice-{uid}/link",
+}
+
+
+@pytest.mark.parametrize("where", PATH_FIELDS_ALL)
+@pytest.mark.parametrize("case", OTHERS_PATHS)
+def test_a_path_among_another_owners_files_is_403(gw, where, case):
+    bobs = f"owners/bob-{gw.uid}"
+    (gw.root / bobs / "ckpt").mkdir(parents=True)
+    (gw.root / bobs / "ckpt" / "config.json").write_text("{}")
+    (gw.root / gw.base / "link").symlink_to(gw.root / bobs / "ckpt")
+    job = held_job(gw, "bob")["id"]
+    (gw.root / "runs" / job).mkdir(parents=True, exist_ok=True)
+    route, body, field = PATH_FIELDS_ALL[where]
+    path = OTHERS_PATHS[case].format(bob=bobs, job=job, uid=gw.uid)
+    for given in (path, str(gw.root / path)):
+        err = assert_error(gw.post(route, json=body(given), headers=auth(gw)), 403, field, "not among your files",
+                           f"owners/alice-{gw.uid}/")
+        assert err["field"] == field
+
+
+def test_paths_among_the_callers_own_files_are_accepted(gw):
+    """The caller's own directory, and the run and job directories of the caller's own jobs."""
+    job = held_job(gw)["id"]
+    best = gw.root / "jobs" / job / "tune" / "best.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text("lr: 0.001\ninit_std: 0.02\noutput_mult: 1.0\nbase_width: 64\n")
+    own_ckpt, run_ckpt = checkpoint_dir(gw), gw.root / "runs" / job / "exported"
+    run_ckpt.mkdir(parents=True)
+    (run_ckpt / "config.json").write_text("{}")
+    for given in (f"{gw.base}/ckpt", str(own_ckpt), f"runs/{job}/exported"):
+        r = gw.post("/v1/jobs", json={"kind": "eval", "checkpoint": given, "hold": True}, headers=auth(gw))
+        assert r.status_code == 201, r.text
+    r = gw.post("/v1/jobs", json={**with_hparams_from(f"jobs/{job}/tune/best.yaml"), "hold": True}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["plan"]["hparams_from"] == str(best.resolve())
+    written = yaml.safe_load((gw.root / "jobs" / r.json()["id"] / "plan.yaml").read_text())
+    assert written["hparams_from"] == str(best.resolve())  # absolute: not resolved against the plan's directory
+    assert_error(gw.post("/v1/jobs", json=with_hparams_from(f"jobs/{job}/tune"), headers=auth(gw)), 400,
+                 "plan.hparams_from", "not a file")
+
+
+def test_a_deployment_name_of_another_owner_is_409(gw):
+    checkpoint_dir(gw)
+    bobs = f"owners/bob-{gw.uid}/ckpt"
+    (gw.root / bobs).mkdir(parents=True)
+    (gw.root / bobs / "config.json").write_text("{}")
+    (gw.root / bobs / "tokenizer").mkdir()
+    taken, pending = f"{gw.uid}-taken", f"{gw.uid}-pending"
+    assert gw.post("/v1/deployments", json={"checkpoint": bobs, "name": taken}, headers=auth(gw, "bob")).status_code \
+        == 201
+    pipeline = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {"name": pending},
+                                         "hold": True}, headers=auth(gw, "bob")).json()
+    unnamed = gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {}, "hold": True},
+                      headers=auth(gw, "bob")).json()  # will deploy as its job id
+    for name in (taken, pending, unnamed["id"]):
+        assert_error(gw.post("/v1/deployments", json={"checkpoint": f"{gw.base}/ckpt", "name": name},
+                             headers=auth(gw)), 409, "another owner's deployment name")
+        err = assert_error(gw.post("/v1/jobs", json={"kind": "pipeline", "plan": "tiny", "deploy": {"name": name}},
+                                   headers=auth(gw)), 409, "another owner's deployment name")
+        assert err["field"] == "deploy.name"
+    # once bob's pipeline has ended, its name is free again; resuming it then checks the name anew
+    gw.delete(f"/v1/jobs/{pipeline['id']}", headers=auth(gw, "bob"))
+    r = gw.post("/v1/deployments", json={"checkpoint": f"{gw.base}/ckpt", "name": pending}, headers=auth(gw))
+    assert r.status_code == 201, r.text
+    assert_error(gw.post(f"/v1/jobs/{pipeline['id']}/resume", headers=auth(gw, "bob")), 409,
+                 "another owner's deployment name")
+
+
+def one_stage_plan(tokens: int) -> dict:
+    plan = tiny_plan()
+    plan["stages"] = plan["stages"][:1]
+    plan["stages"][0].update(tokens=tokens, ramp_steps=0)
+    return plan
+
+
+@pytest.mark.parametrize("kind", ["train", "pipeline", "pipeline with tune"])
+def test_zero_step_stage_is_422_naming_the_stage(gw, kind):
+    plan = tiny_plan()
+    plan["stages"][1].update(tokens=100, ramp_steps=0)  # batch 16 x seq_len 128 = 2048 tokens a step
+    body = {"kind": kind.split()[0], "plan": plan, **({"tune": "search"} if "tune" in kind else {})}
+    err = assert_error(gw.post("/v1/jobs", json=body, headers=auth(gw)), 422, "stages.1.tokens", "100 tokens",
+                       "no optimizer step", "at least 2048")
+    assert err["field"] == "plan"
+    one_step = gw.post("/v1/jobs", json={"kind": "train", "plan": one_stage_plan(2048), "hold": True},
+                       headers=auth(gw))
+    assert one_step.status_code == 201 and one_step.json()["progress"]["total_steps"] == 1
+
+
+def test_a_job_whose_view_cannot_be_computed_does_not_break_the_list(gw, caplog):
+    """Jobs stored by an older gateway: a zero-step plan (its progress divided by zero) and a plan that no longer
+    validates. Both are listed, the second with an error saying why it has no progress; the others are unaffected."""
+    _, sessions, _ = gw.app_client
+    good = held_job(gw)
+    zero, broken = "job-00000000b0", "job-00000000b1"
+    with sessions.begin() as s:
+        for job_id, plan in ((zero, one_stage_plan(1)), (broken, {"stages": "not a list"})):
+            s.add(Job(id=job_id, owner=good["owner"], kind="train", spec={"kind": "train", "plan": plan},
+                      state="FAILED", attempt=1, error="it failed", created_at=utcnow(), updated_at=utcnow()))
+    with caplog.at_level(logging.ERROR, "flm.gateway"):
+        r = gw.get("/v1/jobs", params={"limit": 200}, headers=auth(gw))
+    assert r.status_code == 200, r.text
+    jobs = {j["id"]: j for j in r.json()["jobs"]}
+    assert jobs[good["id"]]["error"] is None and jobs[good["id"]]["progress"]["total_steps"] == 256
+    assert jobs[zero]["progress"] == {"step": 0, "total_steps": 0, "tokens": 0, "total_tokens": 0, "percent": None}
+    assert jobs[zero]["error"] == "it failed"
+    error = jobs[broken]["error"]
+    assert error.startswith("it failed; ") and "cannot compute this job's progress" in error and broken in error
+    assert "not a list" not in error  # the stored spec is the log's to quote, not the error's
+    for job_id in (zero, broken):
+        assert gw.get(f"/v1/jobs/{job_id}", headers=auth(gw)).json() == jobs[job_id]
+    assert any(broken in rec.getMessage() for rec in caplog.records)
+
+
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_no_exception_text(tmp_path, caplog):
+    app = create_app(GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY), reconcile=False)
+
+    @app.get("/v1/broken")
+    async def broken():
+        raise RuntimeError("the contents of /etc/shadow")
+
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR, "flm.gateway"):
+        r = client.get("/v1/broken")
+    body = assert_error(r, 500, "internal error", "request id")
+    request_id = r.headers["x-request-id"]
+    assert request_id in body["error"] and "shadow" not in r.text and "RuntimeError" not in r.text
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and "the contents of /etc/shadow" in str(logged[0].exc_info[1])
 
 
 def test_eval_of_a_job_without_checkpoints_is_409(gw):
@@ -334,7 +509,8 @@ def test_jobs_are_listed_newest_first_paginated_and_filtered(gw):
 
 
 @pytest.mark.parametrize("params,field", [({"limit": 0}, "limit"), ({"limit": "all"}, "limit"),
-                                          ({"offset": -1}, "offset"), ({"state": "DONE"}, "state")])
+                                          ({"offset": -1}, "offset"), ({"offset": 2**63}, "offset"),
+                                          ({"state": "DONE"}, "state")])
 def test_bad_list_query_is_422(gw, params, field):
     assert assert_error(gw.get("/v1/jobs", params=params, headers=auth(gw)), 422, field)["field"] == field
 

@@ -80,7 +80,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, micro_data):
     home = tmp_path_factory.mktemp("flm-home")
-    shutil.copytree(micro_data, home / "data" / "micro")
+    shutil.copytree(micro_data, home / "owners" / "e2e" / "micro")  # the key's owner's own directory
     with ray_test_env():
         t0 = time.perf_counter()
         s = Stack(home, dict(os.environ))
@@ -91,7 +91,7 @@ def stack(tmp_path_factory, micro_data):
 
 
 def plan(stages: int, **train) -> dict:
-    p = micro_plan("data/micro", "", **train).model_dump(mode="json")
+    p = micro_plan("owners/e2e/micro", "", **train).model_dump(mode="json")
     p["stages"] = p["stages"][:stages]
     return p
 
