@@ -128,9 +128,9 @@ def check_plan(plan: GrowthPlan, backend: str | None = None, storage: str | None
                 raise FLMConfigError(f"stages.{k}.layout.tp: {plan.stages[k].layout.tp} needs backend fsdp, not {b}")
             continue
         lay = plan.stages[k].layout
-        if not isinstance(lay.workers, int):
-            raise FLMConfigError(f"stages.{k}.layout.workers: {lay.workers}: backend fsdp runs on a fixed mesh; "
-                                 f"give one worker count")
+        if not isinstance(lay.workers, int) and lay.tp != 1:
+            raise FLMConfigError(f"stages.{k}.layout.workers: {lay.workers}: an elastic fsdp stage may only shrink "
+                                 f"its dp dimension; use tp: 1 or one worker count")
         check_tp(cfg, lay.tp, f"stages.{k}.layout.tp")
         if storage is not None and is_uri(str(storage)):
             raise FLMConfigError(f"stages.{k}.layout.backend: fsdp writes sharded checkpoints from every rank to "

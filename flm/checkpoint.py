@@ -117,17 +117,57 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         verify_checkpoint(directory)
     config = ModelConfig.model_validate_json((directory / "config.json").read_text())
     sharded = is_sharded(directory)
-    opt_path, state_path, rng_path = directory / "optimizer.pt", directory / "trainer_state.json", directory / "rng.pt"
+    state_path, rng_path = directory / "trainer_state.json", directory / "rng.pt"
     if sharded:
         model, optimizer = read_whole(directory) if tensors else (None, None)
         if model is not None:
             model = {k: v.to(map_location) for k, v in model.items()}
+    elif tensors:
+        model = {}
+        for f in sorted(directory.glob("model*.safetensors")):  # one file, or a grown checkpoint's several
+            model.update(load_file(f, device=str(map_location)))
+        model = split_fused_qkv(model)
+        optimizer = read_optimizer(directory, config, map_location)
     else:
-        model = split_fused_qkv(load_file(directory / "model.safetensors", device=str(map_location)))
-        optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.exists() else None
+        model = optimizer = None
     trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
     rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
     return Checkpoint(directory, config, model, optimizer, trainer_state, rng, sharded)
+
+
+def read_optimizer(directory: str | Path, config: ModelConfig, map_location: str | torch.device = "cpu") -> dict | None:
+    """A single-file checkpoint's AdamW state: optimizer.pt as torch saved it, or a grown checkpoint's optimizer/
+    (moments by name, one step count) as a state-only dict by position ({"state": ...}, no param_groups: the
+    optimizer it is loaded into keeps its own groups)."""
+    directory = Path(directory)
+    if (directory / "optimizer.pt").is_file():
+        return torch.load(directory / "optimizer.pt", map_location=map_location, weights_only=True)
+    step_file = directory / "optimizer" / "step.json"
+    if not step_file.is_file():
+        return None
+    from flm.sharded import param_names
+
+    step = torch.tensor(json.loads(step_file.read_text())["step"])
+    moments = {}
+    for f in sorted((directory / "optimizer").glob("*.safetensors")):
+        moments.update(load_file(f, device=str(map_location)))
+    state = {i: {"step": step.clone(), **{k: moments[f"{n}.{k}"] for k in ("exp_avg", "exp_avg_sq")}}
+             for i, n in enumerate(param_names(config))}
+    return {"state": state}
+
+
+def write_manifest(directory: str | Path, hash_limit: int = 64 << 20) -> None:
+    """checkpoint.json: size of every file below `directory`, sha256 of those up to `hash_limit` bytes (hashing
+    terabytes of shards would take longer than writing them); files fsynced first. Written last."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {}
+    for p in files:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        size = p.stat().st_size
+        manifest[str(p.relative_to(directory))] = {"bytes": size, "sha256": sha256(p) if size <= hash_limit else None}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):

@@ -118,8 +118,9 @@ class ParallelLayout(_Strict):
         if self.tp > 1 and self.backend != "fsdp":
             raise ValueError(f"tp: {self.tp} needs backend: fsdp (ddp and zero keep whole layers on every rank)")
         lo, hi = (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
-        if self.backend == "fsdp" and lo != hi:
-            raise ValueError(f"workers: {self.workers}: backend fsdp runs on a fixed mesh; give one worker count")
+        if self.backend == "fsdp" and lo != hi and self.tp != 1:
+            raise ValueError(f"workers: {self.workers}: an elastic fsdp stage may only shrink its dp dimension; "
+                             f"use tp: 1 or one worker count")
         if lo % self.tp:
             raise ValueError(f"tp: {self.tp} does not divide workers {lo}")
         if self.dp is not None and self.dp * self.tp != lo:

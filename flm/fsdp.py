@@ -18,11 +18,19 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from flm.checkpoint import Checkpoint
+from flm.checkpoint import Checkpoint, read_optimizer
 from flm.config import ModelConfig
-from flm.model import GPT, MASK_NAMES
+from flm.model import GPT
 from flm.parallelize import build_sharded, clip_grad_norm_, device_mesh, gather_masks, init_shards, install_masks
-from flm.sharded import load_full, load_sharded, read_masks, save_sharded
+from flm.sharded import (
+    load_full,
+    load_safetensors,
+    load_safetensors_moments,
+    load_sharded,
+    read_masks,
+    read_safetensors_masks,
+    save_sharded,
+)
 from flm.train import Dist
 
 
@@ -59,9 +67,9 @@ class FSDPDist(Dist):
         if ck.sharded:
             load_sharded(ck.path, model)
             masks = read_masks(ck.path)
-        else:
-            load_full(model, cfg, ck.model)
-            masks = {k: v for k, v in ck.model.items() if k.rsplit(".", 1)[-1] in MASK_NAMES}
+        else:  # safetensors, one file or a grown checkpoint's several: each rank reads its pieces
+            load_safetensors(ck.path, model)
+            masks = read_safetensors_masks(ck.path)
         if masks:
             install_masks(model, masks, self.mesh)
         return model
@@ -69,8 +77,10 @@ class FSDPDist(Dist):
     def load_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer, ck: Checkpoint) -> None:
         if ck.sharded:
             load_sharded(ck.path, model, optimizer, params=False)
-        elif ck.optimizer is not None:
-            load_full(model, model.cfg, None, optimizer, ck.optimizer)
+        elif (ck.path / "optimizer").is_dir():  # a grown checkpoint's moments, read in pieces
+            load_safetensors_moments(ck.path, model, optimizer)
+        elif (ck.path / "optimizer.pt").is_file():  # one torch.save file: read whole (small models)
+            load_full(model, model.cfg, optimizer, read_optimizer(ck.path, model.cfg))
 
     def wrap(self, model: GPT) -> nn.Module:
         return model  # parallelized when built

@@ -2,7 +2,13 @@
 
 Growth is tensor surgery on a state dict (old state + old config + new config -> new state) plus runtime masks.
 Every old tensor is embedded as the leading slice of its grown tensor; new
-coordinates get a fresh μP init: preservation comes from the masks installed at 0, not from the init. The
+coordinates get a fresh μP init: preservation comes from the masks installed at 0, not from the init.
+
+The surgery works tensor by tensor: each grown tensor depends only on the old tensor it continues, and its random
+init comes from a generator of its own, seeded by (the caller's generator seed, the operator's position, the
+tensor's name). So a stage transition can be computed for one tensor at a time, in any order, on any rank
+(`grown_tensor`, used by flm/offline_growth.py to grow a checkpoint on disk without holding the model), and gives the
+same bits as `grow_state` on the whole state dict. The
 one non-mask adjustment: μP logits carry output_mult / w and w = d_model / base_width grows with width, so the
 final LayerNorm's weight and bias are scaled by w'/w on the old coordinates, which keeps the logits unchanged.
 
@@ -13,6 +19,8 @@ state follows the same surgery (moments into the old slices, zeros elsewhere, st
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -57,17 +65,15 @@ _OPERATORS = {"width": grow_width, "ffn": grow_ffn, "heads": grow_heads}
 def grow_state(state: State, old: ModelConfig, new: ModelConfig, order: Sequence[Operator] = DEFAULT_OPERATOR_ORDER,
                placement: str = "stack", generator=None) -> State:
     """A whole stage transition: apply each operator whose dimension changes, in `order`."""
-    check_growth(old, new)
-    cfg = ModelConfig(**{**old.model_dump(), "init_std": new.init_std, "dropout": new.dropout})
-    for op in order:
-        target = getattr(new, _OPERATOR_DIM[op])
-        if target == getattr(cfg, _OPERATOR_DIM[op]):
-            continue
-        if op == "depth":
-            state, cfg = grow_depth(state, cfg, target, placement, generator)
-        else:
-            state, cfg = _OPERATORS[op](state, cfg, target, generator)
-    return state
+    _check_masks_settled(state)
+    steps = growth_steps(old, new, order, placement)
+    ref = state["wte.weight"]
+    seed = growth_seed(generator)
+    final = steps[-1].after if steps else old
+    out = {name: grown_tensor(state.__getitem__, steps, name, seed, ref.dtype, ref.device)
+           for name in param_shapes(final)}
+    out.update(grown_masks(state, steps, ref.dtype, ref.device))
+    return out
 
 
 def grow_model(model: GPT, new: ModelConfig, order: Sequence[Operator] = DEFAULT_OPERATOR_ORDER,
@@ -119,25 +125,108 @@ def embed(new: torch.Tensor, old: torch.Tensor, name: str) -> torch.Tensor:
 def _grow_one(state: State, cfg: ModelConfig, dim: str, value: int, placement: str,
               generator) -> tuple[State, ModelConfig]:
     new_cfg = ModelConfig(**{**cfg.model_dump(), dim: value})
-    check_growth(cfg, new_cfg)
-    _check_masks_settled(state)
-    sources = layer_sources(cfg.n_layer, new_cfg.n_layer, placement)
-    ref = state["wte.weight"]
+    op = next(o for o, d in _OPERATOR_DIM.items() if d == dim)
+    return grow_state(state, cfg, new_cfg, (op,), placement, generator), new_cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthStep:
+    """One operator of a stage transition: configs before and after, and for each layer after, the layer before it
+    continues (None: a new, gated layer)."""
+
+    op: str
+    before: ModelConfig
+    after: ModelConfig
+    sources: tuple[int | None, ...]
+
+
+def growth_steps(old: ModelConfig, new: ModelConfig, order: Sequence[Operator] = DEFAULT_OPERATOR_ORDER,
+                 placement: str = "stack") -> list[GrowthStep]:
+    """The operators a stage transition applies, in `order`, skipping those whose dimension does not change."""
+    check_growth(old, new)
+    cfg = ModelConfig(**{**old.model_dump(), "init_std": new.init_std, "dropout": new.dropout})
+    steps = []
+    for op in order:
+        dim = _OPERATOR_DIM[op]
+        if getattr(new, dim) == getattr(cfg, dim):
+            continue
+        nxt = ModelConfig(**{**cfg.model_dump(), dim: getattr(new, dim)})
+        check_growth(cfg, nxt)
+        sources = layer_sources(cfg.n_layer, nxt.n_layer, placement if op == "depth" else "stack")
+        steps.append(GrowthStep(op, cfg, nxt, tuple(sources)))
+        cfg = nxt
+    return steps
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Parameter name -> shape of a GPT of `cfg`, in module order (from a meta-device model: no memory)."""
     with torch.device("meta"):
-        template = GPT(new_cfg)
-    out: State = {}
-    for name, p in template.named_parameters():
-        t = torch.empty(p.shape, dtype=ref.dtype, device=ref.device)
-        mup.init_parameter(new_cfg, name, t, generator)
-        src = source_name(name, sources)
-        out[name] = t if src is None else embed(t, state[src], name)
-    if new_cfg.d_model != cfg.d_model:  # keep output_mult / w · ln_f(x) unchanged as w grows
-        ratio = new_cfg.width_mult / cfg.width_mult
-        for key in ("ln_f.weight", "ln_f.bias"):
-            if key in out:
-                out[key][: cfg.d_model] *= ratio
-    out.update(_grown_masks(state, cfg, new_cfg, sources, ref))
-    return out, new_cfg
+        return {name: p.shape for name, p in GPT(cfg).named_parameters()}
+
+
+def growth_seed(generator: torch.Generator | None) -> int:
+    """The seed every grown tensor's own generator derives from: the caller's generator's, or a draw from torch's
+    global RNG when none is given."""
+    return generator.initial_seed() if generator is not None else int(torch.randint(0, 2**62, ()).item())
+
+
+def _tensor_generator(seed: int, step: int, name: str, device) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{step}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def grown_tensor(read, steps: Sequence[GrowthStep], name: str, seed: int, dtype=torch.float32,
+                 device="cpu") -> torch.Tensor:
+    """Parameter `name` after every step: `read(old_name)` gives the old tensors it continues (one per step at
+    most is alive at a time). A step that changes the tensor's shape draws a fresh μP init from the tensor's own
+    generator and embeds the previous tensor as its leading slice; a width step rescales the final LayerNorm."""
+    def at(i: int, nm: str) -> torch.Tensor | None:
+        if i == 0:
+            return read(nm)
+        step = steps[i - 1]
+        src = source_name(nm, list(step.sources))
+        prev = None if src is None else at(i - 1, src)
+        shape = param_shapes(step.after)[nm]
+        if prev is not None and prev.shape == shape:
+            t = prev.clone()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            mup.init_parameter(step.after, nm, t, _tensor_generator(seed, i, nm, device))
+            if prev is not None:
+                embed(t, prev, nm)
+        if step.after.d_model != step.before.d_model and nm in ("ln_f.weight", "ln_f.bias"):
+            t[: step.before.d_model] *= step.after.width_mult / step.before.width_mult  # output_mult / w fixed
+        return t
+
+    return at(len(steps), name)
+
+
+def grown_moment(read, steps: Sequence[GrowthStep], name: str, dtype=torch.float32, device="cpu"):
+    """An AdamW moment of parameter `name` after every step: the old moment (`read(old_name)`, None if it has
+    none) as the leading slice, zeros elsewhere; None when no old moment reaches it (a new layer's are zeros)."""
+    def at(i: int, nm: str) -> torch.Tensor | None:
+        if i == 0:
+            return read(nm)
+        step = steps[i - 1]
+        src = source_name(nm, list(step.sources))
+        prev = None if src is None else at(i - 1, src)
+        shape = param_shapes(step.after)[nm]
+        if prev is not None and prev.shape == shape:
+            return prev
+        t = torch.zeros(shape, dtype=dtype, device=device)
+        return t if prev is None else embed(t, prev, nm)
+
+    return at(len(steps), name)
+
+
+def grown_masks(state: State, steps: Sequence[GrowthStep], dtype=torch.float32, device="cpu") -> State:
+    """The growth masks after every step (new coordinates at 0), from the old state's masks (small tensors)."""
+    masks = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in MASK_NAMES}
+    ref = torch.empty((), dtype=dtype, device=device)
+    for step in steps:
+        masks = _grown_masks(masks, step.before, step.after, list(step.sources), ref)
+    return masks
 
 
 def _grown_masks(state: State, old: ModelConfig, new: ModelConfig, sources, ref) -> State:

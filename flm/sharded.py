@@ -33,7 +33,6 @@ from flm.config import ModelConfig
 
 SHARDED = "sharded"
 MASKS = "masks.safetensors"
-HASH_LIMIT = 64 << 20  # files above this size are listed with their size only
 
 
 def is_sharded(directory: str | Path) -> bool:
@@ -64,23 +63,13 @@ def optimizer_by_position(cfg: ModelConfig, state: dict) -> dict:
     return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
-def _manifest(directory: Path) -> dict:
-    from flm.checkpoint import sha256
-
-    out = {}
-    for p in sorted(q for q in directory.rglob("*") if q.is_file()):
-        size = p.stat().st_size
-        out[str(p.relative_to(directory))] = {"bytes": size, "sha256": sha256(p) if size <= HASH_LIMIT else None}
-    return out
-
-
 def save_sharded(directory: str | Path, cfg: ModelConfig, model, optimizer, masks: dict[str, torch.Tensor],
                  trainer_state: dict, rng: dict | None, tokenizer_dir: str | Path | None, is_main: bool) -> Path:
     """Write a sharded checkpoint; collective (every rank calls it, with the same `directory`). The run directory
     must be one filesystem every rank sees (a local path on one node, or a shared mount)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from flm.checkpoint import MANIFEST
+    from flm.checkpoint import write_manifest
 
     directory = Path(directory)
     tmp = directory.parent / f".tmp-{directory.name}"
@@ -101,8 +90,7 @@ def save_sharded(directory: str | Path, cfg: ModelConfig, model, optimizer, mask
             torch.save(rng, tmp / "rng.pt")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=2))
-        _fsync_tree(tmp)
+        write_manifest(tmp)
         old = directory.parent / f".old-{directory.name}"
         if directory.exists():  # rename-then-remove: a crash in between leaves one complete checkpoint
             shutil.rmtree(old, ignore_errors=True)
@@ -111,13 +99,6 @@ def save_sharded(directory: str | Path, cfg: ModelConfig, model, optimizer, mask
         shutil.rmtree(old, ignore_errors=True)
     td.barrier()
     return directory
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _mask_names() -> tuple[str, ...]:
@@ -155,22 +136,78 @@ def load_sharded(directory: str | Path, model, optimizer=None, params: bool = Tr
         set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-def load_full(model, cfg: ModelConfig, model_state: dict | None, optimizer=None,
-              optimizer_state: dict | None = None) -> None:
-    """A single-file checkpoint's state (whole tensors, on every rank) into a parallelized model: each rank keeps
-    its shards. For small models (the single-file format is what one process wrote); masks are left out."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+def load_full(model, cfg: ModelConfig, optimizer, optimizer_state: dict) -> None:
+    """A single-process AdamW state dict (whole tensors, on every rank) into the optimizer of a parallelized model:
+    each rank keeps its shards. For optimizer.pt of a single-file checkpoint (what one process wrote: small)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if model_state is not None:
-        params = {k: v for k, v in model_state.items() if k.rsplit(".", 1)[-1] not in _mask_names()}
+    if "param_groups" not in optimizer_state:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+        named = optimizer_by_name(cfg, {"state": optimizer_state["state"], "param_groups": []})
+        state = {"state": named["state"], "param_groups": groups}
+    else:
+        state = optimizer_by_name(cfg, optimizer_state)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_safetensors(directory: str | Path, model) -> None:
+    """The parameters of a safetensors checkpoint (model.safetensors, or a grown checkpoint's model-*.safetensors)
+    into a parallelized model of any layout through DCP's HuggingFaceStorageReader: each rank reads only the
+    pieces of its shards. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from flm.model import split_fused_qkv
+
+    directory = Path(directory)
+    if any(".attn.qkv." in k for k in _safetensors_keys(directory)):  # an older checkpoint: small, read whole
+        from flm.checkpoint import load_checkpoint
+
+        state = load_checkpoint(directory, verify=False).model
+        params = {k: v for k, v in split_fused_qkv(state).items() if k.rsplit(".", 1)[-1] not in _mask_names()}
         set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True))
-    if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_by_name(cfg, optimizer_state),
-                                 options=StateDictOptions(full_state_dict=True))
+        return
+    state = {k: v for k, v in get_model_state_dict(model).items() if k.rsplit(".", 1)[-1] not in _mask_names()}
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+
+
+def load_safetensors_moments(directory: str | Path, model, optimizer) -> None:
+    """A grown checkpoint's AdamW moments (optimizer/*.safetensors, "<name>.exp_avg") and step into the optimizer of
+    a parallelized model, each rank reading its pieces. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    directory = Path(directory)
+    state = get_optimizer_state_dict(model, optimizer)
+    step = json.loads((directory / "optimizer" / "step.json").read_text())["step"]
+    flat = {f"{name}.{key}": s[key] for name, s in state["state"].items() for key in ("exp_avg", "exp_avg_sq")}
+    dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(directory / "optimizer")))
+    for s in state["state"].values():
+        s["step"] = torch.tensor(float(step))
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def _safetensors_keys(directory: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    keys = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            keys.update({k: f for k in h.keys()})  # noqa: SIM118
+    return keys
+
+
+def read_safetensors_masks(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The growth masks stored in a safetensors checkpoint (a few small tensors)."""
+    from safetensors import safe_open
+
+    out = {}
+    for k, f in _safetensors_keys(Path(directory)).items():
+        if k.rsplit(".", 1)[-1] in _mask_names():
+            with safe_open(f, framework="pt") as h:
+                out[k] = h.get_tensor(k)
+    return out
 
 
 def read_whole(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -84,8 +84,8 @@ class Dist:
 
     def load_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer, ck: Checkpoint) -> None:
         """Checkpoint `ck`'s AdamW state into `optimizer` (built for `model`), if it has one."""
-        if ck.optimizer is not None:
-            optimizer.load_state_dict(ck.optimizer)
+        if ck.optimizer is not None:  # a grown checkpoint's holds state only: the groups stay this optimizer's
+            optimizer.load_state_dict({"param_groups": optimizer.state_dict()["param_groups"], **ck.optimizer})
 
     def save(self, path: Path, model: GPT, optimizer: torch.optim.Optimizer, trainer_state: dict, rng: dict,
              tokenizer_dir: Path) -> None:
@@ -300,30 +300,28 @@ class Trainer:
                       "params": new.num_params(), "max_abs_dlogits": kept.max_abs, "dloss": kept.dloss})
 
     def _grow_sharded(self, k: int, mode: str) -> None:
-        """Offline growth of a sharded model: rank 0 grows the stage-end checkpoint with the same operators (and the
-        same generator) as `_grow_into`, writes it under grown/stage<k> in the single-file format, and every rank
-        loads its shards of it. Rank 0 holds the whole model and its AdamW state while it grows: fine up to a few
-        billion parameters; a tensor-by-tensor growth of the sharded checkpoint is what the 101B plan needs."""
+        """Offline growth of a sharded model, never held whole: every rank grows its share of the stage-end
+        checkpoint's tensors (flm/offline_growth.py: each tensor's own generator, so the result equals `_grow_into`'s
+        growth of the same checkpoint bit for bit) into grown/stage<k>, then loads its shards of the grown model."""
+        from flm.offline_growth import finish_growth, grow_share, prepare_growth
+
         stage, src = self.plan.stages[k], step_dir(self.run_dir, self.step)
         dst = self.run_dir / "grown" / f"stage{k}"
         cfg = self.raw.cfg
         x, y = (t.to(self.dist.device) for t in
                 self.val_data.batch_at(0, min(8, self.val_data.num_windows(cfg.seq_len)), cfg.seq_len))
         before, loss_before = self._eval_logits(x, y)
+        args = (self.configs[k], stage.operator_order, stage.depth_placement)
+        tmp = prepare_growth(dst) if self.dist.is_main else dst.parent / f".tmp-{dst.name}"
+        self.dist.barrier()
+        grow_share(src, tmp, *args, seed=self.plan.seed * 1009 + k, rank=self.dist.rank,
+                   world=self.dist.world_size)
+        self.dist.barrier()
         if self.dist.is_main:
-            ck = load_checkpoint(src)
-            old = GPT.from_state(ck.config, ck.model)
-            old_opt = self._make_optimizer(old)
-            old_opt.load_state_dict(ck.optimizer)
-            gen = torch.Generator().manual_seed(self.plan.seed * 1009 + k)
-            new = self.grow_fn(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
-            new_opt = self._make_optimizer(new)
-            transfer_adamw_state(old_opt, old, new_opt, new, stage.depth_placement)
-            save_checkpoint(dst, new.cfg, new.state_dict(), new_opt.state_dict())
-            del old, old_opt, new, new_opt
+            finish_growth(src, tmp, dst, *args)
         self.dist.barrier()
         self.stage = k
-        self._load(load_checkpoint(dst, self.dist.device))
+        self._load(load_checkpoint(dst, self.dist.device, tensors=False))
         after, loss_after = self._eval_logits(x, y)
         self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
         if self.ramp is None:

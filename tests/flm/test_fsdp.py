@@ -146,3 +146,4 @@ def test_consolidate_cli(tp2xdp2, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flm.cli", "checkpoint", "consolidate", str(out), str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a sharded checkpoint" in bad.stderr
+
