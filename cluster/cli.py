@@ -39,7 +39,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
     # everything that can be wrong with the input fails here, before a cluster starts
     plan = load_plan(args.plan)
     storage = check_storage(args.storage or flm_home() / "runs")
-    check_plan(plan, args.backend)
+    check_plan(plan, args.backend, str(storage))
     if args.max_failures < -1:
         raise FLMConfigError(f"--max-failures: {args.max_failures}; use -1 (retry forever) or a count >= 0")
 

@@ -20,6 +20,7 @@ import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flm.fsdp import FSDPDist
 from flm.model import GPT
 from flm.storage import is_uri
 from flm.train import Dist
@@ -89,3 +90,9 @@ def checkpoint_path(checkpoint: ray.train.Checkpoint | None) -> Path | str | Non
             return None
         location = json.loads(pointer.read_text())["path"]
         return location if is_uri(location) else Path(location)
+
+
+@dataclass
+class RayFSDPDist(FSDPDist, RayDist):
+    """A Ray Train worker of a `backend: fsdp` stage: FSDP2 x TP on a (dp, tp) mesh over the process group Ray Train
+    set up (flm/fsdp.py), with RayDist's reports at checkpoints."""

@@ -47,7 +47,8 @@ URI (flm/storage.py), so a worker on a fresh node resumes from the URI. Every no
 its own environment (an instance profile, or AWS_* set where `ray start` runs; AWS_ENDPOINT_URL for MinIO and
 other S3 APIs): run_plan does not forward secrets to the workers.
 
-The gradient backend of each stage is `layout.backend` ("ddp", or "zero1" / "zero2" / "zero3" for DeepSpeed ZeRO);
+The gradient backend of each stage is `layout.backend` ("ddp", "zero1" / "zero2" / "zero3" for DeepSpeed ZeRO, or
+"fsdp" for FSDP2 x tensor parallelism over a (workers / tp, tp) mesh with sharded checkpoints: flm/fsdp.py);
 `run_plan(backend=...)` overrides it for every stage.
 """
 
@@ -64,6 +65,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -73,7 +75,7 @@ from flm.config import FLMConfigError, GrowthPlan, GrowthStage
 from flm.storage import RunStorage, check_writable, filesystem, is_uri, join
 from flm.train import Trainer, batch_split
 
-BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 ATTEMPTS = "attempts.jsonl"
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 ELASTIC_START_TIMEOUT_S = 5.0  # placing a worker group on free resources takes milliseconds
@@ -114,10 +116,26 @@ def worker_range(stage: GrowthStage) -> tuple[int, int]:
     return lo, hi
 
 
-def check_plan(plan: GrowthPlan, backend: str | None = None) -> list[str]:
-    """What can be checked without a cluster: each stage's backend (returned) and its worker counts."""
+def check_plan(plan: GrowthPlan, backend: str | None = None, storage: str | None = None) -> list[str]:
+    """What can be checked without a cluster: each stage's backend (returned), its worker counts, its mesh."""
+    from flm.parallelize import check_tp
+
     backends = [stage_backend(s, backend) for s in plan.stages]
     check_layouts(plan)
+    for k, (b, cfg) in enumerate(zip(backends, plan.model_configs(), strict=True)):
+        if b != "fsdp":
+            if plan.stages[k].layout.tp > 1:
+                raise FLMConfigError(f"stages.{k}.layout.tp: {plan.stages[k].layout.tp} needs backend fsdp, not {b}")
+            continue
+        lay = plan.stages[k].layout
+        if not isinstance(lay.workers, int):
+            raise FLMConfigError(f"stages.{k}.layout.workers: {lay.workers}: backend fsdp runs on a fixed mesh; "
+                                 f"give one worker count")
+        check_tp(cfg, lay.tp, f"stages.{k}.layout.tp")
+        if storage is not None and is_uri(str(storage)):
+            raise FLMConfigError(f"stages.{k}.layout.backend: fsdp writes sharded checkpoints from every rank to "
+                                 f"one shared filesystem; --storage {storage} (an object store) is not supported for "
+                                 f"it yet: use a shared mount")
     return backends
 
 
@@ -129,7 +147,7 @@ def check_layouts(plan: GrowthPlan) -> None:
             raise FLMConfigError(f"stages.{k}.layout.workers: {stage.layout.workers} must be a count >= 1 or "
                                  f"(min, max) with 1 <= min <= max")
         for w in range(lo, hi + 1):
-            micro, accum, rest = batch_split(plan, k, w)
+            micro, accum, rest = batch_split(plan, k, w // stage.layout.tp)  # tp ranks read the same batch
             if accum == 0 or rest:
                 raise FLMConfigError(f"stages.{k}.layout.workers: batch_size {stage.batch_size} does not split "
                                      f"into micro batches of {micro or 1} on {w} workers; use worker counts that "
@@ -264,7 +282,7 @@ class StageTrainer(Trainer):
     def _restore(self, first_stage: int) -> None:
         super()._restore(first_stage)
         if self.dist.is_main:
-            micro, accum, _ = batch_split(self.plan, self.stage, self.dist.world_size)
+            micro, accum, _ = batch_split(self.plan, self.stage, self.dist.data_world)
             line = {"launch": self.launch, "stage": self.stage, "step": self.step,
                     "world_size": self.dist.world_size, "micro_batch": micro, "accum": accum, "time": time.time()}
             if self.storage:  # this node's copy may lag the URI's (a restart on another node wrote since)
@@ -301,6 +319,14 @@ def _train_worker(config: dict) -> dict:
     backend = config["backend"]
     if backend == "ddp":
         dist = RayDist.from_context(plan.train.device)
+    elif backend == "fsdp":
+        from cluster.dist import RayFSDPDist
+        from flm.precision import autocast_dtype
+
+        device = "cpu" if plan.train.device == "cpu" else ray.train.torch.get_device().type
+        param_dtype = autocast_dtype(device, plan.train.precision) if device == "cuda" else None  # fp32 on CPUs
+        dist = RayFSDPDist.from_context(plan.train.device, tp=plan.stages[k].layout.tp, param_dtype=param_dtype,
+                                        activation_checkpointing=plan.train.activation_checkpointing == "full")
     else:
         from cluster.zero import ZeroDist
 
@@ -357,7 +383,7 @@ def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None
     name = name or plan.name
     if not name or "/" in name or name.startswith("."):
         raise FLMConfigError(f"name: {name!r} must be a plain directory name")
-    backends = check_plan(plan, backend)
+    backends = check_plan(plan, backend, str(root))
     capacity = cluster_capacity() if check_cluster else None
     if capacity is not None:
         check_resources(plan, capacity)

@@ -40,13 +40,14 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     path: Path
     config: ModelConfig
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None: a sharded checkpoint read without its tensors
     optimizer: dict | None
     trainer_state: dict
     rng: dict | None
+    sharded: bool = False  # flm/sharded.py's format (DCP shards)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -74,11 +75,16 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, model_state: dic
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
+    for p in (*files, tmp / MANIFEST):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    old = directory.parent / f".old-{directory.name}-{os.getpid()}"
+    if directory.exists():  # rename-then-remove: a crash in between leaves one complete checkpoint
+        os.rename(directory, old)
     os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -94,21 +100,34 @@ def verify_checkpoint(directory: str | Path) -> None:
         raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({e})") from None
     for name, meta in manifest.items():
         p = directory / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or \
+                (meta.get("sha256") is not None and sha256(p) != meta["sha256"]):
             raise CheckpointError(f"{directory}: {name} is missing or corrupted")
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True,
+                    tensors: bool = True) -> Checkpoint:
+    """Read a checkpoint of either format. A sharded one (flm/sharded.py) is assembled in this process, unless
+    `tensors=False`: then model and optimizer are None and a parallelized model loads its own shards."""
+    from flm.model import split_fused_qkv
+    from flm.sharded import is_sharded, read_whole
+
     directory = Path(directory)
     if verify:
         verify_checkpoint(directory)
     config = ModelConfig.model_validate_json((directory / "config.json").read_text())
-    model = load_file(directory / "model.safetensors", device=str(map_location))
+    sharded = is_sharded(directory)
     opt_path, state_path, rng_path = directory / "optimizer.pt", directory / "trainer_state.json", directory / "rng.pt"
-    optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.exists() else None
+    if sharded:
+        model, optimizer = read_whole(directory) if tensors else (None, None)
+        if model is not None:
+            model = {k: v.to(map_location) for k, v in model.items()}
+    else:
+        model = split_fused_qkv(load_file(directory / "model.safetensors", device=str(map_location)))
+        optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.exists() else None
     trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
     rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
-    return Checkpoint(directory, config, model, optimizer, trainer_state, rng)
+    return Checkpoint(directory, config, model, optimizer, trainer_state, rng, sharded)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
@@ -136,11 +155,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
 
 
-def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu",
+                      tensors: bool = True) -> Checkpoint | None:
     """The newest checkpoint that verifies; corrupted ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path, map_location)
+            return load_checkpoint(path, map_location, tensors=tensors)
         except (CheckpointError, OSError, ValueError, RuntimeError) as e:
             warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
     return None

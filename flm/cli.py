@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -37,8 +38,13 @@ def cmd_plan(args) -> None:
         cost = plan_cost(plan, hw)
     except ValueError as e:
         raise FLMConfigError(str(e)) from None
+    from flm.memory import GIB, plan_memory
+
+    if args.gpu_mem <= 0:
+        raise FLMConfigError(f"--gpu-mem: {args.gpu_mem} must be > 0 (GiB per GPU)")
+    memory = plan_memory(plan, int(args.gpu_mem * GIB), dry_run=args.dry_run)
     if args.json:
-        print(json.dumps(cost.model_dump(), indent=2))
+        print(json.dumps({**cost.model_dump(), "memory": [m.model_dump() for m in memory]}, indent=2))
         return
     table = Table(title=f"plan {plan.name}: growth vs training the final size from scratch")
     for col in ("stage", "params", "tokens", "FLOPs", "GPUs", "TFLOP/s/GPU", "days", "GPU-days", "$"):
@@ -54,6 +60,23 @@ def cmd_plan(args) -> None:
                   f"{cost.scratch_days:.2f}", "", f"{cost.scratch_dollars:,.0f}")
     console.print(table)
     console.print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
+    title = f"memory per GPU (GiB) under backend fsdp, against {args.gpu_mem:g} GiB" + \
+        (": sharded states measured by the dry run" if args.dry_run else "")
+    table = Table(title=title)
+    cols = ["stage", "layout", "micro x seq", "params", "grads", "AdamW", "gathered", "activations", "act. no AC",
+            "act. full AC", "total", "fits"]
+    if args.dry_run:
+        cols[-1:-1] = ["measured states", "error"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for m in memory:
+        row = [m.name, f"tp {m.tp} x dp {m.dp}", f"{m.micro_batch} x {m.seq_len}",
+               *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.gathered, m.activations,
+                                             m.activations_without_ac, m.activations_with_ac, m.total))]
+        if args.dry_run:
+            row += [f"{m.measured_states / GIB:.2f}", f"{m.states_error:.2%}"]
+        table.add_row(*row, "yes" if m.fits else "[bold red]NO[/bold red]")
+    console.print(table)
 
 
 def cmd_check(args) -> None:
@@ -169,6 +192,23 @@ def cmd_mup_check(args) -> None:
                   f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
 
 
+def cmd_consolidate(args) -> None:
+    from flm.checkpoint import CheckpointError, verify_checkpoint
+    from flm.sharded import consolidate, is_sharded
+
+    src = Path(args.checkpoint)
+    if not is_sharded(src):
+        raise FLMConfigError(f"{src}: not a sharded checkpoint (no sharded/ directory)")
+    if Path(args.out).resolve() == src.resolve():
+        raise FLMConfigError("OUT: must differ from the sharded checkpoint")
+    try:
+        verify_checkpoint(src)
+    except CheckpointError as e:
+        raise FLMConfigError(str(e)) from None
+    out = consolidate(src, args.out)
+    console.print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,8 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, help="used when --tflops-per-gpu is not given (default 0.5)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for --mfu (default 312)")
     p.add_argument("--price", type=float, help="US$ per GPU-hour (default 1.0)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for the memory plan (default 80: A800)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build each stage on the meta device, shard it with the real FSDP2 x TP code over a fake "
+                        "process group of the stage's world size, and report the measured shard bytes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    c = csub.add_parser("consolidate", help="a sharded (DCP) checkpoint -> the single-file format, in one process")
+    c.add_argument("checkpoint", help="a sharded checkpoint directory (runs/<name>/checkpoints/step_...)")
+    c.add_argument("out", help="the single-file checkpoint directory to write")
+    c.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("check", help="validate a plan or proxy YAML")
     p.add_argument("file")

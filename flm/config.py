@@ -96,20 +96,44 @@ class ModelDelta(_Strict):
 
 
 class ParallelLayout(_Strict):
-    """Where a stage runs: a hint for cluster/ and the cost planner. `workers` may be (min, max) for elastic runs."""
+    """Where a stage runs. `workers` may be (min, max) for elastic runs (ddp/zero). `backend: fsdp` shards the model
+    over a (dp, tp) mesh of the workers (flm/parallelize.py): tp ranks split heads and FFN units, dp = workers / tp
+    ranks shard everything else. Pipeline parallelism is not implemented: pp must be 1 (FSDP x TP fits every stage
+    of the 101B plan: `flm plan configs/flm-101b.yaml --dry-run`)."""
 
     workers: int | tuple[int, int] = 1
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
-    dp: int = Field(default=1, ge=1)
+    dp: int | None = Field(default=None, ge=1, description="None: workers / tp")
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    backend: Literal["ddp", "zero1", "zero2", "zero3"] = Field(
-        default="ddp", description="cluster/: torch DDP, or DeepSpeed ZeRO stage 1/2/3")
+    backend: Literal["ddp", "zero1", "zero2", "zero3", "fsdp"] = Field(
+        default="ddp", description="torch DDP, DeepSpeed ZeRO stage 1/2/3, or FSDP2 x tensor parallelism")
+
+    @model_validator(mode="after")
+    def _mesh(self):
+        if self.pp != 1:
+            raise ValueError(f"pp: {self.pp}: pipeline parallelism is not implemented; set pp: 1 and use "
+                             f"backend: fsdp with tp (FSDP shards what TP does not)")
+        if self.tp > 1 and self.backend != "fsdp":
+            raise ValueError(f"tp: {self.tp} needs backend: fsdp (ddp and zero keep whole layers on every rank)")
+        lo, hi = (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
+        if self.backend == "fsdp" and lo != hi:
+            raise ValueError(f"workers: {self.workers}: backend fsdp runs on a fixed mesh; give one worker count")
+        if lo % self.tp:
+            raise ValueError(f"tp: {self.tp} does not divide workers {lo}")
+        if self.dp is not None and self.dp * self.tp != lo:
+            raise ValueError(f"dp: {self.dp} x tp {self.tp} != workers {lo}; omit dp (it is workers / tp)")
+        return self
+
+    @property
+    def data_parallel(self) -> int:
+        lo = self.workers if isinstance(self.workers, int) else self.workers[0]
+        return lo // self.tp
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.data_parallel
 
 
 class GrowthStage(_Strict):
@@ -160,6 +184,8 @@ class TrainSettings(_Strict):
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1, description="besides the stage-end checkpoints, always kept")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    activation_checkpointing: Literal["none", "full"] = Field(
+        default="none", description="full: recompute each block in backward (backend fsdp), keeping block inputs only")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_tflops: float | None = Field(default=None, gt=0, description="per device, for MFU; None: not reported")
     optim: OptimConfig = OptimConfig()

@@ -4,7 +4,7 @@
 GPT-NeoX with sequential residuals, full rotary (rotate-half, as ours), tanh GELU and biased LayerNorms is our
 RoPE model exactly, once the μP multipliers are folded into weights: input_mult into the input embedding and
 output_mult / w into an untied output embedding. NeoX orders the fused QKV rows per head ([q k v] of head 0, of
-head 1, ...) where we order them per chunk ([q of all heads | k | v]): rows are permuted. xPos has no NeoX
+head 1, ...) where we keep three projections: they are concatenated and permuted. xPos has no NeoX
 equivalent, so xPos checkpoints are refused; so is a checkpoint caught mid-ramp (its masks are not a plain model).
 """
 
@@ -21,7 +21,8 @@ from flm.config import FLMConfigError, ModelConfig
 def neox_state(cfg: ModelConfig, state: dict[str, torch.Tensor], head: str = "lm_head.weight") -> dict:
     """Our state dict as GPT-NeoX's (float32), multipliers folded in; `head` names the output embedding
     (`embed_out.weight` before transformers 5)."""
-    def per_head(t: torch.Tensor) -> torch.Tensor:
+    def per_head(prefix: str, kind: str) -> torch.Tensor:
+        t = torch.cat([state[f"{prefix}attn.{c}.{kind}"] for c in "qkv"])
         return t.view(3, cfg.n_head, cfg.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
     def bias(name: str, size: int) -> torch.Tensor:
@@ -36,10 +37,10 @@ def neox_state(cfg: ModelConfig, state: dict[str, torch.Tensor], head: str = "lm
         for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
             out[q + theirs + ".weight"] = state[p + ours + ".weight"]
             out[q + theirs + ".bias"] = bias(p + ours + ".bias", d)
-        out[q + "attention.query_key_value.weight"] = per_head(state[p + "attn.qkv.weight"])
+        out[q + "attention.query_key_value.weight"] = per_head(p, "weight")
         out[q + "attention.dense.weight"] = state[p + "attn.proj.weight"]
         if cfg.bias:
-            out[q + "attention.query_key_value.bias"] = per_head(state[p + "attn.qkv.bias"])
+            out[q + "attention.query_key_value.bias"] = per_head(p, "bias")
             out[q + "attention.dense.bias"] = state[p + "attn.proj.bias"]
         out[q + "mlp.dense_h_to_4h.weight"] = state[p + "mlp.fc.weight"]
         out[q + "mlp.dense_h_to_4h.bias"] = bias(p + "mlp.fc.bias", cfg.d_ffn)

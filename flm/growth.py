@@ -1,7 +1,7 @@
 """Masked Structural Growth (MSG): function-preserving growth of width, FFN, heads and depth (DESIGN §3).
 
 Growth is tensor surgery on a state dict (old state + old config + new config -> new state) plus runtime masks.
-Every old tensor is embedded as the leading slice of its grown tensor (the qkv rows per q/k/v chunk); new
+Every old tensor is embedded as the leading slice of its grown tensor; new
 coordinates get a fresh μP init: preservation comes from the masks installed at 0, not from the init. The
 one non-mask adjustment: μP logits carry output_mult / w and w = d_model / base_width grows with width, so the
 final LayerNorm's weight and bias are scaled by w'/w on the old coordinates, which keeps the logits unchanged.
@@ -111,12 +111,8 @@ def source_name(name: str, sources: list[int | None]) -> str | None:
 
 
 def embed(new: torch.Tensor, old: torch.Tensor, name: str) -> torch.Tensor:
-    """Copy `old` into the leading slice of `new` (in place); qkv is embedded per q/k/v chunk."""
-    if ".attn.qkv." in name:
-        new_v, old_v = new.view(3, -1, *new.shape[1:]), old.view(3, -1, *old.shape[1:])
-    else:
-        new_v, old_v = new, old
-    new_v[tuple(slice(0, s) for s in old_v.shape)] = old_v
+    """Copy `old` into the leading slice of `new` (in place)."""
+    new[tuple(slice(0, s) for s in old.shape)] = old
     return new
 
 

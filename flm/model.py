@@ -10,6 +10,12 @@ new coordinates are exactly those below 1. Without masks the forward pass is a p
 - mlp.ffn_mask (d_ffn,): multiplies the FFN pre-activation (GELU(0) = 0).
 - attn.head_mask (n_head,): multiplies the new heads' q, k and v.
 - gate (): a new block's output h <- h + gate · (block(h) - h).
+
+Masks multiply the outputs of the projections (not their weights), and attention reads its head count from the
+projection's output width: so the same code runs on a tensor-parallel shard (flm/parallelize.py), whose q/k/v and
+FFN-in layers produce only its own heads and units and whose head and FFN masks are sliced to match.
+q, k and v are three projections (checkpoints of the older fused `attn.qkv` are split on load): each one shards by
+rows over tensor-parallel ranks as it is, which one fused [q | k | v] matrix does not.
 """
 
 from __future__ import annotations
@@ -46,13 +52,11 @@ class LayerNorm(nn.Module):
         return xc * rstd * w if self.bias is None else torch.addcmul(self.bias * mask, xc * rstd, w)
 
 
-def masked_linear(x: torch.Tensor, layer: nn.Linear, out_mask: torch.Tensor | None) -> torch.Tensor:
-    """layer(x) * out_mask, with the mask folded into the weight rows and bias: a (out, in) multiply instead of
-    one over every activation."""
-    if out_mask is None:
-        return layer(x)
-    bias = None if layer.bias is None else layer.bias * out_mask
-    return F.linear(x, layer.weight * out_mask.unsqueeze(-1), bias)
+def masked_linear(x: torch.Tensor, layer: nn.Module, out_mask: torch.Tensor | None) -> torch.Tensor:
+    """layer(x) * out_mask. The mask multiplies the output rather than being folded into the weight: a sharded
+    weight (a DTensor under tensor parallelism) and a plain mask do not mix, a local output and a local mask do."""
+    y = layer(x)
+    return y if out_mask is None else y * out_mask.to(y.dtype)
 
 
 class Rotary(nn.Module):
@@ -146,16 +150,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=cfg.bias)  # rows: [q heads | k heads | v heads]
+        self.q = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
+        self.k = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
+        self.v = nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.register_buffer("head_mask", None)
 
     def forward(self, x, rope, hidden_mask=None, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
         B, T, _ = x.shape
-        rows = None if self.head_mask is None else self.head_mask.repeat_interleave(self.head_dim).repeat(3)
-        qkv = masked_linear(x, self.qkv, rows).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
+        rows = None if self.head_mask is None else self.head_mask.repeat_interleave(self.head_dim)
+        # heads from the output width: a tensor-parallel shard computes only its own heads
+        q, k, v = (masked_linear(x, layer, rows).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))  # each (B, h, T, hd)
         q, k = apply_rotary(q, k, *rope)
         start = 0
         if cache is not None:
@@ -205,6 +212,23 @@ class Block(nn.Module):
         if self.gate is not None:
             h = torch.lerp(x, h, self.gate.to(h.dtype))  # exact x at gate 0
         return h
+
+
+def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every `attn.qkv.{weight,bias}` (rows [q heads | k heads | v heads], the layout before q, k
+    and v became three projections) split into `attn.q`, `attn.k` and `attn.v`; other states are returned as they
+    are."""
+    if not any(".attn.qkv." in name for name in state):
+        return state
+    out = {}
+    for name, t in state.items():
+        if ".attn.qkv." in name:
+            prefix, _, kind = name.rpartition(".qkv.")
+            for part, chunk in zip("qkv", t.chunk(3, dim=0), strict=True):
+                out[f"{prefix}.{part}.{kind}"] = chunk.contiguous()
+        else:
+            out[name] = t
+    return out
 
 
 class GPT(nn.Module):
@@ -261,6 +285,7 @@ class GPT(nn.Module):
         """A model holding `state` (masks included), built without a wasted random init."""
         with torch.device("meta"):
             model = cls(cfg)
+        state = split_fused_qkv(state)
         ref = state["wte.weight"]
         model = model.to_empty(device=ref.device).to(ref.dtype)
         model.load_state_dict(state)
@@ -290,7 +315,9 @@ class GPT(nn.Module):
             setattr(owner, attr, None)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like nn.Module's, but first installs (or removes) mask buffers to match the state being loaded."""
+        """Like nn.Module's, but first installs (or removes) mask buffers to match the state being loaded, and
+        splits a fused `attn.qkv` of older checkpoints."""
+        state_dict = split_fused_qkv(state_dict)
         self.clear_masks()
         for name, t in state_dict.items():
             if name.rsplit(".", 1)[-1] in MASK_NAMES:

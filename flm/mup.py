@@ -18,7 +18,8 @@ from torch import nn
 from flm.config import ModelConfig
 
 # Parameter-name suffixes of the weights μP treats as "matrix-like" (hidden fan-in).
-MATRIX_WEIGHTS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+MATRIX_WEIGHTS = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.proj.weight", "mlp.fc.weight",
+                  "mlp.proj.weight")
 RESIDUAL_OUTPUTS = ("attn.proj.weight", "mlp.proj.weight")
 
 

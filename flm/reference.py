@@ -35,7 +35,8 @@ class RefBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=cfg.bias)
+        for name in "qkv":
+            setattr(self.attn, name, nn.Linear(cfg.d_model, cfg.attn_dim, bias=cfg.bias))
         self.attn.proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=cfg.bias)
         self.mlp = nn.Module()
         self.mlp.fc = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
@@ -44,8 +45,8 @@ class RefBlock(nn.Module):
     def forward(self, x, cos, sin, scale):
         B, T, _ = x.shape
         h, hd = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = self.attn.qkv(self.ln_1(x)).split(h * hd, dim=-1)
-        q, k, v = (t.view(B, T, h, hd).transpose(1, 2) for t in (q, k, v))
+        x1 = self.ln_1(x)
+        q, k, v = (t.view(B, T, h, hd).transpose(1, 2) for t in (self.attn.q(x1), self.attn.k(x1), self.attn.v(x1)))
 
         def rot(t):
             t1, t2 = t[..., : hd // 2], t[..., hd // 2:]

@@ -28,10 +28,17 @@ import torch
 from torch import nn
 
 from flm import mup
-from flm.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
+from flm.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_dir,
+)
 from flm.config import FLMConfigError, GrowthPlan, ModelConfig
 from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
-from flm.flops import flops_per_token
+from flm.flops import flops_per_token, param_count
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
 from flm.model import GPT
 from flm.precision import autocast_dtype
@@ -53,9 +60,39 @@ class Dist:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    sharded = False  # True: the model is built, loaded and saved in shards (flm/fsdp.py), never whole
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of each global batch this rank reads; ranks of one tensor-parallel group read the same."""
+        return self.rank
+
+    @property
+    def data_world(self) -> int:
+        """How many slices a global batch is cut into (the data-parallel size)."""
+        return self.world_size
+
+    def build_model(self, cfg: ModelConfig, seed: int, ck: Checkpoint | None = None) -> GPT:
+        """A stage's model on this rank: μP-initialised from `seed`, or holding checkpoint `ck`'s weights and masks."""
+        if ck is None:
+            return GPT(cfg, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        return GPT.from_state(ck.config, ck.model).to(self.device)
+
+    def load_optimizer(self, model: GPT, optimizer: torch.optim.Optimizer, ck: Checkpoint) -> None:
+        """Checkpoint `ck`'s AdamW state into `optimizer` (built for `model`), if it has one."""
+        if ck.optimizer is not None:
+            optimizer.load_state_dict(ck.optimizer)
+
+    def save(self, path: Path, model: GPT, optimizer: torch.optim.Optimizer, trainer_state: dict, rng: dict,
+             tokenizer_dir: Path) -> None:
+        """Write a checkpoint; called on every rank. Here: whole state dicts, saved by rank 0 alone."""
+        model_state, optimizer_state = self.state_dicts(model, optimizer)
+        if self.is_main:
+            save_checkpoint(path, model.cfg, model_state, optimizer_state, trainer_state, rng, tokenizer_dir)
 
     def wrap(self, model: GPT) -> nn.Module:
         """The module to run forward/backward through (DDP wraps it); called again after every growth."""
@@ -199,7 +236,7 @@ class Trainer:
 
     # --- state --------------------------------------------------------------------------------------------------
     def _restore(self, first_stage: int) -> None:
-        ck = latest_checkpoint(self.run_dir, self.dist.device)
+        ck = latest_checkpoint(self.run_dir, self.dist.device, tensors=not self.dist.sharded)
         if ck is None:
             if first_stage != 0:
                 raise FLMConfigError(f"stage {first_stage}: no checkpoint of the previous stage in {self.run_dir}")
@@ -208,7 +245,7 @@ class Trainer:
         ts = ck.trainer_state
         self.stage, self.step, self.position = ts["stage"], ts["step"], ts["position"]
         self.tokens, self.flops = ts["tokens"], ts["flops"]
-        self._set_model(GPT.from_state(ck.config, ck.model), ck.optimizer)
+        self._load(ck)
         self.ramp = MaskRamp.from_state(ts["ramp"]) if ts.get("ramp") else None
         if ck.rng is not None:
             torch.set_rng_state(ck.rng["torch"])
@@ -221,16 +258,17 @@ class Trainer:
     def _fresh(self) -> None:
         self.stage, self.step, self.position, self.tokens, self.flops = 0, 0, 0, 0, 0.0
         self.ramp = None
-        gen = torch.Generator().manual_seed(self.plan.seed)
-        self._set_model(GPT(self.configs[0], generator=gen).to(self.dist.device), None)
+        self._set_model(self.dist.build_model(self.configs[0], self.plan.seed))
         self._truncate_metrics(0)
 
-    def _set_model(self, model: GPT, optimizer_state: dict | None) -> None:
-        self.raw = model.to(self.dist.device)
+    def _load(self, ck: Checkpoint) -> None:
+        self._set_model(self.dist.build_model(ck.config, self.plan.seed, ck))
+        self.dist.load_optimizer(self.raw, self.optimizer, ck)
+
+    def _set_model(self, model: GPT) -> None:
+        self.raw = model
         self.model = self.dist.wrap(self.raw)
         self.optimizer = self._make_optimizer(self.raw)
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
 
     def _make_optimizer(self, model: GPT) -> torch.optim.AdamW:
         o = self.settings.optim
@@ -240,9 +278,11 @@ class Trainer:
     def _grow_into(self, k: int, reload: bool, mode: str | None = None) -> None:
         """Grow the stage k-1 model into stage k's shape; optimizer state follows, the mask ramp starts now."""
         stage = self.plan.stages[k]
+        if self.dist.sharded:
+            self._grow_sharded(k, mode or "offline")
+            return
         if reload:  # offline growth: the next stage starts from what is on disk, as a new Train run would
-            ck = load_checkpoint(step_dir(self.run_dir, self.step), self.dist.device)
-            self._set_model(GPT.from_state(ck.config, ck.model), ck.optimizer)
+            self._load(load_checkpoint(step_dir(self.run_dir, self.step), self.dist.device))
         old, old_opt = self.raw, self.optimizer
         gen = torch.Generator(device=self.dist.device).manual_seed(self.plan.seed * 1009 + k)
         new = self.grow_fn(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
@@ -259,15 +299,56 @@ class Trainer:
         self._record({"event": "growth", "step": self.step, "stage": k, "mode": mode,
                       "params": new.num_params(), "max_abs_dlogits": kept.max_abs, "dloss": kept.dloss})
 
+    def _grow_sharded(self, k: int, mode: str) -> None:
+        """Offline growth of a sharded model: rank 0 grows the stage-end checkpoint with the same operators (and the
+        same generator) as `_grow_into`, writes it under grown/stage<k> in the single-file format, and every rank
+        loads its shards of it. Rank 0 holds the whole model and its AdamW state while it grows: fine up to a few
+        billion parameters; a tensor-by-tensor growth of the sharded checkpoint is what the 101B plan needs."""
+        stage, src = self.plan.stages[k], step_dir(self.run_dir, self.step)
+        dst = self.run_dir / "grown" / f"stage{k}"
+        cfg = self.raw.cfg
+        x, y = (t.to(self.dist.device) for t in
+                self.val_data.batch_at(0, min(8, self.val_data.num_windows(cfg.seq_len)), cfg.seq_len))
+        before, loss_before = self._eval_logits(x, y)
+        if self.dist.is_main:
+            ck = load_checkpoint(src)
+            old = GPT.from_state(ck.config, ck.model)
+            old_opt = self._make_optimizer(old)
+            old_opt.load_state_dict(ck.optimizer)
+            gen = torch.Generator().manual_seed(self.plan.seed * 1009 + k)
+            new = self.grow_fn(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
+            new_opt = self._make_optimizer(new)
+            transfer_adamw_state(old_opt, old, new_opt, new, stage.depth_placement)
+            save_checkpoint(dst, new.cfg, new.state_dict(), new_opt.state_dict())
+            del old, old_opt, new, new_opt
+        self.dist.barrier()
+        self.stage = k
+        self._load(load_checkpoint(dst, self.dist.device))
+        after, loss_after = self._eval_logits(x, y)
+        self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
+        if self.ramp is None:
+            self.raw.clear_masks()
+        self._record({"event": "growth", "step": self.step, "stage": k, "mode": mode,
+                      "params": param_count(self.configs[k]), "max_abs_dlogits": (before - after).abs().max().item(),
+                      "dloss": abs(loss_before - loss_after)})
+
+    @torch.no_grad()
+    def _eval_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        was = self.raw.training
+        self.raw.eval()
+        logits, loss = self.raw(x, y)
+        self.raw.train(was)
+        return logits, loss.item()
+
     # --- the loop -----------------------------------------------------------------------------------------------
     def _train_stage(self, max_steps: int | None) -> dict | None:
         k, s = self.stage, self.settings
         stage, cfg = self.plan.stages[k], self.configs[k]
         end = self.starts[k + 1]
-        micro, accum, rest = batch_split(self.plan, k, self.dist.world_size)
+        micro, accum, rest = batch_split(self.plan, k, self.dist.data_world)
         if accum == 0 or rest:
             raise FLMConfigError(f"stages.{k}.batch_size: {stage.batch_size} is not a multiple of micro batch "
-                                 f"{micro} x {self.dist.world_size} workers")
+                                 f"{micro} x {self.dist.data_world} data-parallel ranks")
         per_token = flops_per_token(cfg)
         self.model = self.dist.prepare(self.raw, self.model, self.optimizer)
         t_start, t_log, tokens_log = time.perf_counter(), time.perf_counter(), self.tokens
@@ -299,14 +380,14 @@ class Trainer:
                 self._checkpoint(stage_end=last)
             if tokens_log != self.tokens and (self.step % s.log_every == 0 or do_eval):
                 t_log, tokens_log = time.perf_counter(), self.tokens  # tokens/s counts training time only
-        return {"stage": k, "name": stage.name or f"stage{k}", "params": self.raw.num_params(), "steps": self.step,
+        return {"stage": k, "name": stage.name or f"stage{k}", "params": param_count(cfg), "steps": self.step,
                 "tokens": self.tokens, "flops": self.flops, "loss": loss, "val_loss": val_loss,
                 "seconds": time.perf_counter() - t_start}
 
     def _step(self, cfg: ModelConfig, micro: int, accum: int) -> float:
         total = torch.zeros((), device=self.dist.device)
         for i in range(accum):
-            start = self.position + (self.dist.rank * accum + i) * micro
+            start = self.position + (self.dist.data_rank * accum + i) * micro
             x, y = (t.to(self.dist.device) for t in self.train_data.batch_at(start, micro, cfg.seq_len))
             with self.dist.forward_context(self.model, last=i == accum - 1), self._autocast():
                 _, loss = self.model(x, y)
@@ -326,11 +407,15 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         sums = torch.zeros(2, device=self.dist.device, dtype=torch.float64)
-        for i in range(self.dist.rank, n, self.dist.world_size):
-            x, y = (t.to(self.dist.device) for t in self.val_data.batch_at(i * bs, bs, cfg.seq_len))
+        parts = self.dist.data_world
+        # every rank runs as many forwards as the others (sharded models gather in every forward): the last
+        # round's extra batches repeat the last one and count zero
+        for i in range(self.dist.data_rank, -(-n // parts) * parts, parts):
+            x, y = (t.to(self.dist.device) for t in self.val_data.batch_at(min(i, n - 1) * bs, bs, cfg.seq_len))
             with self._autocast():
                 _, loss = self.raw(x, y)
-            sums += torch.tensor([loss.item(), 1.0], device=self.dist.device, dtype=torch.float64)
+            weight = float(i < n)
+            sums += torch.tensor([loss.item() * weight, weight], device=self.dist.device, dtype=torch.float64)
         self.model.train(was)
         sums = self.dist.all_reduce_sum(sums)
         return (sums[0] / sums[1]).item()
@@ -347,13 +432,12 @@ class Trainer:
     # --- files ----------------------------------------------------------------------------------------------------
     def _checkpoint(self, stage_end: bool) -> None:
         path = step_dir(self.run_dir, self.step)
-        model_state, optimizer_state = self.dist.state_dicts(self.raw, self.optimizer)
+        state = {"step": self.step, "stage": self.stage, "stage_end": stage_end, "position": self.position,
+                 "tokens": self.tokens, "flops": self.flops, "plan": self.plan.name,
+                 "ramp": self.ramp.state_dict() if self.ramp else None, "metrics_lines": self._metrics_lines}
+        self.dist.save(path, self.raw, self.optimizer, state, {"torch": torch.get_rng_state()},
+                       self.data_dir / "tokenizer")
         if self.dist.is_main:
-            state = {"step": self.step, "stage": self.stage, "stage_end": stage_end, "position": self.position,
-                     "tokens": self.tokens, "flops": self.flops, "plan": self.plan.name,
-                     "ramp": self.ramp.state_dict() if self.ramp else None, "metrics_lines": self._metrics_lines}
-            save_checkpoint(path, self.raw.cfg, model_state, optimizer_state, state,
-                            {"torch": torch.get_rng_state()}, self.data_dir / "tokenizer")
             prune_checkpoints(self.run_dir, self.settings.keep_checkpoints)
             if self.storage:  # the metrics first: the newest checkpoint at the URI never has more lines than they
                 self._push_metrics()

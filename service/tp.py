@@ -8,7 +8,7 @@ One block on tp = 2 ranks (h heads of head_dim hd, FFN width f, model width d; x
                      LayerNorm (replicated)
               +-----------+-----------+
    rank 0     |                       |     rank 1
-   qkv rows of heads 0 .. h/2-1       qkv rows of heads h/2 .. h-1      column-parallel (+ bias slice)
+   q,k,v rows of heads 0 .. h/2-1     q,k,v rows of heads h/2 .. h-1    column-parallel (+ bias slice)
    attention, KV cache of its heads   attention, KV cache of its heads
    y0 @ W_o[:, its columns]^T         y1 @ W_o[:, its columns]^T        row-parallel
               +------ all-reduce -----+                                  one all-reduce (sum)
@@ -92,9 +92,9 @@ def _read_slice(f, name: str, cfg: ModelConfig, rank: int, tp: int) -> torch.Ten
     width = heads * cfg.head_dim
     a = slice(rank * width, (rank + 1) * width)  # this rank's attention channels
     u = slice(rank * ffn, (rank + 1) * ffn)  # this rank's FFN units
-    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):  # rows [q | k | v], each of all heads
-        t = f.get_slice(name)
-        return torch.cat([t[c * cfg.attn_dim + a.start:c * cfg.attn_dim + a.stop] for c in range(3)])
+    if name.endswith(("attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias", "attn.v.weight",
+                      "attn.v.bias")):
+        return f.get_slice(name)[a]
     if name.endswith("attn.proj.weight"):
         return f.get_slice(name)[:, a]
     if name.endswith("attn.head_mask"):
@@ -112,6 +112,13 @@ def read_shard_state(checkpoint: str | Path, cfg: ModelConfig, rank: int, tp: in
     for path in sorted(Path(checkpoint).glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if ".attn.qkv." in name:  # an older checkpoint's fused [q | k | v] rows
+                    t, (prefix, _, kind) = f.get_slice(name), name.rpartition(".qkv.")
+                    heads = cfg.n_head // tp * cfg.head_dim
+                    for c, part in enumerate("qkv"):
+                        start = c * cfg.attn_dim + rank * heads
+                        state[f"{prefix}.{part}.{kind}"] = t[start:start + heads]
+                    continue
                 state[name] = _read_slice(f, name, cfg, rank, tp)
     return state
 

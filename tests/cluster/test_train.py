@@ -288,3 +288,30 @@ def test_killed_worker_is_replaced_and_the_run_continues(ddp_run, micro_data, tm
     assert stream(tmp_path / "micro") == stream(storage / "micro")
     final, ref = load_checkpoint(runs[-1].checkpoint), load_checkpoint(storage / "micro/checkpoints/step_00000036")
     assert rel_diff(final.model, ref.model) == 0.0
+
+
+def test_fsdp_tp2_plan_through_the_cli(ray_cluster, micro_data, tmp_path, capsys):
+    """Two stages with backend fsdp, tp 2 (heads and FFN units split over the 2 workers), through `flm cluster train`:
+    sharded checkpoints, offline growth of a sharded model between the Ray Train runs, and the same losses as one
+    process (1e-5)."""
+    d = micro_plan(micro_data, "").model_dump(mode="json")
+    d["stages"] = d["stages"][:2]
+    for stage in d["stages"]:
+        stage["layout"] = {"workers": 2, "tp": 2, "backend": "fsdp"}
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(d))
+    storage, reference = tmp_path / "storage", tmp_path / "single"
+    # a shared start (FSDP initialises its own shards, one process the whole tensors: different random weights)
+    Trainer(GrowthPlan.model_validate({**d, "train": {**d["train"], "out": str(storage / "micro")}})).fit(
+        stages=[0], max_steps=5)
+    shutil.copytree(storage / "micro", reference)
+    args = cluster_cli().parse_args(["cluster", "train", str(plan_file), "--storage", str(storage), "--json"])
+    args.func(args)
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["stage"], r["status"], r["backend"], r["world_size"]) for r in runs] == \
+        [(0, "trained", "fsdp", 2), (1, "trained", "fsdp", 2)]
+    run_dir = storage / "micro"
+    assert all((p / "sharded").is_dir() for p in list_checkpoints(run_dir) if p.name != "step_00000005")
+    Trainer(GrowthPlan.model_validate({**d, "train": {**d["train"], "out": str(reference)}})).fit()
+    got, want = losses(run_dir), losses(reference)
+    assert len(got) == len(want) == 24 and max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5

@@ -16,7 +16,8 @@ from flm.generate import SamplingParams, generate
 from service.engine import Engine
 from service.tp import ShardGroup, read_config, read_shard_state, shard_config
 
-SHARDED = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight",
+SHARDED = ("attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias", "attn.v.weight", "attn.v.bias",
+           "attn.proj.weight", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight",
            "head_mask", "ffn_mask")
 
 
@@ -91,10 +92,11 @@ def test_each_rank_reads_only_its_slices(group, grown):
     replicated = sum(t.numel() for k, t in full.items() if not k.endswith(SHARDED))
     info = group.info()
     assert [i["loaded_numel"] for i in info] == [replicated + sharded // 2] * 2
-    # rank 1's rows of the fused QKV are the q, k and v rows of heads 2 and 3
+    # rank 1's rows of q, k and v are those of heads 2 and 3
     rank1 = read_shard_state(ck, cfg, 1, 2)
-    qkv = full["blocks.0.attn.qkv.weight"].view(3, cfg.n_head, cfg.head_dim, cfg.d_model)
-    assert torch.equal(rank1["blocks.0.attn.qkv.weight"], qkv[:, 2:].reshape(-1, cfg.d_model))
+    for part in "qkv":
+        rows = full[f"blocks.0.attn.{part}.weight"][2 * cfg.head_dim:]
+        assert torch.equal(rank1[f"blocks.0.attn.{part}.weight"], rows)
     assert torch.equal(rank1["blocks.0.mlp.proj.weight"], full["blocks.0.mlp.proj.weight"][:, cfg.d_ffn // 2:])
     assert torch.equal(rank1["blocks.0.attn.head_mask"], full["blocks.0.attn.head_mask"][2:])
 
