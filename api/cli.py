@@ -284,7 +284,8 @@ def add_api_cli(sub) -> None:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("deploy", help="serve a checkpoint (a path in the storage root) or a job's final one")
-    p.add_argument("source", help="checkpoint path (relative to $FLM_HOME) or a job id")
+    p.add_argument("source", help="checkpoint path (relative to $FLM_HOME, in owners/<you>/ or one of your jobs' "
+                                  "runs/<id>/) or a job id")
     p.add_argument("--name", help="model name (default: the job id, or generated)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--replicas", type=int, default=1)
