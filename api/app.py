@@ -71,7 +71,7 @@ DATA_SOURCES = ("shakespeare",)  # besides hf:NAME; anything else is a path insi
 ERROR_TEXT = {
     400: "Bad request: a path or a value the gateway cannot use",
     401: "Missing, unknown or revoked API key",
-    403: "Another owner's resource, or a path outside the storage root",
+    403: "Another owner's resource, or a path outside the caller's files (owners/<owner>/, their jobs' directories)",
     404: "No such job or deployment",
     409: "The job's state does not allow this",
     413: "Request body larger than the gateway's limit",

@@ -16,8 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from api.cli import Client, console, follow, free_port, start_stack, stop_processes
+from api.client import Client, console, follow
 from api.settings import GatewaySettings
+from api.stack import free_port, start_stack, stop_processes
 from api.store import create_key, open_store
 from flm.config import load_plan
 from flm.plan import Hardware, plan_cost

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.search_spec import SearchConfig
 from flm.config import GrowthPlan
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -45,8 +46,7 @@ def plan_or_preset(value: Any) -> Any:
 
 def search_or_preset(value: Any) -> dict | None:
     """A proxy search (`flm tune`'s SEARCH.yaml) inline or as a preset name ("search"), its `proxy` inline or a
-    preset name ("proxy"), validated by cluster.tune.SearchConfig. The first call imports cluster.tune (and torch
-    with it): seconds, once per gateway process."""
+    preset name ("proxy"), validated by cluster.search_spec.SearchConfig (no torch in the gateway's process)."""
     if value is None:
         return None
     value = _preset(value, "grid", "a search")
@@ -54,8 +54,6 @@ def search_or_preset(value: Any) -> dict | None:
         raise ValueError("expected a search mapping or a preset name")
     if isinstance(value.get("proxy"), str):
         value = {**value, "proxy": _preset(value["proxy"], "widths", "a proxy family")}
-    from cluster.tune import SearchConfig  # heavy: imported when a search is first asked for
-
     try:
         SearchConfig.model_validate(value)
     except ValidationError as e:

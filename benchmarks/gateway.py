@@ -42,8 +42,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from api.cli import free_port, start_gateway, start_ray, stop_processes  # noqa: E402
 from api.settings import GatewaySettings  # noqa: E402
+from api.stack import free_port, start_gateway, start_ray, stop_processes  # noqa: E402
 from api.store import create_key, open_store  # noqa: E402
 
 

@@ -11,11 +11,11 @@ import argparse
 import json
 import os
 import shutil
-import socket
 
 from rich.console import Console
 from rich.table import Table
 
+from cluster.connect import connect
 from flm.config import FLMConfigError, load_plan
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
@@ -26,35 +26,6 @@ def workers(run) -> str:
     if isinstance(run.workers, int) or run.world_size is None:
         return str(run.world_size or run.workers)
     return f"{run.world_size} of {tuple(run.workers)}"
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at a host:port address."""
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise FLMConfigError(f"--address: nothing answers at {address} ({e.strerror or e}); start the cluster "
-                             f"(ray start --head) or fix the address") from None
-
-
-def connect(address: str | None) -> bool:
-    """Join the Ray cluster at `address` (None: start a local one) unless this process is connected already;
-    True when this call connected, so the caller shuts Ray down again."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        check_reachable(address)
-    try:
-        ray.init(address=address or "local")
-    except ConnectionError as e:
-        raise FLMConfigError(f"--address: cannot connect to a Ray cluster at {address} ({e})") from None
-    return True
 
 
 def cmd_cluster_train(args: argparse.Namespace) -> None:

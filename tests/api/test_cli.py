@@ -9,9 +9,10 @@ import uvicorn
 import yaml
 
 from api.app import create_app
-from api.cli import free_port, load_request
+from api.cli import load_request
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
+from api.stack import free_port
 from flm.cli import main
 
 

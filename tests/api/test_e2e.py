@@ -21,8 +21,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from api.cli import free_port, start_gateway, start_ray, stop_processes
 from api.settings import GatewaySettings
+from api.stack import free_port, start_gateway, start_ray, stop_processes
 from api.store import create_key, open_store
 from tests.conftest import micro_plan, ray_test_env
 

@@ -16,7 +16,8 @@ import pytest
 import ray
 import yaml
 
-from cluster.cli import add_cluster_cli, check_reachable
+from cluster.cli import add_cluster_cli
+from cluster.connect import check_reachable
 from cluster.train import run_plan, stage_backend
 from flm.checkpoint import list_checkpoints, load_checkpoint
 from flm.config import FLMConfigError, GrowthPlan
