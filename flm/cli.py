@@ -15,6 +15,7 @@ from rich.table import Table
 
 from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
 from flm.data import add_data_cli
+from flm.flops import param_count
 from flm.plan import Hardware, plan_cost
 from flm.scaling import add_predict_cli
 
@@ -43,8 +44,15 @@ def cmd_plan(args) -> None:
     if args.gpu_mem <= 0:
         raise FLMConfigError(f"--gpu-mem: {args.gpu_mem} must be > 0 (GiB per GPU)")
     memory = plan_memory(plan, int(args.gpu_mem * GIB), dry_run=args.dry_run)
+    from flm.memory import serve_memory
+
+    if args.serve_tp < 1:
+        raise FLMConfigError(f"--serve-tp: {args.serve_tp} must be >= 1")
+    final = plan.model_configs()[-1]
+    serving = serve_memory(final, args.serve_tp, int(args.gpu_mem * GIB))
     if args.json:
-        print(json.dumps({**cost.model_dump(), "memory": [m.model_dump() for m in memory]}, indent=2))
+        print(json.dumps({**cost.model_dump(), "memory": [m.model_dump() for m in memory],
+                          "serving": serving.model_dump()}, indent=2))
         return
     table = Table(title=f"plan {plan.name}: growth vs training the final size from scratch")
     for col in ("stage", "params", "tokens", "FLOPs", "GPUs", "TFLOP/s/GPU", "days", "GPU-days", "$"):
@@ -77,6 +85,11 @@ def cmd_plan(args) -> None:
             row += [f"{m.measured_states / GIB:.2f}", f"{m.states_error:.2%}"]
         table.add_row(*row, "yes" if m.fits else "[bold red]NO[/bold red]")
     console.print(table)
+    console.print(f"serving the final model ({param_count(final) / 1e9:.2f}B) at TP {serving.tp}, bf16, on "
+                  f"{args.gpu_mem:g} GiB GPUs: {serving.weight_bytes / GIB:.2f} GiB of weights per rank, "
+                  f"{serving.kv_bytes_per_token / 2**20:.2f} MiB of KV cache per token, "
+                  f"{serving.kv_tokens:,} KV tokens fit beside them (10% kept free)"
+                  + ("" if serving.fits else " [bold red]: the weights do not fit[/bold red]"))
 
 
 def cmd_check(args) -> None:
@@ -221,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for --mfu (default 312)")
     p.add_argument("--price", type=float, help="US$ per GPU-hour (default 1.0)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for the memory plan (default 80: A800)")
+    p.add_argument("--serve-tp", type=int, default=8, help="tensor parallelism for the serving estimate (default 8)")
     p.add_argument("--dry-run", action="store_true",
                    help="build each stage on the meta device, shard it with the real FSDP2 x TP code over a fake "
                         "process group of the stage's world size, and report the measured shard bytes")

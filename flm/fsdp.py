@@ -3,7 +3,7 @@ models built on the meta device and materialised shard by shard, sharded checkpo
 
 No rank ever holds the whole model: a fresh stage initialises its own shards; a resumed one reads its pieces of a
 sharded checkpoint (any layout: DCP reshards) or of a single-file one (small models, e.g. a stage trained by
-`ddp`); growth between stages streams the checkpoint tensor by tensor (flm/growth_stream.py).
+`ddp`); growth between stages grows the checkpoint tensor by tensor, shared over the ranks (flm/offline_growth.py).
 
 Needs an initialised default process group (torchrun, Ray Train's TorchTrainer, or the tests' gloo ranks).
 Data: the ranks of one tensor-parallel group read the same micro batches; dp = world / tp slices split the batch.

@@ -129,3 +129,29 @@ def measure_param_bytes(cfg: ModelConfig, world: int, tp: int, checkpointing: bo
         return local_bytes(p.float() if p.dtype != torch.float32 else p for p in model.parameters())
     finally:
         td.destroy_process_group()
+
+
+class ServeMemory(BaseModel):
+    """Bytes per GPU of serving a model at tensor parallelism `tp` (service/tp.py's split: q, k, v, FFN-in by rows,
+    the output projections by columns, everything else replicated), and the KV-cache tokens that fit beside it."""
+
+    tp: int
+    weight_bytes: int  # per rank, in the serving dtype
+    kv_bytes_per_token: int  # per rank: keys and values of every layer for this rank's heads
+    reserve_bytes: int  # kept free for activations and the allocator
+    kv_tokens: int  # how many tokens of KV cache fit in what is left (the deployment's max_batch_tokens)
+    gpu_mem: int
+    fits: bool
+
+
+def serve_memory(cfg: ModelConfig, tp: int, gpu_mem: int = 80 * GIB, dtype_bytes: int = 2,
+                 reserve_fraction: float = 0.1) -> ServeMemory:
+    """Weights per rank and KV tokens that fit on a `gpu_mem` GPU; `reserve_fraction` of it is kept for activations
+    and fragmentation."""
+    split, replicated = tp_split_params(cfg)
+    weights = int((split / tp + replicated) * dtype_bytes)
+    per_token = 2 * cfg.n_layer * cfg.attn_dim // tp * dtype_bytes
+    reserve = int(gpu_mem * reserve_fraction)
+    free = gpu_mem - weights - reserve
+    return ServeMemory(tp=tp, weight_bytes=weights, kv_bytes_per_token=per_token, reserve_bytes=reserve,
+                       kv_tokens=max(0, free // per_token), gpu_mem=gpu_mem, fits=free > 0)

@@ -97,11 +97,12 @@ class CheckpointReader:
                  planner=DefaultLoadPlanner(), no_dist=True)  # a key it lacks is an error, not garbage
         return state
 
+    def param_names(self) -> list[str]:
+        return list(param_shapes(self.config))
+
     def tensor(self, name: str) -> torch.Tensor:
         if self.sharded:
-            from flm.growth import param_shapes as shapes
-
-            t = torch.empty(shapes(self.config)[name])
+            t = torch.empty(param_shapes(self.config)[name])
             return self._dcp({"model": {name: t}})["model"][name]
         with safe_open(self._files[name], framework="pt") as h:
             return h.get_tensor(name)

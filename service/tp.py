@@ -62,11 +62,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def read_config(checkpoint: str | Path) -> ModelConfig:
     """The config of a servable checkpoint: complete (its manifest written, files of the listed sizes) and with
     safetensors weights. Sizes only: hashing a large checkpoint on every replica start would take minutes."""
+    from flm.sharded import is_sharded
+
     directory = Path(checkpoint)
     if not (directory / "config.json").is_file():
         raise FLMConfigError(f"{directory}: not a checkpoint (no config.json)")
-    if not list(directory.glob("*.safetensors")):
-        raise FLMConfigError(f"{directory}: no *.safetensors weights")
+    if not is_sharded(directory) and not list(directory.glob("*.safetensors")):
+        raise FLMConfigError(f"{directory}: no *.safetensors weights (nor sharded/ DCP shards)")
     manifest = directory / MANIFEST
     if manifest.is_file():
         for name, meta in json.loads(manifest.read_text()).items():
@@ -106,10 +108,34 @@ def _read_slice(f, name: str, cfg: ModelConfig, rank: int, tp: int) -> torch.Ten
     return f.get_tensor(name)  # replicated: embeddings, LayerNorms, out-proj biases, hidden_mask, gate
 
 
+class _Whole:
+    """safe_open's get_slice / get_tensor over one tensor already read (a sharded checkpoint gives whole tensors)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.t
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.t
+
+
 def read_shard_state(checkpoint: str | Path, cfg: ModelConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s state dict, read slice by slice from every *.safetensors file of the checkpoint."""
+    """Rank `rank`'s state dict, read slice by slice from every model *.safetensors file of the checkpoint; from a
+    sharded (DCP) checkpoint one whole tensor at a time, sliced and dropped: never the whole model."""
+    from flm.sharded import is_sharded
+
+    if is_sharded(checkpoint):
+        from flm.offline_growth import CheckpointReader
+
+        reader = CheckpointReader(checkpoint)
+        state = {name: _read_slice(_Whole(t), name, cfg, rank, tp).clone() for name, t in reader.masks().items()}
+        for name in reader.param_names():
+            state[name] = _read_slice(_Whole(reader.tensor(name)), name, cfg, rank, tp).clone()
+        return state
     state = {}
-    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+    for path in sorted(Path(checkpoint).glob("model*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if ".attn.qkv." in name:  # an older checkpoint's fused [q | k | v] rows

@@ -53,3 +53,15 @@ def test_cli_prints_the_memory_table_and_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flm.cli", "plan", str(PLAN), "--gpu-mem", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--gpu-mem" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serving_the_101b_model_at_tp8():
+    """Weights per rank and the KV tokens that fit: 101B at TP 8 in bf16 on 80 GiB (what `flm plan` prints)."""
+    from flm.memory import serve_memory
+
+    cfg = load_plan(PLAN).model_configs()[-1]
+    m = serve_memory(cfg, 8)
+    assert m.kv_bytes_per_token == 2 * 80 * 10240 // 8 * 2  # K and V, 80 layers, 10 heads of 128, bf16
+    assert 25 * GIB < m.weight_bytes < 26 * GIB  # 100.7B split 8 ways + the replicated 1.03B embedding, 2 B each
+    assert m.fits and m.kv_tokens == (80 * GIB - m.weight_bytes - 8 * GIB) // m.kv_bytes_per_token
+    assert not serve_memory(cfg, 1).fits  # 203 GB of bf16 weights on one GPU

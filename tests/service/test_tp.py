@@ -117,3 +117,33 @@ def test_a_dead_rank_fails_fast(group):
     assert time.monotonic() - start < 30
     with pytest.raises(ray.exceptions.RayActorError):
         group.check()
+
+
+@pytest.mark.parametrize("which", ["final", "ramp"])
+def test_ranks_read_their_slices_of_a_sharded_checkpoint(grown, tmp_path, which):
+    """A sharded (DCP) checkpoint of the same weights, written by backend fsdp's code: each rank's slices (masks
+    included, mid-ramp) equal those read from the single-file checkpoint."""
+    import torch.distributed as td
+
+    from flm import mup
+    from flm.checkpoint import load_checkpoint
+    from flm.fsdp import FSDPDist
+    from flm.parallelize import gather_masks
+    from flm.sharded import save_sharded
+
+    src = grown[which]
+    ck = load_checkpoint(src, tensors=False)
+    td.init_process_group("gloo", rank=0, world_size=1, store=td.HashStore())
+    try:
+        dist = FSDPDist()
+        model = dist.build_model(ck.config, 0, ck)
+        optimizer = torch.optim.AdamW(mup.param_groups(model, ck.config, 1e-3, 0.0))
+        save_sharded(tmp_path / "sharded", ck.config, model, optimizer, gather_masks(model, dist.mesh),
+                     {"step": 0}, None, None, True)
+    finally:
+        td.destroy_process_group()
+    assert read_config(tmp_path / "sharded") == ck.config
+    for rank in range(2):
+        want = read_shard_state(src, ck.config, rank, 2)
+        got = read_shard_state(tmp_path / "sharded", ck.config, rank, 2)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
