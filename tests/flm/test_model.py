@@ -101,3 +101,34 @@ def test_idle_masks_cost_no_kernels():
     grown.clear_masks()
     assert forward_ops(grown, idx) == forward_ops(GPT(big_cfg), idx)
     assert len(ramping) > len(forward_ops(grown, idx))  # the recorder does see the masks while they act
+
+
+@pytest.mark.parametrize("pos", ["rope", "xpos"])
+def test_rotary_scores_depend_only_on_relative_distance(pos):
+    """Property of RoPE and xPos, not a comparison with a second implementation: the same query and key vectors
+    placed at positions (n, m) score the same for every pair with the same n - m."""
+    from flm.model import Rotary, apply_rotary
+
+    cfg = ModelConfig(n_layer=1, d_model=64, n_head=2, vocab_size=8, seq_len=256, pos=pos, xpos_scale_base=64)
+    cos, sin, scale = Rotary(cfg).tables(0, 256, torch.float64, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(32, dtype=torch.float64, generator=g).expand(1, 1, 256, 32)
+    k = torch.randn(32, dtype=torch.float64, generator=g).expand(1, 1, 256, 32)
+    qr, kr = apply_rotary(q, k, cos, sin, scale)
+    scores = qr[0, 0] @ kr[0, 0].T  # (n, m)
+    for d in (0, 1, 7, 50, 200):
+        diag = torch.diagonal(scores, offset=-d)  # pairs with n - m = d
+        assert torch.allclose(diag, diag[0].expand_as(diag), rtol=1e-9, atol=1e-12), (pos, d)
+
+
+def test_xpos_scale_decays_with_distance():
+    """xPos: q at n times k at m carries ζ^((n - m) / scale_base) per rotated pair (ζ < 1): for a query after its key,
+    the factor shrinks as they move apart, on every pair, and is 1 at distance 0."""
+    from flm.model import Rotary
+
+    cfg = ModelConfig(n_layer=1, d_model=64, n_head=2, vocab_size=8, seq_len=512, pos="xpos", xpos_scale_base=128)
+    _, _, scale = Rotary(cfg).tables(0, 512, torch.float64, torch.device("cpu"))
+    factor = scale[300] / scale[300 - torch.arange(0, 300)]  # q at 300, k at 300 - d, d = 0 .. 299
+    assert torch.allclose(factor[0], torch.ones_like(factor[0]))
+    assert (factor[1:] < factor[:-1]).all()  # strictly decaying in d, every channel pair
+    assert factor[-1].max() < 1
