@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from ray import serve
 
 from flm.checkpoint import load_model
+from flm.cli import main
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
 from service.app import (
@@ -300,6 +301,55 @@ def test_bad_input_through_serve(served):
     r = httpx.post(served + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert api.completions.create(model=NAME, prompt="To be", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_flm_eval_against_the_deployment_cuts_long_prompts_as_the_local_backend(served, grown, tmp_path, capsys):
+    """The IQ prompts (58 tokens) are longer than the context (32): cut to the same last 16 tokens as locally (before,
+    the endpoint answered 413). A model with varied answers: tests/api/test_cli.py, through the gateway."""
+    from flm.iq.backends import FLMBackend
+    from flm.iq.suite import run_suite
+
+    assert main(["eval", served + "/v1", "--model-name", NAME, "--subtasks", "counting", "--n-items", "5",
+                 "--out", str(tmp_path)]) == 0
+    assert "cut from the left to their last N tokens: counting 16" in capsys.readouterr().out
+    (remote,) = json.loads((tmp_path / "iq.json").read_text())["subtasks"]
+    (local,) = run_suite(FLMBackend(grown["final"]), ["counting"], n_items=5, progress=False).subtasks
+    assert remote["prompt_tokens_kept"] == local.prompt_tokens_kept == 16
+    assert remote["predictions"] == local.predictions  # this model answers a newline first: cut to ""
+
+
+def test_lm_eval_local_completions_gets_the_numbers_of_flm_lm_eval(served, grown, tmp_path, monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`, our tokenizer through /tokenize) against the deployment, and
+    `flm lm-eval` in process, on the lm-eval test's local tasks (documents that fit lm-eval's API budget of
+    max_length - 1 tokens; the in-process model keeps max_length + 1): the same log-likelihoods and generations."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (the eval extra)")
+    from tests.flm.test_lm_eval_model import write_tasks
+
+    docs = {"flm_mc": [{"question": q, "choices": c, "answer": a} for q, c, a in [
+                ("To be, or not to", ["be", "go home", "sleep"], 0), ("My lord, I", ["will", "cannot tell", "am"], 1),
+                ("The king is", ["dead", "in his house", "gone"], 0)]],
+            "flm_rolling": [{"text": "A horse!"}, {"text": "My kingdom for a horse, a horse."}],
+            "flm_gen": [{"prompt": "Enter the king.", "target": "x"}, {"prompt": "First Citizen:", "target": "y"}]}
+    write_tasks(tmp_path, docs, monkeypatch)
+
+    def samples(model: str, args: str, *extra: str) -> dict:
+        out = tmp_path / model
+        assert main(["lm-eval", "--model", model, "--model_args", args, "--tasks", ",".join(docs), "--include_path",
+                     str(tmp_path), "--batch_size", "8", "--output_path", str(out), "--log_samples", *extra]) == 0
+        return {name: [s["resps"] for s in sorted((json.loads(line) for f in out.rglob(f"samples_{name}_*.jsonl")
+                                                   for line in f.read_text().splitlines()), key=lambda s: s["doc_id"])]
+                for name in docs}
+
+    ours = samples("flm", f"checkpoint={grown['final']}", "--device", "cpu")
+    theirs = samples("local-completions", f"base_url={served}/v1/completions,model={NAME},max_length=32,"
+                                          f"tokenizer_backend=remote,tokenized_requests=True")
+    assert theirs["flm_gen"] == ours["flm_gen"]
+    for ours_doc, theirs_doc in zip(ours["flm_mc"], theirs["flm_mc"], strict=True):
+        for ((lp, greedy_),), ((their_lp, their_greedy),) in zip(ours_doc, theirs_doc, strict=True):
+            assert float(their_lp) == pytest.approx(float(lp), abs=1e-4) and their_greedy == greedy_
+    for ((lp,),), ((their_lp,),) in zip(ours["flm_rolling"], theirs["flm_rolling"], strict=True):
+        assert float(their_lp) == pytest.approx(float(lp), abs=1e-4)
 
 
 def shard_actors() -> list[tuple[str, str]]:
