@@ -247,7 +247,7 @@ class OpenAIServer:
         params = [self._params(req, ids, max_tokens, self.context, [CHAT_STOP])]
         return await self._respond("chat.completion", req, [ids], params)
 
-    async def _prompt_logprobs(self, req, prompts: list[list[int]]) -> list[list[TokenLogprob | None]] | None:
+    async def _prompt_logprobs(self, req, prompts: list[list[int]]) -> list[list[TokenLogprob]] | None:
         """With echo and logprobs: each prompt's tokens scored (the first has no log-probability: None)."""
         if not (req.echo and req.logprobs is not None):
             return None
@@ -259,10 +259,10 @@ class OpenAIServer:
         first = [TokenLogprob(p[0], None, []) for p in prompts]  # logprob None: nothing predicts the first token
         return [[first[i], *(next(scored) if len(p) > 1 else [])] for i, p in enumerate(prompts)]
 
-    def _logprobs(self, tokens: list[TokenLogprob], offset: int) -> dict:
-        """OpenAI's completions `logprobs` object of `tokens`; text offsets count from `offset` characters."""
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict:
+        """OpenAI's completions `logprobs` object of `tokens` (the choice's text is theirs, so offsets start at 0)."""
         texts = [self.codec.decode([t.token]) for t in tokens]
-        starts = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        starts = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": [None if t.logprob is None else {self.codec.decode([i]): lp for i, lp in t.top}
                                  for t in tokens], "text_offset": starts}
@@ -273,7 +273,7 @@ class OpenAIServer:
         for i in range(len(prompts) * req.n):
             p = i // req.n
             choices.append({"index": i, "text": self.codec.decode(prompts[p]), "finish_reason": "length",
-                            "logprobs": None if scored is None else self._logprobs(scored[p], 0)})
+                            "logprobs": None if scored is None else self._logprobs(scored[p])})
         prompt_tokens = sum(len(p) for p in prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name,
                 "object": "text_completion", "choices": choices, "usage": _usage(prompt_tokens, 0)}
@@ -307,7 +307,7 @@ class OpenAIServer:
                 echo = self.codec.decode(prompts[p]) if req.echo else ""
                 lp = None
                 if logprobs is not None:
-                    lp = self._logprobs((echoed[p] if echoed else []) + generated[i], 0)
+                    lp = self._logprobs((echoed[p] if echoed else []) + generated[i])
                 choices.append({"index": i, "text": echo + t, "logprobs": lp, "finish_reason": r})
         return {**head, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, sum(counts))}
 
