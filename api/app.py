@@ -1,13 +1,16 @@
 """The FastAPI gateway: jobs, deployments and model routes behind API keys.
 
-Model routes are proxied: `/v1/models` lists the key owner's running deployments, and `/v1/completions` and
-`/v1/chat/completions` check the key and that the `model` (a deployment name) is the owner's, then stream the
-request to that Serve application (`<deployment url>/v1/...`, Serve's HTTP proxy on the head node) and its answer
-back unchanged (OpenAI bodies and errors, server-sent events for `stream: true`). Serve's own port answers too,
-without keys: keep it on 127.0.0.1 (the default) or behind a firewall.
+Model routes are proxied: `/v1/models` lists the key owner's running deployments (with their context,
+`max_model_len`, as vLLM and our Serve routes report it), and `/v1/completions` and `/v1/chat/completions` check the
+key and that the `model` (a deployment name) is the owner's, then stream the request to that Serve application
+(`<deployment url>/v1/...`, Serve's HTTP proxy on the head node) and its answer back unchanged (OpenAI bodies and
+errors, server-sent events for `stream: true`). Serve's own port answers too, without keys: keep it on 127.0.0.1
+(the default) or behind a firewall.
 
-Every error, 4xx or 5xx, is an `ErrorResponse` JSON body (`{"error": "...", "field": "..."}`) whose message names
-the problem and what to change; every route documents the errors it can return, so `/openapi.json` is complete.
+Every error, 4xx or 5xx, is an `ErrorResponse` JSON body (`{"error": "...", "field": "..."}`), or on the OpenAI
+model routes OpenAI's `{"error": {"message", "type", "param", "code"}}` (`OpenAIErrorResponse`, what OpenAI clients
+read), whose message names the problem and what to change; every route documents the errors it can return, so
+`/openapi.json` is complete.
 `POST /v1/jobs` validates the request (a plan by `flm.config.GrowthPlan`), writes the job's files and its store
 row, and answers 201 at once: the reconciler (api/jobs.py) submits it to Ray within `poll_s`.
 """
@@ -52,6 +55,7 @@ from api.schemas import (
     LogsView,
     MetricsPage,
     ModelRequest,
+    OpenAIErrorResponse,
     PipelineJob,
     PipelineStep,
     Progress,
@@ -85,9 +89,23 @@ def dump_yaml(data: dict) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
-def errors(*codes: int) -> dict:
+MODEL_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")  # errors in OpenAI's shape
+OPENAI_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "model_not_found", 409: "model_not_ready",
+                413: "request_too_large", 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+
+
+def errors(*codes: int, model: type = ErrorResponse) -> dict:
     """OpenAPI `responses` for these error codes (401 always: every route but /health needs a key)."""
-    return {c: {"model": ErrorResponse, "description": ERROR_TEXT[c]} for c in sorted({401, *codes})}
+    return {c: {"model": model, "description": ERROR_TEXT[c]} for c in sorted({401, *codes})}
+
+
+def error_body(path: str, status: int, message: str, field: str | None = None) -> dict:
+    """The error body of a route: OpenAI's on the model routes, ErrorResponse elsewhere."""
+    if path in MODEL_ROUTES:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        code = OPENAI_CODES.get(status) if status != 404 or field == "model" else "not_found"
+        return {"error": {"message": message, "type": kind, "param": field, "code": code}}
+    return ErrorResponse(error=message, field=field).model_dump()
 
 
 class ApiError(StarletteHTTPException):
@@ -161,7 +179,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send, f"{int(length)} bytes")
+            return await self._reject(scope, send, f"{int(length)} bytes")
         if length is not None:
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -172,7 +190,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._reject(send, "more than that")
+                return await self._reject(scope, send, "more than that")
             if not message.get("more_body"):
                 break
         replayed = False
@@ -186,9 +204,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send, size: str):
-        body = json.dumps({"error": f"request body: {size} is over the limit of {self.limit} bytes",
-                           "field": None}).encode()
+    async def _reject(self, scope, send, size: str):
+        body = json.dumps(error_body(scope["path"], 413, f"request body: {size} is over the limit of {self.limit} "
+                                                         f"bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -374,16 +392,23 @@ class Gateway:
                 if best.is_file() else None
 
     # deployments ------------------------------------------------------------------------------------------------
-    def owned_deployment(self, owner: str, name: str) -> Deployment:
+    def owned_deployment(self, owner: str, name: str, field: str = "name") -> Deployment:
         dep = None
         if DEPLOYMENT_NAME.match(name):  # never a NUL byte to the database
             with self.sessions() as s:
                 dep = s.get(Deployment, name)
         if dep is None or dep.state == "DELETED":
-            raise ApiError(404, f"deployment {name!r}: no such deployment; see GET /v1/deployments", "name")
+            raise ApiError(404, f"deployment {name!r}: no such deployment; see GET /v1/deployments", field)
         if dep.owner != owner:
-            raise ApiError(403, f"deployment {name!r} belongs to another owner", "name")
+            raise ApiError(403, f"deployment {name!r} belongs to another owner", field)
         return dep
+
+    def context(self, dep: Deployment) -> int | None:
+        """The deployed checkpoint's context in tokens (its config's seq_len); None if it cannot be read."""
+        try:
+            return int(json.loads((self.root / dep.checkpoint / "config.json").read_text())["seq_len"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def check_deployment_name(self, owner: str, name: str, field: str) -> None:
         """409 if `name` is another owner's: one of their deployments (any state: names are never handed over), or
@@ -452,7 +477,7 @@ class Gateway:
 
     async def proxy(self, owner: str, body: ModelRequest, path: str) -> Response:
         """Stream `body` to the deployment named by its `model` and the answer back, unchanged."""
-        dep = await run_in_threadpool(self.owned_deployment, owner, body.model)
+        dep = await run_in_threadpool(self.owned_deployment, owner, body.model, "model")
         if dep.state != "RUNNING" or not dep.url:
             raise ApiError(409, f"model: {body.model!r} is {dep.state}, not RUNNING", "model")
         if self.http is None:
@@ -517,22 +542,23 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path
         if isinstance(exc, ApiError):
-            body = ErrorResponse(error=exc.detail, field=exc.field)
+            body = error_body(path, exc.status_code, exc.detail, exc.field)
         elif exc.status_code == 404:
-            body = ErrorResponse(error=f"no route {request.method} {request.url.path}; see /docs")
+            body = error_body(path, 404, f"no route {request.method} {path}; see /docs")
         else:
-            body = ErrorResponse(error=str(exc.detail))
-        return JSONResponse(body.model_dump(), exc.status_code, headers=getattr(exc, "headers", None))
+            body = error_body(path, exc.status_code, str(exc.detail))
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         message, field = format_validation(request, exc)
-        return JSONResponse(ErrorResponse(error=message, field=field).model_dump(), 422)
+        return JSONResponse(error_body(request.url.path, 422, message, field), 422)
 
     @app.exception_handler(RayUnavailable)
     async def ray_down(request: Request, exc: RayUnavailable):
-        return JSONResponse(ErrorResponse(error=str(exc)).model_dump(), 503)
+        return JSONResponse(error_body(request.url.path, 503, str(exc)), 503)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -540,8 +566,9 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         request_id = secrets.token_hex(8)
         log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path,
                   exc_info=exc)
-        body = ErrorResponse(error=f"internal error; the gateway's log has the details under request id {request_id}")
-        return JSONResponse(body.model_dump(), 500, headers={"X-Request-ID": request_id})
+        body = error_body(request.url.path, 500, f"internal error; the gateway's log has the details under request id "
+                                                 f"{request_id}")
+        return JSONResponse(body, 500, headers={"X-Request-ID": request_id})
 
     # --- routes -------------------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"])
@@ -652,15 +679,16 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         """Delete the Serve application (DELETING, then DELETED)."""
         return gw.deployment_view(gw.delete_deployment(who, name))
 
-    @app.get("/v1/models", tags=["models"], responses=errors())
+    @app.get("/v1/models", tags=["models"], responses=errors(model=OpenAIErrorResponse))
     async def list_models(gw: GW, who: Owner) -> dict[str, Any]:
-        """The owner's RUNNING deployments as OpenAI models."""
+        """The owner's RUNNING deployments as OpenAI models, with their context in tokens (`max_model_len`)."""
         with gw.sessions() as s:
             deps = list(s.scalars(select(Deployment).where(Deployment.owner == who, Deployment.state == "RUNNING")))
         return {"object": "list", "data": [{"id": d.id, "object": "model", "owned_by": d.owner,
-                                            "created": int(d.created_at.timestamp())} for d in deps]}
+                                            "created": int(d.created_at.timestamp()),
+                                            "max_model_len": gw.context(d)} for d in deps]}
 
-    model_errors = {**errors(403, 404, 409, 413, 422, 503),
+    model_errors = {**errors(403, 404, 409, 413, 422, 503, model=OpenAIErrorResponse),
                     200: {"description": "the model's OpenAI response (server-sent events with stream: true)",
                           "content": {"application/json": {}, "text/event-stream": {}}}}
 

@@ -215,6 +215,20 @@ class ErrorResponse(BaseModel):
     field: str | None = None
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx)")
+    param: str | None = Field(default=None, description="the request field at fault")
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every 4xx and 5xx of the OpenAI routes (/v1/models, /v1/completions, /v1/chat/completions): OpenAI's error
+    body, which OpenAI clients read."""
+
+    error: OpenAIErrorDetail
+
+
 class Progress(BaseModel):
     step: int = Field(description="optimizer steps done")
     total_steps: int | None = None

@@ -1,9 +1,12 @@
 """The OpenAI wire format we serve: request models, the error body, and the chat template.
 
-Requests follow OpenAI's `/v1/completions` and `/v1/chat/completions` schemas; unknown fields are ignored (clients
-send many), fields we cannot honour (logprobs, echo, best_of, suffix, penalties, logit_bias) are refused with a
-400 naming them rather than silently ignored. `top_k` is an extension (as vLLM's). Every error, ours or FastAPI's,
-has OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+Requests follow OpenAI's `/v1/completions` and `/v1/chat/completions` schemas. A field we cannot honour is refused
+with a 400 naming it (code `unsupported_parameter`), never silently ignored: OpenAI's fields we do not implement
+(`response_format`, `tools`, `best_of`, `suffix`, penalties, `logit_bias`, chat `logprobs`, ...) when set to
+anything but their default, and any field OpenAI does not define either. Extensions, as vLLM names them: `top_k`,
+and `truncate_prompt_tokens` (keep only a prompt's last k tokens: a prompt longer than the context is cut from the
+left instead of refused). Every error, ours or FastAPI's, has OpenAI's body:
+{"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -29,10 +32,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """What completions and chat completions share."""
+# OpenAI's fields we do not implement, and the values that mean "not used" (accepted: they change nothing)
+UNUSED = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "best_of": (1,),
+          "suffix": ("",), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+          "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (), "top_logprobs": (0,),
+          "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
+          "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},)}
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share. Unknown fields are kept (extra="allow") so that
+    `unsupported` can name them."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -45,28 +57,42 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    # refused unless left at their defaults (see `unsupported`)
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1, description="extension: keep only the "
+                                                                                "prompt's last k tokens")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def unsupported(self) -> str | None:
-        """The first field set to something we cannot do, if any."""
-        defaults = {"logprobs": (None, False, 0), "presence_penalty": (0.0,), "frequency_penalty": (0.0,),
-                    "logit_bias": (None, {}), "echo": (False,), "best_of": (None, 1), "suffix": (None, "")}
-        return next((k for k, ok in defaults.items() if getattr(self, k, ok[0]) not in ok), None)
+        """The first field set to something we cannot do, if any: an OpenAI field we do not implement set to
+        anything but "not used" (null, or its neutral value), or a field OpenAI does not define."""
+        for k, v in (self.model_extra or {}).items():
+            if k not in UNUSED or (v is not None and v not in UNUSED[k]):
+                return k
+        return None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None  # unset: 16 (OpenAI's default), or what the context leaves
+    max_tokens: int | None = None  # unset: 16 (OpenAI's default), or what the context leaves; 0 with echo: scoring
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="the k most likely tokens at each "
+                                                                        "position, beside the chosen one's")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (what lm-evaluation-harness sends); this tokenizer adds no special tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 class TextPart(BaseModel):
@@ -88,6 +114,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
+    logprobs: bool = False  # refused when true (see OpenAIServer.chat)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
 
 

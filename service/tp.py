@@ -385,6 +385,10 @@ class ShardGroup:
     def logits(self, idx: list[list[int]]) -> torch.Tensor:
         return self._gather([a.logits.remote(idx) for a in self.actors])[0]
 
+    async def logits_async(self, idx: list[list[int]]) -> torch.Tensor:
+        """`logits` awaited (the engine's scoring passes, between its steps)."""
+        return (await asyncio.gather(*(a.logits.remote(idx) for a in self.actors)))[0]
+
     def info(self) -> list[dict]:
         return self._gather([a.info.remote() for a in self.actors])
 

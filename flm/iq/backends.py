@@ -2,10 +2,14 @@
 any OpenAI-compatible completions endpoint (a deployed model, ours or anyone's). Greedy decoding, as the paper scores
 exact matches.
 
-The local backends keep a prompt within the model's context (`prompt_budget`): a longer prompt loses its start, as
+Every backend keeps a prompt within the model's context (`prompt_budget`): a longer prompt loses its start, as
 in lm-evaluation-harness, rather than running the model at positions it was never trained on. With the paper's 2048
 tokens nothing is cut; a tiny model (128 tokens) sees only the end of the long prompts (Multiple Key Retrieval,
-the bAbI stories, most few-shot blocks), which is what it could use anyway. An endpoint applies its own limit.
+the bAbI stories, most few-shot blocks), which is what it could use anyway. An endpoint cuts them itself when it
+says its context (`max_model_len` in GET /models, as ours and vLLM do) and takes vLLM's `truncate_prompt_tokens`;
+as it must fit prompt and answer in the context, the answer may then be shorter than locally
+(`max_tokens` = context - kept prompt). `kept_prompt_tokens(max_tokens)` says how many a backend keeps (None: no
+limit known), and the suite's report says so.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class FLMBackend:
         if self.tokenizer is None:
             raise FLMConfigError(f"{checkpoint}: the checkpoint has no tokenizer/ to read prompts with")
 
+    def kept_prompt_tokens(self, max_tokens: int) -> int:
+        return prompt_budget(self.model.cfg.seq_len, max_tokens)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
         params = SamplingParams(max_tokens=max_tokens, stop=stop)
@@ -74,10 +81,13 @@ class HFBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    def kept_prompt_tokens(self, max_tokens: int) -> int | None:
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        return prompt_budget(context, max_tokens) if context else None
+
     @torch.no_grad()
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        keep = prompt_budget(context, max_tokens) if context else None
+        keep = self.kept_prompt_tokens(max_tokens)
         self.tokenizer.truncation_side = "left"
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=keep is not None,
                                max_length=keep).to(self.model.device)
@@ -88,27 +98,58 @@ class HFBackend:
 
 
 class OpenAIBackend:
-    """POST {base_url}/completions with the batch of prompts (OpenAI legacy completions schema)."""
+    """POST {base_url}/completions with the batch of prompts (OpenAI legacy completions schema). The model's
+    context comes from GET {base_url}/models (`max_model_len`); where it is known, prompts are cut to
+    `prompt_budget` tokens by the endpoint (`truncate_prompt_tokens`), and max_tokens to what the context leaves."""
 
     def __init__(self, base_url: str, model: str = "", api_key: str | None = None, timeout: float = 60.0):
-        self.url = base_url.rstrip("/") + "/completions"
+        self.base = base_url.rstrip("/")
+        self.url = self.base + "/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
+        self._context: int | None = None
+        self._asked = False
+
+    def _call(self, url: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise FLMConfigError(f"{url}: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise FLMConfigError(f"{url}: endpoint unreachable ({getattr(e, 'reason', e)})") from None
+        except ValueError as e:
+            raise FLMConfigError(f"{url}: not a JSON answer ({e})") from None
+
+    def context(self) -> int | None:
+        """The model's context in tokens, as GET /models says it (`max_model_len`); None if it does not."""
+        if not self._asked:
+            self._asked = True
+            try:
+                models = self._call(self.base + "/models").get("data", [])
+            except FLMConfigError:  # an endpoint without /models: its own limit applies
+                models = []
+            match = [m for m in models if isinstance(m, dict) and (m.get("id") == self.model or not self.model)]
+            length = match[0].get("max_model_len") if match else None
+            self._context = length if isinstance(length, int) and length > 1 else None
+        return self._context
+
+    def kept_prompt_tokens(self, max_tokens: int) -> int | None:
+        context = self.context()
+        return prompt_budget(context, max_tokens) if context else None
 
     def generate(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
         body = {"model": self.model, "prompt": prompts, "max_tokens": max_tokens, "stop": stop or None,
                 "temperature": 0.0}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+        keep = self.kept_prompt_tokens(max_tokens)
+        if keep is not None:
+            body.update(truncate_prompt_tokens=keep, max_tokens=min(max_tokens, self.context() - keep))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                choices = json.loads(response.read())["choices"]
-        except urllib.error.HTTPError as e:
-            raise FLMConfigError(f"{self.url}: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise FLMConfigError(f"{self.url}: endpoint unreachable ({getattr(e, 'reason', e)})") from None
-        except (KeyError, ValueError) as e:
+            choices = self._call(self.url, body)["choices"]
+        except (KeyError, TypeError) as e:
             raise FLMConfigError(f"{self.url}: not an OpenAI completions response ({e})") from None
         texts = [""] * len(prompts)
         for i, choice in enumerate(sorted(choices, key=lambda c: c.get("index", 0))):

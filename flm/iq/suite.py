@@ -178,6 +178,7 @@ class SubtaskResult(BaseModel):
     accuracy: float
     answers: list[str]
     predictions: list[str]
+    prompt_tokens_kept: int | None = None  # a longer prompt lost its start (the model's context); None: no limit
 
 
 class SuiteResult(BaseModel):
@@ -204,6 +205,7 @@ def run_suite(backend: Backend, subtasks: str | Sequence[str] = "offline", seed:
         for name, its in items.items():
             task = bar.add_task(name, total=len(its))
             max_tokens = max(len(it.answer) for it in its) + 16  # characters bound tokens for our ASCII answers
+            kept = getattr(backend, "kept_prompt_tokens", None)
             predictions: list[str] = []
             for i in range(0, len(its), batch_size):
                 batch = [it.prompt for it in its[i:i + batch_size]]
@@ -214,7 +216,8 @@ def run_suite(backend: Backend, subtasks: str | Sequence[str] = "offline", seed:
             results.append(SubtaskResult(
                 name=name, title=sub.title, category=sub.category, n_items=len(its),
                 n_correct=sum(map(exact_match, predictions, answers)),
-                accuracy=accuracy(predictions, answers), answers=answers, predictions=predictions))
+                accuracy=accuracy(predictions, answers), answers=answers, predictions=predictions,
+                prompt_tokens_kept=kept(max_tokens) if kept else None))
     categories = category_averages({r.name: r.accuracy for r in results}, {r.name: r.category for r in results})
     return SuiteResult(backend=type(backend).__name__, seed=seed, subtasks=results, categories=categories)
 
@@ -232,6 +235,10 @@ def print_result(result: SuiteResult, console: Console | None = None) -> None:
         table.add_row("", "[b]average[/b]", "", f"[b]{avg:.2f}[/b]", *(paper_cell(cat, m) for m in PAPER_MODELS),
                       end_section=True)
     (console or Console()).print(table)
+    cut = [f"{r.name} {r.prompt_tokens_kept}" for r in result.subtasks if r.prompt_tokens_kept is not None]
+    if cut:
+        (console or Console()).print(f"prompts longer than the model's context allows were cut from the left to "
+                                     f"their last N tokens: {', '.join(cut)}")
 
 
 def plot_result(result: SuiteResult, path: str | Path) -> Path:

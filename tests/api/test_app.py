@@ -9,7 +9,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from api.app import create_app
+from api.app import MODEL_ROUTES, create_app
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
 from api.store import Job, create_key, revoke_key, utcnow
@@ -69,9 +69,15 @@ def held_job(gw, who="alice", **extra) -> dict:
 
 
 def assert_error(r, status: int, *words: str) -> dict:
-    """A JSON ErrorResponse with this status whose message contains every word."""
+    """A JSON ErrorResponse with this status whose message contains every word (on the model routes OpenAI's error
+    body, returned as an ErrorResponse: message as "error", param as "field")."""
     assert r.status_code == status, r.text
     body = r.json()
+    if r.request.url.path in MODEL_ROUTES:
+        error = body["error"]
+        assert set(body) == {"error"} and set(error) == {"message", "type", "param", "code"}, body
+        assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error"), body
+        body = {"error": error["message"], "field": error["param"]}
     assert set(body) == {"error", "field"} and isinstance(body["error"], str)
     for w in words:
         assert w in body["error"], (w, body)
@@ -129,8 +135,22 @@ def test_unknown_deployment_is_404(gw, method):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_unknown_model_is_404(gw, path):
-    body = assert_error(gw.post(path, json={"model": "nothing", "prompt": "x"}, headers=auth(gw)), 404, "nothing")
-    assert body["field"] == "name"
+    r = gw.post(path, json={"model": "nothing", "prompt": "x"}, headers=auth(gw))
+    body = assert_error(r, 404, "nothing")
+    assert body["field"] == "model" and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("path", MODEL_ROUTES)
+def test_model_routes_answer_in_openais_error_shape(gw, path):
+    post = path != "/v1/models"
+    r = gw.request("post" if post else "get", path, json={"model": "m"} if post else None)
+    assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                  "param": "Authorization", "code": "invalid_api_key"}}
+    if post:
+        assert r.status_code == 401 and gw.post(path, json={}, headers=auth(gw)).json()["error"]["code"] == \
+            "invalid_request"
+        big = gw.post(path, json={"model": "m", "prompt": "x" * LIMIT}, headers=auth(gw)).json()["error"]
+        assert big["code"] == "request_too_large"
 
 
 def test_unknown_route_is_a_json_404(gw):
@@ -662,9 +682,10 @@ def test_openapi_documents_every_route_and_error(gw):
         op = schema["paths"][path][method]
         documented = {int(c) for c in op["responses"] if int(c) >= 400}
         assert documented >= codes | {401}, (method, path, documented)
+        shape = "OpenAIErrorResponse" if path in MODEL_ROUTES else "ErrorResponse"
         for code in documented:
             ref = op["responses"][str(code)]["content"]["application/json"]["schema"]["$ref"]
-            assert ref == "#/components/schemas/ErrorResponse", (method, path, code)
+            assert ref == f"#/components/schemas/{shape}", (method, path, code)
         assert op.get("security") == [{"HTTPBearer": []}], (method, path)
     job_body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(job_body["discriminator"]["mapping"]) == {"train", "tune", "eval", "pipeline"}

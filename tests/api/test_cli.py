@@ -1,9 +1,12 @@
 """api/cli.py: the `flm` client commands against a real uvicorn gateway (no Ray: jobs are held), `flm keys`, and
 bad input: exit code 2 with one line."""
 
+import json
 import threading
 import time
 
+import httpx
+import openai
 import pytest
 import uvicorn
 import yaml
@@ -13,6 +16,7 @@ from api.cli import load_request
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
 from api.stack import free_port
+from api.store import Deployment, open_store, utcnow
 from flm.cli import main
 
 
@@ -117,3 +121,75 @@ def test_up_refuses_a_taken_port(env, capsys, server):
     assert code == 2 and f"--port: port {taken} is taken" in err
     code, _, err = run(capsys, "up", "--ray-port", "12345", "--port", str(free_port()))
     assert code == 2 and "10002-19999" in err
+
+
+@pytest.fixture
+def deployed(server, env, micro_data):
+    """A RUNNING deployment of the key's owner: a random checkpoint of 32 tokens of context among the owner's files,
+    served by the real OpenAI routes (service/app.py, in process, tp = 1) under uvicorn: no Ray."""
+    import torch
+
+    from flm.checkpoint import save_checkpoint
+    from flm.config import ModelConfig
+    from flm.model import GPT
+    from service.app import DeploymentRequest, OpenAIServer, build_api
+
+    home, _ = server
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=32, base_width=32, output_mult=8.0,
+                      init_std=0.1)  # peaked predictions: answers of varied text, rarely a newline
+    ck = home / "owners" / "cli" / "ck"
+    save_checkpoint(ck, cfg, GPT(cfg, generator=torch.Generator().manual_seed(0)).state_dict(),
+                    tokenizer_dir=micro_data / "tokenizer")
+    model = OpenAIServer.in_process(DeploymentRequest(checkpoint=str(ck), name="served-ck"))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_api(model), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    sessions = open_store(GatewaySettings(home=home).db_url)
+    with sessions.begin() as s:
+        s.merge(Deployment(id="served-ck", owner="cli", checkpoint="owners/cli/ck", spec={}, state="RUNNING",
+                           url=f"http://127.0.0.1:{port}", attempt=0, created_at=utcnow(), updated_at=utcnow()))
+    yield ck
+    srv.should_exit = True
+    thread.join(timeout=10)
+    model.engine.close()
+
+
+def test_flm_eval_through_the_gateway_cuts_long_prompts_as_the_local_backend(server, env, deployed, tmp_path,
+                                                                             capsys):
+    """`flm eval GATEWAY/v1` with $FLM_API_KEY: the gateway reports the model's context (max_model_len), the 58-token
+    IQ prompts are cut to their last 16 tokens as the local backend cuts them (the answer gets the 16 tokens the
+    context leaves: a prefix of the local answer), and the report says so."""
+    from flm.iq.backends import FLMBackend
+    from flm.iq.suite import run_suite
+
+    _, url = server
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {env}"}).json()["data"]
+    assert [(m["id"], m["max_model_len"]) for m in models] == [("served-ck", 32)]
+    code, out, err = run(capsys, "eval", f"{url}/v1", "--model-name", "served-ck", "--subtasks", "counting",
+                         "--n-items", "3", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "cut from the left to their last N tokens: counting 16" in out
+    (remote,) = json.loads((tmp_path / "iq.json").read_text())["subtasks"]
+    (local,) = run_suite(FLMBackend(deployed), ["counting"], n_items=3, progress=False).subtasks
+    assert remote["prompt_tokens_kept"] == local.prompt_tokens_kept == 16
+    assert all(theirs.startswith(ours) for ours, theirs in zip(remote["predictions"], local.predictions, strict=True))
+    assert any(remote["predictions"])
+
+
+def test_model_route_errors_have_openais_shape_through_the_gateway(server, env, deployed):
+    """The gateway's own refusals and the deployment's, as the official client reads them."""
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=env, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:  # the deployment's: a field it does not support
+        client.completions.create(model="served-ck", prompt="To be", max_tokens=2,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert (e.value.body["param"], e.value.body["code"]) == ("response_format", "unsupported_parameter")
+    with pytest.raises(openai.NotFoundError) as e:  # the gateway's: no such model
+        client.completions.create(model="nothing", prompt="To be", max_tokens=2)
+    assert (e.value.body["param"], e.value.body["code"]) == ("model", "model_not_found")
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="flm_wrong", max_retries=0).models.list()
+    assert e.value.body["code"] == "invalid_api_key" and "not a key" in e.value.body["message"]

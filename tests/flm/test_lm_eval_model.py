@@ -80,15 +80,23 @@ def greedy(model, tok, prompt, max_tokens, keep):
     return tok.decode(new).split("\n")[0]
 
 
-@pytest.fixture
-def local_tasks(checkpoint, tmp_path, monkeypatch):
-    """The three tasks' YAML and JSONL files in tmp_path; their documents; the greedy generations of their prompts."""
+def write_tasks(path, docs: dict, monkeypatch) -> None:
+    """The tasks of `docs` (name -> documents) as YAML and JSONL files in `path`, and lm-eval set to find only them."""
     import lm_eval.tasks
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     # lm-eval indexes its ~13,000 built-in task YAMLs on every run (most of a run's time here): index only ours
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
                                                                         include_defaults=False))
+    for name, documents in docs.items():
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
+        (path / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                           f"    test: {path / name}.jsonl\ntest_split: test\n{TASKS[name]}")
+
+
+@pytest.fixture
+def local_tasks(checkpoint, tmp_path, monkeypatch):
+    """The three tasks' YAML and JSONL files in tmp_path; their documents; the greedy generations of their prompts."""
     _, model, tok = checkpoint
     prompts = ["Enter the king.", "First Citizen: Before we proceed", LONG]
     generations = [greedy(model, tok, p, 6, keep=model.cfg.seq_len - 6) for p in prompts]
@@ -103,10 +111,7 @@ def local_tasks(checkpoint, tmp_path, monkeypatch):
         "flm_gen": [{"prompt": p, "target": g if i != 1 else "not this"} for i, (p, g) in
                     enumerate(zip(prompts, generations, strict=True))],
     }
-    for name, spec in TASKS.items():
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[name]))
-        (tmp_path / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                                               f"    test: {tmp_path / name}.jsonl\ntest_split: test\n{spec}")
+    write_tasks(tmp_path, docs, monkeypatch)
     return docs, generations
 
 

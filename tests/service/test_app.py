@@ -10,10 +10,12 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 from fastapi.testclient import TestClient
 from ray import serve
 
 from flm.checkpoint import load_model
+from flm.cli import main
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
 from service.app import (
@@ -115,11 +117,19 @@ BAD = [  # (body or raw bytes, status, param, code)
     ({"model": "gpt-4", "prompt": "To be"}, 404, "model", "model_not_found"),
     (b'{"model": "micro", "prompt": ', 400, None, "invalid_json"),
     ({"model": NAME, "prompt": "To be", "n": 9}, 400, "n", "invalid_value"),
-    ({"model": NAME, "prompt": ["a", "b", "c"], "n": 2}, 400, "n", "invalid_value"),
     ({"model": NAME}, 422, "prompt", "invalid_request"),
     ({"model": NAME, "prompt": "To be", "temperature": 9}, 422, "temperature", "invalid_request"),
-    ({"model": NAME, "prompt": "To be", "logprobs": 2}, 400, "logprobs", "unsupported"),
     ({"model": NAME, "prompt": [[1, 99999]]}, 400, "prompt", "invalid_value"),
+    # what we do not do is refused, never ignored: OpenAI's fields we lack, fields OpenAI lacks, odd combinations
+    ({"model": NAME, "prompt": "To be", "response_format": {"type": "json_object"}}, 400, "response_format",
+     "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "min_p": 0.1}, 400, "min_p", "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "logprobs": 1, "stream": True}, 400, "logprobs", "unsupported_parameter"),
+    ({"model": NAME, "prompt": "To be", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),  # 0: echo only
 ]
 
 
@@ -135,6 +145,81 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(client, bod
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     ok = client.post("/v1/completions", json={"model": NAME, "prompt": "To be", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_unsupported_chat_fields_are_refused(client):
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Go."}], "max_tokens": 2}
+    for field, value in [("response_format", {"type": "json_schema"}), ("tools", [{"type": "function"}]),
+                         ("logprobs", True), ("top_logprobs", 2), ("stream_opts", {})]:
+        r = client.post("/v1/chat/completions", json={**chat, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+        assert r.json()["error"]["code"] == "unsupported_parameter"
+    # the neutral values of OpenAI's fields change nothing and pass
+    r = client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}, "tools": None,
+                                                  "presence_penalty": 0, "logprobs": False})
+    assert r.status_code == 200, r.text
+
+
+def test_n_limits_the_choices_of_each_prompt_not_prompts_times_n(client, reference):
+    prompts = ["To be", "The king", "Enter", "My lord", "First Citizen"]  # 5 prompts > max_n = 4
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": prompts, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [greedy(reference, p, 4).text for p in prompts]
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": prompts[:3], "max_tokens": 2, "n": 2,
+                                              "temperature": 0})
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [greedy(reference, p, 2).text for p in prompts[:3] for _ in range(2)]
+
+
+def test_truncate_prompt_tokens_keeps_the_end_of_a_long_prompt(client, reference):
+    _, tok = reference
+    ids = tok.encode("a b " * 40)
+    assert len(ids) > 32  # longer than the context: 413 without truncation (see BAD)
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": ids, "max_tokens": 4, "temperature": 0,
+                                              "truncate_prompt_tokens": 20})
+    want = client.post("/v1/completions", json={"model": NAME, "prompt": ids[-20:], "max_tokens": 4,
+                                                 "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"] == want.json()["choices"]
+    assert r.json()["usage"]["prompt_tokens"] == 20
+
+
+def test_echo_and_logprobs_are_the_models_log_probabilities(client, reference):
+    model, tok = reference
+    prompt = "To be, or not to be"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].double(), -1)
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                              "echo": True, "logprobs": 2})
+    (choice,) = r.json()["choices"]
+    lp, nxt = choice["logprobs"], int(logp[-1].argmax())
+    assert choice["text"] == prompt + tok.decode([nxt])
+    assert lp["tokens"] == [tok.decode([t]) for t in ids + [nxt]] and lp["text_offset"][0] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [logp[i, t].item() for i, t in enumerate(ids[1:] + [nxt])]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+    for i, top in enumerate(lp["top_logprobs"][1:]):
+        best = logp[i].topk(2)
+        assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-5)
+    # max_tokens 0 with echo: the prompt scored, nothing generated; logprobs alone: the generated tokens only
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": [ids, ids[:3]], "max_tokens": 0, "echo": True,
+                                              "logprobs": 0})
+    a, b = r.json()["choices"]
+    assert a["text"] == prompt and a["logprobs"]["token_logprobs"][1:] == pytest.approx(want[:-1], abs=1e-5)
+    assert b["logprobs"]["token_logprobs"][1:] == pytest.approx(want[:2], abs=1e-5)
+    assert r.json()["usage"]["completion_tokens"] == 0
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                              "logprobs": 0})
+    assert r.json()["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx([want[-1]], abs=1e-5)
+
+
+def test_tokenizer_routes_as_vllm_has_them(client, reference):
+    _, tok = reference
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 32
+    r = client.post("/tokenize", json={"prompt": "To be<|endoftext|>or", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("To be") + [tok.eot_id] + tok.encode("or")
+    assert client.post("/detokenize", json={"tokens": tok.encode("To be")}).json() == {"prompt": "To be"}
 
 
 def test_chat_without_content_and_unknown_routes_are_refused(client):
@@ -216,6 +301,55 @@ def test_bad_input_through_serve(served):
     r = httpx.post(served + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert api.completions.create(model=NAME, prompt="To be", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_flm_eval_against_the_deployment_cuts_long_prompts_as_the_local_backend(served, grown, tmp_path, capsys):
+    """The IQ prompts (58 tokens) are longer than the context (32): cut to the same last 16 tokens as locally (before,
+    the endpoint answered 413). A model with varied answers: tests/api/test_cli.py, through the gateway."""
+    from flm.iq.backends import FLMBackend
+    from flm.iq.suite import run_suite
+
+    assert main(["eval", served + "/v1", "--model-name", NAME, "--subtasks", "counting", "--n-items", "5",
+                 "--out", str(tmp_path)]) == 0
+    assert "cut from the left to their last N tokens: counting 16" in capsys.readouterr().out
+    (remote,) = json.loads((tmp_path / "iq.json").read_text())["subtasks"]
+    (local,) = run_suite(FLMBackend(grown["final"]), ["counting"], n_items=5, progress=False).subtasks
+    assert remote["prompt_tokens_kept"] == local.prompt_tokens_kept == 16
+    assert remote["predictions"] == local.predictions  # this model answers a newline first: cut to ""
+
+
+def test_lm_eval_local_completions_gets_the_numbers_of_flm_lm_eval(served, grown, tmp_path, monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`, our tokenizer through /tokenize) against the deployment, and
+    `flm lm-eval` in process, on the lm-eval test's local tasks (documents that fit lm-eval's API budget of
+    max_length - 1 tokens; the in-process model keeps max_length + 1): the same log-likelihoods and generations."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (the eval extra)")
+    from tests.flm.test_lm_eval_model import write_tasks
+
+    docs = {"flm_mc": [{"question": q, "choices": c, "answer": a} for q, c, a in [
+                ("To be, or not to", ["be", "go home", "sleep"], 0), ("My lord, I", ["will", "cannot tell", "am"], 1),
+                ("The king is", ["dead", "in his house", "gone"], 0)]],
+            "flm_rolling": [{"text": "A horse!"}, {"text": "My kingdom for a horse, a horse."}],
+            "flm_gen": [{"prompt": "Enter the king.", "target": "x"}, {"prompt": "First Citizen:", "target": "y"}]}
+    write_tasks(tmp_path, docs, monkeypatch)
+
+    def samples(model: str, args: str, *extra: str) -> dict:
+        out = tmp_path / model
+        assert main(["lm-eval", "--model", model, "--model_args", args, "--tasks", ",".join(docs), "--include_path",
+                     str(tmp_path), "--batch_size", "8", "--output_path", str(out), "--log_samples", *extra]) == 0
+        return {name: [s["resps"] for s in sorted((json.loads(line) for f in out.rglob(f"samples_{name}_*.jsonl")
+                                                   for line in f.read_text().splitlines()), key=lambda s: s["doc_id"])]
+                for name in docs}
+
+    ours = samples("flm", f"checkpoint={grown['final']}", "--device", "cpu")
+    theirs = samples("local-completions", f"base_url={served}/v1/completions,model={NAME},max_length=32,"
+                                          f"tokenizer_backend=remote,tokenized_requests=True")
+    assert theirs["flm_gen"] == ours["flm_gen"]
+    for ours_doc, theirs_doc in zip(ours["flm_mc"], theirs["flm_mc"], strict=True):
+        for ((lp, greedy_),), ((their_lp, their_greedy),) in zip(ours_doc, theirs_doc, strict=True):
+            assert float(their_lp) == pytest.approx(float(lp), abs=1e-4) and their_greedy == greedy_
+    for ((lp,),), ((their_lp,),) in zip(ours["flm_rolling"], theirs["flm_rolling"], strict=True):
+        assert float(their_lp) == pytest.approx(float(lp), abs=1e-4)
 
 
 def shard_actors() -> list[tuple[str, str]]:
