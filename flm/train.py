@@ -178,7 +178,7 @@ def resolve_dataset(plan: GrowthPlan) -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in settings.data).strip("-")
     out = flm_home() / "data" / f"{slug}-{settings.tokenizer}{spec.vocab_size or ''}"
     if not (out / "manifest.json").is_file():
-        prepare_dataset(settings.data, out, spec, seed=plan.seed)
+        prepare_dataset(settings.data, out, spec, seed=plan.seed, seq_len=max(c.seq_len for c in plan.model_configs()))
     return out
 
 
