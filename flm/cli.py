@@ -133,6 +133,8 @@ def cmd_train(args) -> None:
         table.add_row(s["name"], f"{s['params'] / 1e6:.2f}M", str(s["steps"]), f"{s['tokens']:,}",
                       f"{s['flops']:.3e}", f"{s['loss']:.4f}", f"{s['val_loss']:.4f}", f"{s['seconds']:.1f}")
     console.print(table)
+    if (trainer.run_dir / "tensorboard").is_dir():
+        console.print(f"curves: tensorboard --logdir {trainer.run_dir / 'tensorboard'}")
 
 
 def _data_files(pairs: list[str]) -> dict[str, str]:

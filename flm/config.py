@@ -189,6 +189,9 @@ class TrainSettings(_Strict):
         default="none", description="full: recompute each block in backward (backend fsdp), keeping block inputs only")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_tflops: float | None = Field(default=None, gt=0, description="per device, for MFU; None: not reported")
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] | None = Field(
+        default=None, description="experiment trackers (flm/loggers.py), jsonl always; None: jsonl + tensorboard "
+        "where installed")
     optim: OptimConfig = OptimConfig()
 
 

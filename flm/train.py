@@ -40,6 +40,7 @@ from flm.config import FLMConfigError, GrowthPlan, ModelConfig
 from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
 from flm.flops import flops_per_token, param_count
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
+from flm.loggers import Trackers
 from flm.model import GPT
 from flm.precision import autocast_dtype
 from flm.storage import RunStorage, is_uri, join, staging_dir
@@ -178,7 +179,7 @@ def resolve_dataset(plan: GrowthPlan) -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in settings.data).strip("-")
     out = flm_home() / "data" / f"{slug}-{settings.tokenizer}{spec.vocab_size or ''}"
     if not (out / "manifest.json").is_file():
-        prepare_dataset(settings.data, out, spec, seed=plan.seed)
+        prepare_dataset(settings.data, out, spec, seed=plan.seed, seq_len=max(c.seq_len for c in plan.model_configs()))
     return out
 
 
@@ -192,10 +193,10 @@ class Trainer:
         self.plan, self.settings = plan, plan.train
         self.grow_fn = grow_fn
         self.dist = dist or Dist(device=_default_device(plan.train.device))
-        self.on_record = on_record
         self.configs = plan.model_configs()
         self.starts = plan.stage_starts()
         self.run_dir = resolve_run_dir(plan)
+        self.on_record = Trackers(plan, self.run_dir, then=on_record)  # train.loggers, then the caller's hook
         self.storage = RunStorage(plan.train.out, self.run_dir) if is_uri(plan.train.out) else None
         self._pushed = time.monotonic()
         self.data_dir = resolve_dataset(plan) if self.dist.is_main else None
@@ -232,6 +233,7 @@ class Trainer:
                 break
             self._grow_into(nxt, reload=self.plan.stages[nxt].growth == "offline")
         self._push_metrics()
+        self.on_record.close()
         return summaries
 
     # --- state --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from flm.cli import main
 from flm.config import FLMConfigError
 from flm.data import (
     Manifest,
@@ -22,8 +23,13 @@ from flm.data import (
     add_data_cli,
     load_documents,
     prepare_dataset,
+    shakespeare_dir,
     split_documents,
+    split_text,
+    tokenizer_sample,
 )
+from flm.train import Trainer, read_metrics
+from tests.conftest import micro_plan
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "wizards", "hex", "jovial", "kings"]
 
@@ -94,9 +100,96 @@ def test_val_split_is_by_whole_document(dataset, docs):
 
 def test_split_documents_sizes():
     assert [len(split_documents(list("ab"), 0.01, 0)[k]) for k in ("train", "val")] == [1, 1]
-    assert [len(split_documents(["a"], 0.5, 0)[k]) for k in ("train", "val")] == [1, 0]
+    assert split_documents(["ab"], 0.5, 0) == {"train": ["a"], "val": ["b"]}, "one document: split by its text"
+    assert split_documents(["ab"], 0.0, 0) == {"train": ["ab"], "val": []}
     assert [len(split_documents(list("abcd"), 0.0, 0)[k]) for k in ("train", "val")] == [4, 0]
     assert split_documents(list("abcdefgh"), 0.25, 0) != split_documents(list("abcdefgh"), 0.25, 1)
+
+
+def test_split_text_holds_out_the_tail_at_a_line_break():
+    text = "".join(f"line {i:02d}\n" for i in range(40)) + "\n\n"
+    got = split_text(text, 0.1)
+    assert got == {"train": [text[:8 * 35]], "val": [text[8 * 35:]]}, "from the line holding the 90% mark"
+    assert split_text("one line, no break", 0.25) == {"train": ["one line, no "], "val": ["break"]}
+    assert split_text("head\n" + "x" * 100, 0.5) == {"train": ["head\n"], "val": ["x" * 100]}
+    assert split_text("x" * 100 + "\ntail", 0.01) == {"train": ["x" * 100 + "\n"], "val": ["tail"]}
+    for text in ("ab", "a\nb", "a\n\n\nb  \n"):
+        train, val = (split_text(text, 0.5)[k] for k in ("train", "val"))
+        assert train[0].strip() and val[0].strip() and train[0] + val[0] == text
+
+
+def test_tokenizer_sample_is_bounded():
+    assert tokenizer_sample(["abc", "defg", "hi"], 5) == ["abc", "de"]
+    assert tokenizer_sample(["abc", "defg"], 100) == ["abc", "defg"]
+
+
+def test_bpe_trains_on_a_bounded_sample(tmp_path, docs, monkeypatch):
+    seen = []
+    train = Tokenizer.train.__func__
+    monkeypatch.setattr(Tokenizer, "train", classmethod(lambda cls, d, v: seen.append(list(d)) or train(cls, d, v)))
+    prepare_dataset(str(write_corpus(tmp_path / "c", docs)), tmp_path / "out", TokenizerSpec(vocab_size=300),
+                    tokenizer_sample_chars=1000)
+    assert sum(map(len, seen[0])) == 1000 and seen[0][0] in docs
+    assert sorted(split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")) == sorted(docs)
+
+
+@pytest.fixture(scope="module")
+def one_file(tmp_path_factory):
+    """One plain text file of ~300 KB: three plays of the shipped corpus, back to back."""
+    path = tmp_path_factory.mktemp("one") / "plays.txt"
+    path.write_text("".join(p.read_text() for p in sorted(shakespeare_dir().glob("*_gut.txt"))[:3]))
+    assert 200_000 < path.stat().st_size < 600_000
+    return path
+
+
+def test_one_file_is_split_by_its_text(one_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(one_file), "--out", str(out), "--vocab-size", "320", "--seq-len", "32"]) == 0
+    m = Manifest.load(out)
+    assert m.split_by == "text" and json.loads((out / "manifest.json").read_text())["split_by"] == "text"
+    assert m.splits["train"].documents == m.splits["val"].documents == 1
+    assert 0.03 < m.splits["val"].tokens / (m.splits["train"].tokens + m.splits["val"].tokens) < 0.08
+    train, val = split_docs(out, "train"), split_docs(out, "val")
+    assert train[0] + val[0] == one_file.read_text() and train[0].endswith("\n")
+    assert TokenDataset(out, "val").num_windows(32) > 10
+
+
+def test_a_split_by_documents_leaves_split_by_out_of_the_manifest(dataset):
+    assert "split_by" not in json.loads((dataset / "manifest.json").read_text())
+    assert Manifest.load(dataset).split_by == "documents"
+
+
+def test_train_on_one_file(one_file, tmp_path, monkeypatch):
+    """`flm train --data one-file.txt`: the dataset is prepared on the fly, with a validation split."""
+    monkeypatch.setenv("FLM_HOME", str(tmp_path / "home"))
+    plan = micro_plan(one_file, tmp_path / "run", eval_every=2)
+    assert Trainer(plan).fit(max_steps=4) == []
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert len(val) == 2 and all(0 < v < 10 for v in val)
+
+
+LINES = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(100))
+
+
+@pytest.mark.parametrize("text,args,message", [
+    (LINES, ["--seq-len", "128", "--val-fraction", "0.01"], "the val split holds 33 tokens, fewer than one window "
+     "of 129 (seq_len 128 + 1): raise --val-fraction (now 0.01), or use a shorter seq_len or prepare a larger corpus"),
+    (LINES, ["--seq-len", "128", "--val-fraction", "0.99"], "the train split holds 15 tokens, fewer than one window "
+     "of 129 (seq_len 128 + 1): lower --val-fraction (now 0.99)"),
+    ("Hello there.\n" * 20, ["--seq-len", "128"], "the corpus is too small for one window of 129 tokens (seq_len "
+     "128 + 1) in each split (train 73, val 9 tokens): use a shorter seq_len or prepare a larger corpus"),
+    ("Hello there.\n" * 20, ["--seq-len", "500", "--val-fraction", "0"], "the corpus is too small for one window "
+     "of 501 tokens (seq_len 500 + 1) in each split (train 81 tokens)"),
+    ("x", [], "the corpus is too small for one window of 2 tokens (seq_len 1 + 1) in each split (train 2, val 1 "
+     "tokens)"),
+])
+def test_too_small_a_corpus_exits_2_and_says_what_to_change(tmp_path, capsys, text, args, message):
+    (tmp_path / "small.txt").write_text(text)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(tmp_path / "small.txt"), "--out", str(out), "--vocab-size", "300", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["small.txt"], "nothing left behind"
 
 
 def test_bpe_is_trained_on_the_train_split_only(tmp_path):
