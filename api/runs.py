@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flm.config import GrowthPlan
-
-CHECKPOINT_MANIFEST = "checkpoint.json"  # flm.checkpoint.MANIFEST (not imported: flm.checkpoint imports torch)
+from flm.manifest import MANIFEST as CHECKPOINT_MANIFEST  # torch-free, unlike flm.checkpoint
 
 
 @dataclass

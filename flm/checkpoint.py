@@ -15,7 +15,6 @@ which then falls back to the previous one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flm.config import ModelConfig
+from flm.manifest import MANIFEST, sha256, write_manifest  # noqa: F401 (write_manifest: part of this API)
 
 STEP_PREFIX = "step_"
-MANIFEST = "checkpoint.json"
 
 
 class CheckpointError(RuntimeError):
@@ -45,14 +44,6 @@ class Checkpoint:
     trainer_state: dict
     rng: dict | None
     sharded: bool = False  # flm/sharded.py's format (DCP shards)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(directory: str | Path, config: ModelConfig, model_state: dict[str, torch.Tensor],
@@ -156,20 +147,6 @@ def read_optimizer(directory: str | Path, config: ModelConfig, map_location: str
     return {"state": state}
 
 
-def write_manifest(directory: str | Path, hash_limit: int = 64 << 20) -> None:
-    """checkpoint.json: size of every file below `directory`, sha256 of those up to `hash_limit` bytes (hashing
-    terabytes of shards would take longer than writing them); files fsynced first. Written last."""
-    directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {}
-    for p in files:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-        size = p.stat().st_size
-        manifest[str(p.relative_to(directory))] = {"bytes": size, "sha256": sha256(p) if size <= hash_limit else None}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """A checkpoint as something to run: (GPT in eval mode, its Tokenizer or None)."""
     from flm.data import Tokenizer
@@ -214,3 +191,17 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         if state.exists() and json.loads(state.read_text()).get("stage_end"):
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def consolidate(directory: str | Path, out: str | Path) -> Path:
+    """Write the single-file checkpoint (model.safetensors, optimizer.pt) of a sharded one."""
+    from flm.sharded import read_whole
+
+    directory = Path(directory)
+    model, optim = read_whole(directory)
+    cfg = ModelConfig.model_validate_json((directory / "config.json").read_text())
+    state_path, rng_path = directory / "trainer_state.json", directory / "rng.pt"
+    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else None
+    rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
+    tok = directory / "tokenizer"
+    return save_checkpoint(out, cfg, model, optim, trainer_state, rng, tok if tok.is_dir() else None)

@@ -208,8 +208,8 @@ def cmd_mup_check(args) -> None:
 
 
 def cmd_consolidate(args) -> None:
-    from flm.checkpoint import CheckpointError, verify_checkpoint
-    from flm.sharded import consolidate, is_sharded
+    from flm.checkpoint import CheckpointError, consolidate, verify_checkpoint
+    from flm.sharded import is_sharded
 
     src = Path(args.checkpoint)
     if not is_sharded(src):

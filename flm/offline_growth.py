@@ -33,6 +33,7 @@ from safetensors import safe_open
 
 from flm.config import DEFAULT_OPERATOR_ORDER, ModelConfig, Operator
 from flm.growth import GrowthStep, grown_masks, grown_moment, grown_tensor, growth_steps, param_shapes
+from flm.manifest import write_manifest
 from flm.model import MASK_NAMES
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -186,8 +187,6 @@ def finish_growth(src: str | Path, tmp: str | Path, dst: str | Path, new: ModelC
                   placement: str, trainer_state: dict | None = None) -> Path:
     """After every rank's `grow_share`: the masks, config, AdamW step, tokenizer and manifest; then `tmp` renamed to
     `dst` (rank 0 alone)."""
-    from flm.checkpoint import write_manifest
-
     reader, tmp, dst = CheckpointReader(src), Path(tmp), Path(dst)
     steps: list[GrowthStep] = growth_steps(reader.config, new, order, placement)
     masks = grown_masks(reader.masks(), steps)

@@ -8,9 +8,9 @@
       checkpoint.json       written last, by rank 0, after every rank has written: size of every file, sha256 of the
                             small ones (hashing terabytes of shards would take longer than writing them)
 
-DCP reshards on load: a checkpoint written at tp 2 x dp 2 loads at dp 4, or into one process (`consolidate` turns it
-into the single-file format, which export, eval and serving read; `load_checkpoint` does it in memory). Writes are
-atomic as before: everything goes to a temporary sibling directory, renamed into place once complete.
+DCP reshards on load: a checkpoint written at tp 2 x dp 2 loads at dp 4, or into one process (`read_whole`, which
+flm/checkpoint.py's `load_checkpoint` uses; its `consolidate` writes the single-file format). Writes are atomic as
+before: everything goes to a temporary sibling directory, renamed into place once complete.
 
 The optimizer's state is keyed by parameter name here (DCP's form), by position in the single-file format; the
 positions are those of flm/mup.py's parameter groups, so `optimizer_by_name` / `optimizer_by_position` convert.
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from flm import mup
 from flm.config import ModelConfig
+from flm.manifest import write_manifest
 
 SHARDED = "sharded"
 MASKS = "masks.safetensors"
@@ -68,8 +69,6 @@ def save_sharded(directory: str | Path, cfg: ModelConfig, model, optimizer, mask
     """Write a sharded checkpoint; collective (every rank calls it, with the same `directory`). The run directory
     must be one filesystem every rank sees (a local path on one node, or a shared mount)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from flm.checkpoint import write_manifest
 
     directory = Path(directory)
     tmp = directory.parent / f".tmp-{directory.name}"
@@ -162,9 +161,7 @@ def load_safetensors(directory: str | Path, model) -> None:
 
     directory = Path(directory)
     if any(".attn.qkv." in k for k in _safetensors_keys(directory)):  # an older checkpoint: small, read whole
-        from flm.checkpoint import load_checkpoint
-
-        state = load_checkpoint(directory, verify=False).model
+        state = {k: v for f in sorted(directory.glob("model*.safetensors")) for k, v in load_file(f).items()}
         params = {k: v for k, v in split_fused_qkv(state).items() if k.rsplit(".", 1)[-1] not in _mask_names()}
         set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True))
         return
@@ -224,17 +221,3 @@ def read_whole(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     model = {**state["model"], **read_masks(directory)}
     optim = state.get("optim")
     return model, (optimizer_by_position(cfg, optim) if optim and optim.get("state") else None)
-
-
-def consolidate(directory: str | Path, out: str | Path) -> Path:
-    """Write the single-file checkpoint (model.safetensors, optimizer.pt) of a sharded one."""
-    from flm.checkpoint import save_checkpoint
-
-    directory = Path(directory)
-    model, optim = read_whole(directory)
-    cfg = ModelConfig.model_validate_json((directory / "config.json").read_text())
-    state_path, rng_path = directory / "trainer_state.json", directory / "rng.pt"
-    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else None
-    rng = torch.load(rng_path, weights_only=True) if rng_path.exists() else None
-    tok = directory / "tokenizer"
-    return save_checkpoint(out, cfg, model, optim, trainer_state, rng, tok if tok.is_dir() else None)

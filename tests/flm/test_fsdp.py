@@ -10,11 +10,11 @@ import torch.distributed as td
 import torch.multiprocessing as mp
 
 from flm import mup
-from flm.checkpoint import list_checkpoints, load_checkpoint
+from flm.checkpoint import consolidate, list_checkpoints, load_checkpoint
 from flm.config import GrowthPlan
 from flm.growth import grow_model, transfer_adamw_state
 from flm.model import GPT
-from flm.sharded import consolidate, is_sharded
+from flm.sharded import is_sharded
 from flm.train import Trainer, read_metrics
 from tests.conftest import micro_plan
 
