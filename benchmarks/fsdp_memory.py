@@ -31,7 +31,23 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> int:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS, so the peak counts from here, not from
+    whatever the process did before (imports: under pytest a spawned rank imports its plugins too). Returns the
+    current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # an older kernel: the peak then includes what came before
+    return _rss_bytes()
+
+
 def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
@@ -52,7 +68,7 @@ def _step(model, optimizer, cfg: ModelConfig) -> None:
 
 def measure_single(cfg: ModelConfig = CONFIG) -> dict:
     torch.set_num_threads(1)
-    base = _rss_bytes()
+    base = _reset_peak_rss()
     model = GPT(cfg, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(mup.param_groups(model, cfg, 1e-4, 0.1))
     _step(model, optimizer, cfg)
@@ -66,7 +82,7 @@ def _rank(rank: int, world: int, tp: int, port: int, cfg_json: str, out: dict) -
     td.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         cfg = ModelConfig.model_validate_json(cfg_json)
-        base = _rss_bytes()
+        base = _reset_peak_rss()
         model = build_sharded(cfg, device_mesh(world, tp), torch.device("cpu"))
         init_shards(model, seed=0)
         optimizer = torch.optim.AdamW(mup.param_groups(model, cfg, 1e-4, 0.1))

@@ -247,7 +247,6 @@ class ModelShard:
                  device: str = "cpu", dtype: str = "float32", threads: int = 0):
         """`threads`: torch's intra-op threads (0: leave as is). Small models decode fastest on one thread: more
         only spin against each other on a busy CPU."""
-        torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.tp, self.max_batch, self.capacity = rank, tp, max_batch, capacity
@@ -255,6 +254,7 @@ class ModelShard:
         self._lock = threading.Lock()  # an actor runs two calls at once (ping answers during a step): not these
         self.load(checkpoint)
 
+    @torch.no_grad()  # per call, not torch.set_grad_enabled(False): an in-process shard shares its thread
     def load(self, checkpoint: str) -> None:
         """Read this rank's slices of `checkpoint` and start an empty batch (also to swap in another checkpoint,
         of any shape the degree divides, without restarting the actors and their process group)."""

@@ -2,13 +2,12 @@
 
 
 def test_memory_really_shards():
-    """A ~100M-parameter model on 4 ranks after one AdamW step. tp 2 x dp 2 and dp 4: the worst rank holds <= 1/3 of
-    the single process's parameter + gradient + optimizer bytes. dp 4: its peak RSS also grew <= 1/3 as much
-    (measured 0.28; tp 2 x dp 2 measured 0.30, too near the bound to assert on a shared machine: README)."""
+    """A ~100M-parameter model on 4 ranks (dp 4) after one AdamW step: the worst rank holds <= 1/3 of the single
+    process's parameter + gradient + optimizer bytes, and its peak RSS grew <= 1/3 as much (measured 0.25 and 0.28;
+    the benchmark also runs tp 2 x dp 2: 0.27 and 0.30, in the README)."""
     from benchmarks.fsdp_memory import CONFIG, run
 
-    result = run(CONFIG, layouts=((4, 2), (4, 1)))
+    result = run(CONFIG, layouts=((4, 1),))
+    layout = result["layouts"]["tp1xdp4"]
     assert result["params"] > 90e6
-    for layout in result["layouts"].values():
-        assert layout["max_states_ratio"] <= 1 / 3, layout
-    assert result["layouts"]["tp1xdp4"]["max_rss_ratio"] <= 1 / 3, result["layouts"]["tp1xdp4"]
+    assert layout["max_states_ratio"] <= 1 / 3 and layout["max_rss_ratio"] <= 1 / 3, layout

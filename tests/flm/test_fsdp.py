@@ -70,13 +70,35 @@ def tp2xdp2(micro_data, start, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
-def test_layout_matches_single_process(micro_data, start, tmp_path, layout):
+@pytest.fixture(scope="module")
+def tp2(micro_data, start, tmp_path_factory):
+    """tp 2 from the step-5 checkpoint to the end of stage 0 (step 12), uninterrupted."""
+    out = tmp_path_factory.mktemp("tp2")
+    shutil.copytree(start[0], out, dirs_exist_ok=True)
+    run_ranks(micro_plan(micro_data, out), *LAYOUTS["tp2"], stops=(12,))
+    return out
+
+
+def test_dp2_matches_single_process(micro_data, start, tmp_path):
     shutil.copytree(start[0], tmp_path, dirs_exist_ok=True)
-    plan = micro_plan(micro_data, tmp_path)
-    run_ranks(plan, *LAYOUTS[layout], stops=(12,))
+    run_ranks(micro_plan(micro_data, tmp_path), *LAYOUTS["dp2"], stops=(12,))
     got, want = losses(tmp_path), losses(start[1])[:12]
     assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
+
+
+def test_tp2_matches_single_process(start, tp2):
+    got, want = losses(tp2), losses(start[1])[:12]
+    assert len(got) == 12 and max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
+
+
+def test_resume_at_the_same_layout_is_bit_identical(micro_data, start, tp2, tmp_path):
+    """tp 2 stopped at step 11 and resumed by new processes from its sharded step-10 checkpoint: the same metric
+    stream as the uninterrupted tp 2 run, to the last digit."""
+    shutil.copytree(start[0], tmp_path, dirs_exist_ok=True)
+    run_ranks(micro_plan(micro_data, tmp_path), *LAYOUTS["tp2"], stops=(11, 12))
+    timing = ("tokens_per_s", "mfu")
+    strip = lambda run: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run)]  # noqa: E731
+    assert strip(tmp_path) == strip(tp2)
 
 
 def test_tp2xdp2_matches_single_process_across_growth_and_resumes(start, tp2xdp2):
