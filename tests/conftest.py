@@ -32,7 +32,9 @@ def micro_plan(data, out, **train) -> GrowthPlan:
             {**stage, "grow": {"d_model": 64}, "lr": 6e-3, "ramp_steps": 4},
         ],
         "train": {"data": str(data), "out": str(out), "log_every": 1, "eval_every": 4, "eval_batches": 2,
-                  "checkpoint_every": 5, "precision": "fp32", "device": "cpu", **train},
+                  "checkpoint_every": 5, "precision": "fp32", "device": "cpu",
+                  "loggers": ["jsonl"],  # TensorBoard (the default where installed) only where a test asks for it
+                  **train},
     })
 
 
