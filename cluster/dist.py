@@ -16,7 +16,6 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,15 +50,6 @@ class RayDist(Dist):
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            td.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            td.barrier()
 
     def observe(self, record: dict) -> None:
         """`Trainer(on_record=...)` on rank 0: the latest training record goes with the next Ray report."""

@@ -15,7 +15,6 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as td
 from torch import nn
 
 from flm.checkpoint import Checkpoint, read_optimizer
@@ -90,15 +89,6 @@ class FSDPDist(Dist):
                      tokenizer_dir, self.is_main)
 
     # --- collectives and the step -------------------------------------------------------------------------------
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            td.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            td.barrier()
-
     def forward_context(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # FSDP2 reduce-scatters each micro batch's gradients into the shards
 

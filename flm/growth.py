@@ -176,18 +176,25 @@ def _tensor_generator(seed: int, step: int, name: str, device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def _through_steps(read, steps: Sequence[GrowthStep], name: str, grow):
+    """Tensor `name` after every step. `grow(i, step, nm, shape, prev)` makes step i's tensor `nm` of `shape` from
+    `prev`, the tensor it continues (None for a new layer's); `read(old_name)` gives the tensors before step 1."""
+    def at(i: int, nm: str):
+        if i == 0:
+            return read(nm)
+        step = steps[i - 1]
+        src = source_name(nm, list(step.sources))
+        return grow(i, step, nm, param_shapes(step.after)[nm], None if src is None else at(i - 1, src))
+
+    return at(len(steps), name)
+
+
 def grown_tensor(read, steps: Sequence[GrowthStep], name: str, seed: int, dtype=torch.float32,
                  device="cpu") -> torch.Tensor:
     """Parameter `name` after every step: `read(old_name)` gives the old tensors it continues (one per step at
     most is alive at a time). A step that changes the tensor's shape draws a fresh μP init from the tensor's own
     generator and embeds the previous tensor as its leading slice; a width step rescales the final LayerNorm."""
-    def at(i: int, nm: str) -> torch.Tensor | None:
-        if i == 0:
-            return read(nm)
-        step = steps[i - 1]
-        src = source_name(nm, list(step.sources))
-        prev = None if src is None else at(i - 1, src)
-        shape = param_shapes(step.after)[nm]
+    def grow(i, step, nm, shape, prev):
         if prev is not None and prev.shape == shape:
             t = prev.clone()
         else:
@@ -199,25 +206,19 @@ def grown_tensor(read, steps: Sequence[GrowthStep], name: str, seed: int, dtype=
             t[: step.before.d_model] *= step.after.width_mult / step.before.width_mult  # output_mult / w fixed
         return t
 
-    return at(len(steps), name)
+    return _through_steps(read, steps, name, grow)
 
 
 def grown_moment(read, steps: Sequence[GrowthStep], name: str, dtype=torch.float32, device="cpu"):
     """An AdamW moment of parameter `name` after every step: the old moment (`read(old_name)`, None if it has
     none) as the leading slice, zeros elsewhere; None when no old moment reaches it (a new layer's are zeros)."""
-    def at(i: int, nm: str) -> torch.Tensor | None:
-        if i == 0:
-            return read(nm)
-        step = steps[i - 1]
-        src = source_name(nm, list(step.sources))
-        prev = None if src is None else at(i - 1, src)
-        shape = param_shapes(step.after)[nm]
+    def grow(i, step, nm, shape, prev):
         if prev is not None and prev.shape == shape:
             return prev
         t = torch.zeros(shape, dtype=dtype, device=device)
         return t if prev is None else embed(t, prev, nm)
 
-    return at(len(steps), name)
+    return _through_steps(read, steps, name, grow)
 
 
 def grown_masks(state: State, steps: Sequence[GrowthStep], dtype=torch.float32, device="cpu") -> State:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch import nn
 
 from flm import mup
@@ -100,10 +101,14 @@ class Dist:
         return model
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank of the default process group (in place; a single process: t itself)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
         return t
 
     def barrier(self) -> None:
-        pass
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def report(self, record: dict, checkpoint: Path | str | None) -> None:
         """Called on every rank at each checkpoint (Ray Train reports here); `checkpoint` is where it lives: the
