@@ -34,7 +34,6 @@ from safetensors import safe_open
 from flm.config import DEFAULT_OPERATOR_ORDER, ModelConfig, Operator
 from flm.growth import GrowthStep, grown_masks, grown_moment, grown_tensor, growth_steps, param_shapes
 from flm.manifest import write_manifest
-from flm.model import MASK_NAMES
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -83,10 +82,9 @@ class CheckpointReader:
         self.sharded = is_sharded(self.path)
         self._optimizer: dict | None = None
         if not self.sharded:
-            self._files = {}
-            for f in sorted(self.path.glob("model*.safetensors")):
-                with safe_open(f, framework="pt") as h:
-                    self._files.update({k: f for k in h.keys()})  # noqa: SIM118
+            from flm.sharded import safetensors_keys
+
+            self._files = safetensors_keys(self.path)
 
     def _dcp(self, state: dict) -> dict:
         import torch.distributed.checkpoint as dcp
@@ -109,11 +107,9 @@ class CheckpointReader:
             return h.get_tensor(name)
 
     def masks(self) -> dict[str, torch.Tensor]:
-        if self.sharded:
-            from flm.sharded import read_masks
+        from flm.sharded import read_masks, read_safetensors_masks
 
-            return read_masks(self.path)
-        return {k: self.tensor(k) for k in self._files if k.rsplit(".", 1)[-1] in MASK_NAMES}
+        return read_masks(self.path) if self.sharded else read_safetensors_masks(self.path)
 
     def moment(self, name: str, key: str) -> torch.Tensor | None:
         """AdamW's `key` of parameter `name` (None: the checkpoint has no optimizer state for it)."""

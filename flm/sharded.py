@@ -160,7 +160,7 @@ def load_safetensors(directory: str | Path, model) -> None:
     from flm.model import split_fused_qkv
 
     directory = Path(directory)
-    if any(".attn.qkv." in k for k in _safetensors_keys(directory)):  # an older checkpoint: small, read whole
+    if any(".attn.qkv." in k for k in safetensors_keys(directory)):  # an older checkpoint: small, read whole
         state = {k: v for f in sorted(directory.glob("model*.safetensors")) for k, v in load_file(f).items()}
         params = {k: v for k, v in split_fused_qkv(state).items() if k.rsplit(".", 1)[-1] not in _mask_names()}
         set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True))
@@ -185,11 +185,12 @@ def load_safetensors_moments(directory: str | Path, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, state)
 
 
-def _safetensors_keys(directory: Path) -> dict[str, Path]:
+def safetensors_keys(directory: str | Path) -> dict[str, Path]:
+    """Tensor name -> the model*.safetensors file of `directory` that holds it (one file, or a grown checkpoint's)."""
     from safetensors import safe_open
 
     keys = {}
-    for f in sorted(directory.glob("model*.safetensors")):
+    for f in sorted(Path(directory).glob("model*.safetensors")):
         with safe_open(f, framework="pt") as h:
             keys.update({k: f for k in h.keys()})  # noqa: SIM118
     return keys
@@ -200,7 +201,7 @@ def read_safetensors_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     out = {}
-    for k, f in _safetensors_keys(Path(directory)).items():
+    for k, f in safetensors_keys(directory).items():
         if k.rsplit(".", 1)[-1] in _mask_names():
             with safe_open(f, framework="pt") as h:
                 out[k] = h.get_tensor(k)
