@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 from contextlib import asynccontextmanager
@@ -37,10 +38,12 @@ from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.console import mount_console
 from api.deploy import service_request
 from api.jobs import JobRunner, RayUnavailable, relative, write_json
 from api.runs import RunReader, checkpoints, plan_totals, read_json
 from api.schemas import (
+    CONFIGS,
     NAME,
     TERMINAL,
     DeploymentList,
@@ -58,14 +61,20 @@ from api.schemas import (
     OpenAIErrorResponse,
     PipelineJob,
     PipelineStep,
+    PlanRequest,
+    PlanView,
+    Preset,
+    PresetList,
     Progress,
     TrainJob,
     TuneJob,
+    preset_names,
     searched_plan,
 )
 from api.settings import GatewaySettings
 from api.store import Deployment, Job, get_job, key_owner, open_store, utcnow
 from flm.config import GrowthPlan
+from flm.plan import plan_cost
 
 log = logging.getLogger("flm.gateway")
 KINDS = ("train", "tune", "eval", "pipeline")
@@ -702,7 +711,37 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         """OpenAI chat completions, proxied to the deployment named by `model`."""
         return await gw.proxy(who, body, "/v1/chat/completions")
 
+    @app.post("/v1/plan", tags=["plans"], responses=errors(413, 422))
+    async def cost_of_plan(who: Owner, body: PlanRequest) -> PlanView:
+        """`flm plan`'s cost table: FLOPs, days, GPU-days and $ per stage vs the final size trained from scratch."""
+        return cost_view(body)
+
+    @app.get("/v1/presets", tags=["plans"], responses=errors())
+    async def list_presets(who: Owner) -> PresetList:
+        """The growth plans in configs/ by name, with their YAML (a job's `plan` may be given as the name)."""
+        return PresetList(plans=[Preset(name=n, text=(CONFIGS / f"{n}.yaml").read_text()) for n in preset_names()])
+
+    mount_console(app)
     return app
+
+
+def cost_view(body: PlanRequest) -> PlanView:
+    """The plan's cost; 422 for assumptions that give no finite answer (a TFLOP/s list of the wrong length, a
+    throughput so small that days overflow)."""
+    plan = searched_plan(body.plan)
+    no_answer = ("hardware: these assumptions give no finite cost (a throughput or a price too small or too "
+                 "large); give values nearer to a real GPU's")
+    try:
+        cost = plan_cost(plan, body.hardware)
+    except (ZeroDivisionError, OverflowError):
+        raise ApiError(422, no_answer, "hardware") from None
+    except ValueError as e:
+        raise ApiError(422, f"hardware: {e}", "hardware") from None
+    numbers = [v for v in cost.model_dump().values() if isinstance(v, float)]
+    numbers += [v for s in cost.stages for v in s.model_dump().values() if isinstance(v, float)]
+    if not all(math.isfinite(v) for v in numbers):
+        raise ApiError(422, no_answer, "hardware")
+    return PlanView(name=plan.name, **cost.model_dump())
 
 
 async def events(gw: Gateway, job: Job, after: int):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.search_spec import SearchConfig
 from flm.config import GrowthPlan
+from flm.plan import Hardware, PlanCost
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"  # a deployment name: also a Serve application name and a URL path segment
@@ -194,6 +195,48 @@ class PipelineJob(_Request):
 JobRequest = Annotated[TrainJob | TuneJob | EvalJob | PipelineJob, Field(discriminator="kind")]
 
 
+def plan_text(value: Any) -> Any:
+    """A plan given as text: a preset name ("tiny") or a plan's YAML, as pasted into the console's plan page."""
+    if not isinstance(value, str):
+        return value
+    if value.strip() in preset_names():
+        return plan_or_preset(value.strip())
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"not valid YAML{line}; give a preset name ({', '.join(preset_names())}) or a plan's "
+                         f"YAML") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a preset name ({', '.join(preset_names())}) or a plan's YAML (a mapping with "
+                         f"stages)")
+    return data
+
+
+class HardwareRequest(Hardware, _Request):
+    """`flm plan`'s throughput and price assumptions (its --gpus, --tflops-per-gpu, --mfu, --peak-tflops, --price)."""
+
+
+class PlanRequest(_Request):
+    """What `flm plan` computes for a growth plan: FLOPs, days, GPU-days and dollars per stage, against training the
+    final size from scratch. `lr`, `init_std` and `output_mult` may be left out (a plan whose tune step finds them):
+    they change no cost."""
+
+    plan: dict[str, Any] | str = Field(description="a growth plan: a mapping, its YAML text, or a preset name in "
+                                                   "configs/ such as 'flm-101b'")
+    hardware: HardwareRequest = Field(default_factory=HardwareRequest)
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _plan(cls, value: Any) -> dict:
+        value = plan_text(value)
+        if not isinstance(value, dict):
+            raise ValueError("expected a growth plan mapping, its YAML text or a preset name")
+        searched_plan(value)
+        return value
+
+
 class DeploymentRequest(DeploySettings):
     """Serve a checkpoint (a path inside the storage root) or a finished job's final checkpoint."""
 
@@ -310,6 +353,21 @@ class DeploymentView(BaseModel):
 
 class DeploymentList(BaseModel):
     deployments: list[DeploymentView]
+
+
+class PlanView(PlanCost):
+    """`flm plan`'s cost table (flm.plan.PlanCost) of the plan named `name`."""
+
+    name: str
+
+
+class Preset(BaseModel):
+    name: str
+    text: str = Field(description="the preset's YAML, as in configs/<name>.yaml")
+
+
+class PresetList(BaseModel):
+    plans: list[Preset] = Field(description="the growth plans of configs/ (those with stages)")
 
 
 class KeyInfo(BaseModel):
