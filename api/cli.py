@@ -191,6 +191,7 @@ def cmd_up(args) -> None:
     stack = start_stack(flm_home(), args.port, args.ray_port, args.dashboard_port, args.serve_port, args.num_cpus)
     c = console()
     c.print(f"gateway  {stack['processes']['gateway']['url']}  (API docs: /docs)")
+    c.print(f"console  {stack['processes']['gateway']['url']}/console/  (sign in with a key of `flm keys create`)")
     c.print(f"ray      {stack['processes']['ray']['address']}  dashboard {stack['processes']['ray']['dashboard']}")
     c.print(f"serve    {stack['serve_url']} (once a model is deployed)")
     c.print(f"PIDs in {Path(stack['home']) / STACK_FILE}, logs in {stack['logs']}; stop with `flm down`")

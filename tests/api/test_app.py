@@ -91,7 +91,7 @@ ROUTES = [
     ("delete", "/v1/jobs/job-0123456789"), ("post", "/v1/jobs/job-0123456789/resume"),
     ("post", "/v1/deployments"), ("get", "/v1/deployments"), ("get", "/v1/deployments/m"),
     ("delete", "/v1/deployments/m"), ("get", "/v1/models"), ("post", "/v1/completions"),
-    ("post", "/v1/chat/completions"),
+    ("post", "/v1/chat/completions"), ("post", "/v1/plan"), ("get", "/v1/presets"),
 ]
 
 
@@ -652,6 +652,65 @@ def test_oversized_model_and_deployment_bodies_are_413(gw, path):
     assert_error(gw.post(path, json={"model": "m", "prompt": "x" * LIMIT}, headers=auth(gw)), 413)
 
 
+# --- the plan's cost, the presets, the console's files --------------------------------------------------------------
+def test_plan_cost_of_a_preset_its_yaml_and_a_mapping_agree(gw):
+    text = (CONFIGS / "flm-101b.yaml").read_text()
+    answers = [gw.post("/v1/plan", json={"plan": plan}, headers=auth(gw)) for plan in
+               ("flm-101b", text, yaml.safe_load(text))]
+    assert [r.status_code for r in answers] == [200] * 3, answers[0].text
+    assert answers[0].json() == answers[1].json() == answers[2].json()
+    cost = answers[0].json()
+    assert cost["name"] == "flm-101b" and [s["name"] for s in cost["stages"]] == ["16B", "51B", "101B"]
+    assert 0.5 < cost["time_saving"] < 0.9 and cost["speedup"] > 1  # the paper's plan: growth saves most of the time
+    cheaper = gw.post("/v1/plan", json={"plan": "flm-101b", "hardware": {"price_per_gpu_hour": 0.5}},
+                      headers=auth(gw)).json()
+    assert cheaper["total_dollars"] == pytest.approx(cost["total_dollars"] / 2)
+
+
+def test_plan_cost_of_a_plan_that_leaves_its_lrs_to_a_search(gw):
+    plan = tiny_plan()
+    for stage in plan["stages"]:
+        stage.pop("lr", None)
+    r = gw.post("/v1/plan", json={"plan": plan}, headers=auth(gw))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body,field,words", [
+    ({"plan": "stages: [1"}, "plan", "not valid YAML at line 1"),
+    ({"plan": "no-such-preset"}, "plan", "preset name (flm-101b, tiny)"),
+    ({"plan": "name: x\nstages:\n  - tokens: 10\n"}, "plan.stages.0.batch_size", "required"),
+    ({"plan": "tiny", "hardware": {"gpu": 8}}, "hardware.gpu", "Extra inputs"),
+    ({"plan": "tiny", "hardware": {"mfu": 2}}, "hardware.mfu", "less than or equal to 1"),
+    ({"plan": "tiny", "hardware": {"tflops_per_gpu": [100, 200]}}, "hardware", "give 1 or 3 values"),
+    ({"plan": "tiny", "hardware": {"peak_tflops": 1e-320, "mfu": 1e-300}}, "hardware", "no finite cost"),
+    ({"plan": "flm-101b", "hardware": {"price_per_gpu_hour": 1e308}}, "hardware", "no finite cost"),
+    ({}, "plan", "required"),
+])
+def test_bad_plan_cost_request_is_422_naming_the_field(gw, body, field, words):
+    assert assert_error(gw.post("/v1/plan", json=body, headers=auth(gw)), 422, words)["field"] == field
+
+
+def test_presets_are_the_growth_plans_of_configs(gw):
+    r = gw.get("/v1/presets", headers=auth(gw))
+    assert r.status_code == 200
+    plans = {p["name"]: p["text"] for p in r.json()["plans"]}
+    assert plans == {name: (CONFIGS / f"{name}.yaml").read_text() for name in ("flm-101b", "tiny")}
+
+
+def test_console_files_need_no_key_and_forbid_foreign_scripts(gw):
+    r = gw.get("/console/")
+    assert r.status_code == 200 and '<script type="module" src="app.js">' in r.text
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
+    for name, kind in (("app.js", "javascript"), ("console.css", "text/css")):
+        r = gw.get(f"/console/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"], name
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert gw.get("/console", follow_redirects=False).headers["location"].endswith("/console/")
+    assert gw.get("/", follow_redirects=False).headers["location"] == "/console/"
+    assert gw.get("/console/../app.py").status_code == 404  # nothing outside the console's static directory
+
+
 # --- the schema -------------------------------------------------------------------------------------------------
 EXPECTED_ERRORS = {  # what the tests above get from each route (and 401 from all but /health)
     ("post", "/v1/jobs"): {400, 403, 404, 409, 413, 422},
@@ -668,6 +727,8 @@ EXPECTED_ERRORS = {  # what the tests above get from each route (and 401 from al
     ("get", "/v1/models"): set(),
     ("post", "/v1/completions"): {403, 404, 409, 413, 422, 503},
     ("post", "/v1/chat/completions"): {403, 404, 409, 413, 422, 503},
+    ("post", "/v1/plan"): {413, 422},
+    ("get", "/v1/presets"): set(),
 }
 
 

@@ -84,3 +84,27 @@ export async function* events(method, path, body, { signal } = {}) {
     }
   }
 }
+
+/** Runs `tick(alive)` now and again `ms` after each run settles, until the returned stop() is called (alive() is
+ *  false from then on, so a late answer is dropped). An error goes to `onError`; a 401 also ends the polling (the
+ *  sign-in form is back). */
+export function poll(tick, ms, onError = () => {}) {
+  let timer = null;
+  let stopped = false;
+  const alive = () => !stopped;
+  const run = async () => {
+    try {
+      await tick(alive);
+    } catch (e) {
+      if (stopped) return;
+      onError(e);
+      if (e.status === 401) return;
+    }
+    if (!stopped) timer = setTimeout(run, ms);
+  };
+  run();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
+}

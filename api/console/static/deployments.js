@@ -1,7 +1,7 @@
 // Deployments (state, TP, replicas) and a playground that streams a completion from a RUNNING one through the
 // gateway's OpenAI route (POST /v1/completions with stream: true).
 
-import { call, events } from "./api.js";
+import { call, events, poll } from "./api.js";
 import { errorBox, h, stateBadge } from "./dom.js";
 import { age, parseTime } from "./format.js";
 
@@ -97,32 +97,17 @@ export function render(page) {
     status,
     h("section", { "aria-labelledby": "pg-title" }, h("h2", { id: "pg-title" }, "Playground"), pg.element));
 
-  let timer = null;
-  let stopped = false;
-  async function refresh() {
-    try {
-      const { deployments } = await call("GET", "/v1/deployments");
-      if (stopped) return;
-      error.replaceChildren();
-      body.replaceChildren(...deployments.map(row));
-      status.textContent = deployments.length ? "" : "No deployments. Deploy a finished job from its page.";
-      const running = deployments.filter((d) => d.state === "RUNNING").map((d) => d.id);
-      const current = [...pg.model.options].map((o) => o.value);
-      if (running.join() !== current.join()) {
-        const keep = pg.model.value;
-        pg.model.replaceChildren(...running.map((id) => h("option", { value: id }, id)));
-        if (running.includes(keep)) pg.model.value = keep;
-      }
-    } catch (e) {
-      if (stopped) return;
-      error.replaceChildren(errorBox(e.message));
-      if (e.status === 401) return;
+  return poll(async (alive) => {
+    const { deployments } = await call("GET", "/v1/deployments");
+    if (!alive()) return;
+    error.replaceChildren();
+    body.replaceChildren(...deployments.map(row));
+    status.textContent = deployments.length ? "" : "No deployments. Deploy a finished job from its page.";
+    const running = deployments.filter((d) => d.state === "RUNNING").map((d) => d.id);
+    if (running.join() !== [...pg.model.options].map((o) => o.value).join()) {
+      const keep = pg.model.value;
+      pg.model.replaceChildren(...running.map((id) => h("option", { value: id }, id)));
+      if (running.includes(keep)) pg.model.value = keep;
     }
-    timer = setTimeout(refresh, REFRESH_MS);
-  }
-  refresh();
-  return () => {
-    stopped = true;
-    clearTimeout(timer);
-  };
+  }, REFRESH_MS, (e) => error.replaceChildren(errorBox(e.message)));
 }

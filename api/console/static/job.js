@@ -2,7 +2,7 @@
 // pipeline steps, errors and driver log, live while it runs (the metric stream's server-sent events), and the
 // cancel / resume / deploy actions.
 
-import { call, events, logs } from "./api.js";
+import { call, events, logs, poll } from "./api.js";
 import { lineChart } from "./chart.js";
 import { errorBox, h, stateBadge, table } from "./dom.js";
 import { age, num, parseTime, sci, seconds, si } from "./format.js";
@@ -10,6 +10,7 @@ import { age, num, parseTime, sci, seconds, si } from "./format.js";
 const TERMINAL = ["SUCCEEDED", "FAILED", "STOPPED"];
 const VIEW_REFRESH_MS = 3000;
 const DRAW_EVERY_MS = 400;
+const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;  // terminal colour codes, which Ray puts around its workers' log prefixes
 
 /** The tokens and FLOPs done when each growth event happened: those of the newest record at or before its step. */
 export function growthEvents(records) {
@@ -75,7 +76,7 @@ export function render(page, [jobId]) {
   let records = [];
   let stopped = false;
   let drawTimer = null;
-  let refreshTimer = null;
+  let stopPolling = () => {};
   let actionsFor = null;  // the state the action buttons were drawn for: redrawn only when it changes
 
   const header = h("div", { class: "job-header" });
@@ -107,7 +108,7 @@ export function render(page, [jobId]) {
 
   async function showLog(tail) {
     try {
-      logBox.textContent = (await logs(jobId, tail)) || "(no output yet)";
+      logBox.textContent = (await logs(jobId, tail)).replace(ANSI, "") || "(no output yet)";
     } catch (e) {
       logBox.textContent = e.message;
     }
@@ -271,12 +272,6 @@ export function render(page, [jobId]) {
     }
   }
 
-  async function poll() {  // checkpoints and progress between state changes
-    if (stopped) return;
-    if (!TERMINAL.includes(view.state)) await refreshView().catch(() => {});
-    refreshTimer = setTimeout(poll, VIEW_REFRESH_MS);
-  }
-
   (async () => {
     try {
       await refreshView();
@@ -288,13 +283,14 @@ export function render(page, [jobId]) {
       call("POST", "/v1/plan", { plan: view.spec.plan }).then((p) => { planned = p; drawCurves(); }).catch(() => {});
     }
     follow();
-    refreshTimer = setTimeout(poll, VIEW_REFRESH_MS);
+    // checkpoints and progress between the stream's state events
+    stopPolling = poll(async () => TERMINAL.includes(view.state) || refreshView(), VIEW_REFRESH_MS);
   })();
 
   return () => {
     stopped = true;
     abort.abort();
     clearTimeout(drawTimer);
-    clearTimeout(refreshTimer);
+    stopPolling();
   };
 }

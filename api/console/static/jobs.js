@@ -1,6 +1,6 @@
 // The jobs page: the caller's jobs, newest first, refreshed every 2 s (GET /v1/jobs).
 
-import { call } from "./api.js";
+import { call, poll } from "./api.js";
 import { errorBox, h, stateBadge } from "./dom.js";
 import { age, num, parseTime } from "./format.js";
 
@@ -43,28 +43,15 @@ export function render(page) {
         .map((t) => h("th", { scope: "col" }, t)))),
       body),
     status);
-  let timer = null;
-  let stopped = false;
-  async function refresh() {
-    try {
-      const list = await call("GET", "/v1/jobs?limit=50");
-      if (stopped) return;
-      error.replaceChildren();
-      body.replaceChildren(...list.jobs.map(row));
-      status.textContent = list.total
-        ? `${list.total} job${list.total === 1 ? "" : "s"}${list.total > list.jobs.length ? ` (newest ${list.jobs.length} shown)` : ""}`
-        : "No jobs yet.";
-    } catch (e) {
-      if (stopped) return;
-      body.replaceChildren();
-      error.replaceChildren(errorBox(e.message));
-      if (e.status === 401) return;
-    }
-    timer = setTimeout(refresh, REFRESH_MS);
-  }
-  refresh();
-  return () => {
-    stopped = true;
-    clearTimeout(timer);
-  };
+  return poll(async (alive) => {
+    const list = await call("GET", "/v1/jobs?limit=50");
+    if (!alive()) return;
+    error.replaceChildren();
+    body.replaceChildren(...list.jobs.map(row));
+    const shown = list.total > list.jobs.length ? ` (newest ${list.jobs.length} shown)` : "";
+    status.textContent = list.total ? `${list.total} job${list.total === 1 ? "" : "s"}${shown}` : "No jobs yet.";
+  }, REFRESH_MS, (e) => {
+    body.replaceChildren();
+    error.replaceChildren(errorBox(e.message));
+  });
 }
