@@ -43,7 +43,7 @@ def stack(tmp_path_factory, micro_data):
         s = Stack(home, dict(os.environ))
         s.http.headers["Authorization"] = f"Bearer {s.key}"
         yield s
-        stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
+        stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=10)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,12 @@ def test_start_a_held_job_and_cancel_it_from_its_page(page, stack, jobs):
     row.get_by_role("link", name=long).click()
     page.wait_for_selector(f"h1:has-text('{long}') .state[data-state='HELD']")
     page.get_by_role("button", name="Start").click()  # POST .../resume
-    page.wait_for_selector("h1 .state[data-state='RUNNING']", timeout=WAIT_MS)  # followed live on the page
+    page.wait_for_selector("#action-status:has-text('Resume: done')")
+    page.get_by_role("link", name="← Jobs").click()
+    page.wait_for_selector(f"tr[data-job='{long}'][data-state='RUNNING']", timeout=WAIT_MS)  # the table follows
     assert stack.get(f"/v1/jobs/{long}")["attempt"] == 1
+    row.get_by_role("link", name=long).click()
+    page.wait_for_selector(f"h1:has-text('{long}') .state[data-state='RUNNING']")
     page.get_by_role("button", name="Cancel job").click()
     page.get_by_role("button", name="Yes, cancel it").click()
     page.wait_for_selector("h1 .state[data-state='STOPPING'], h1 .state[data-state='STOPPED']")
@@ -226,7 +230,15 @@ def test_playground_streams_a_completion_of_the_deployment(page, stack, jobs, sh
 
 
 def test_plan_page_prices_a_preset_and_names_a_bad_field(page, stack, shots):
-    page.goto(f"{stack.gw['url']}/console/#/plan")
+    page.goto(f"{stack.gw['url']}/console/#/jobs")  # the page has the focus: the navigation is before it
+    page.wait_for_selector("tr[data-job]")
+    for _ in range(8):  # by keyboard: Shift+Tab back to the navigation's Plan link, Enter
+        page.keyboard.press("Shift+Tab")
+        if page.evaluate("document.activeElement.textContent") == "Plan":
+            break
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#plan-form")
+    assert page.url.endswith("#/plan")
     page.get_by_label("Preset").select_option("flm-101b")
     page.get_by_role("button", name="Compute the cost").click()
     page.wait_for_selector("#plan-cost")

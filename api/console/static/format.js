@@ -15,7 +15,9 @@ export function sci(n, digits = 3) {
 
 export function num(n, digits = 4) {
   if (n === null || n === undefined || Number.isNaN(n)) return "—";
-  return Number(n).toPrecision(digits).replace(/\.?0+$/, (m) => (m.startsWith(".") ? "" : m));
+  if (Math.abs(n) >= 10 ** digits) return Math.round(n).toLocaleString("en-US");  // 1,843 rather than 1.84e+3
+  const text = Number(n).toPrecision(digits);
+  return text.includes("e") || !text.includes(".") ? text : text.replace(/\.?0+$/, "");
 }
 
 export function dollars(n) {
