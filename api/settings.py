@@ -33,8 +33,8 @@ def flm_home() -> Path:
 class Limits(BaseModel):
     """What one API key may use; `None` is no cap. The gateway's defaults come from `FLM_<FIELD>`
     (FLM_MAX_RUNNING_JOBS=16, or `unlimited`); a key's own limits (`flm keys limits KEY --max-running-jobs N`)
-    override them field by field. Counts are of the key's owner: every key of an owner shares its jobs, deployments and streams; the
-    rates and streams are counted by each gateway process."""
+    override them field by field. Counts are of the key's owner: every key of an owner shares its jobs,
+    deployments and streams; rates and streams are counted by each gateway process."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

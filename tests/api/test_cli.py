@@ -62,6 +62,22 @@ def test_keys_create_prints_the_key_once_and_list_hides_it(env, capsys):
     assert run(capsys, "keys", "revoke", key)[0] == 0
 
 
+def test_keys_carry_their_own_limits(env, capsys):
+    code, out, _ = run(capsys, "keys", "create", "--name", "capped", "--max-running-jobs", "3", "--max-streams",
+                       "unlimited")
+    assert code == 0 and "limits: max_running_jobs=3, max_streams=unlimited" in out
+    code, out, _ = run(capsys, "keys", "limits", "capped", "--max-running-jobs", "default", "--max-replicas", "2")
+    assert code == 0 and "limits: max_streams=unlimited, max_replicas=2" in out
+    code, out, _ = run(capsys, "keys", "list")
+    assert code == 0 and "max_replicas=2" in out
+    code, _, err = run(capsys, "keys", "limits", "capped", "--max-replicas", "-1")
+    assert code == 2 and "--max-replicas: Input should be greater than or equal to 0" in err
+    code, _, err = run(capsys, "keys", "limits", "capped", "--max-replicas", "many")
+    assert code == 2 and "'many': give a whole number, 'unlimited' or 'default'" in err
+    code, _, err = run(capsys, "keys", "limits", "capped")
+    assert code == 2 and "give at least one of --max-running-jobs" in err
+
+
 def test_submit_jobs_status_cancel_resume(env, capsys, tmp_path):
     request = tmp_path / "job.yaml"
     request.write_text(yaml.safe_dump({"kind": "train", "plan": "tiny"}))
