@@ -10,8 +10,10 @@ import time
 import httpx
 import pytest
 import uvicorn
+import yaml
 
 from api.app import create_app
+from api.schemas import CONFIGS, MAX_STAGES
 from api.settings import GatewaySettings, Limits
 from api.stack import free_port
 from api.store import Deployment, Job, create_key, set_key_limits, utcnow
@@ -256,3 +258,20 @@ def test_gateway_limits_come_from_the_environment():
         Limits.from_env({"FLM_REQUESTS_PER_MINUTE": "0"})
     with pytest.raises(FLMConfigError, match="FLM_MAX_REPLICAS: .*whole number"):
         Limits.from_env({"FLM_MAX_REPLICAS": "lots"})
+
+
+def many_stages(n: int) -> dict:
+    """tiny's first stage, then n - 1 stages of its second without growth (each a step count of its own)."""
+    plan = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    same = {k: v for k, v in plan["stages"][1].items() if k not in ("grow", "name")}
+    return {**plan, "stages": [plan["stages"][0]] + [dict(same) for _ in range(n - 1)]}
+
+
+@pytest.mark.parametrize("kind", ["train", "pipeline"])
+def test_a_plan_has_at_most_max_stages(tenant, kind):
+    r = tenant.post("/v1/jobs", json={"kind": kind, "plan": many_stages(MAX_STAGES + 1), "hold": True})
+    assert r.status_code == 422 and r.json() == {"error": f"plan: stages: {MAX_STAGES + 1} stages; a plan has at "
+                                                         f"most {MAX_STAGES}", "field": "plan"}
+    r = tenant.post("/v1/jobs", json={"kind": kind, "plan": many_stages(MAX_STAGES), "hold": True})
+    assert r.status_code == 201, r.text
+    assert r.json()["stages"] == MAX_STAGES and r.json()["progress"]["total_steps"] == 128 + 64 * (MAX_STAGES - 1)
