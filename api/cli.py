@@ -231,6 +231,9 @@ def cmd_up(args) -> None:
     c.print(f"gateway  {stack['processes']['gateway']['url']}  (API docs: /docs)")
     c.print(f"ray      {stack['processes']['ray']['address']}  dashboard {stack['processes']['ray']['dashboard']}")
     c.print(f"serve    {stack['serve_url']} (once a model is deployed)")
+    if stack["processes"]["ray"].get("auth_token_path"):
+        c.print(f"Ray token auth: on, its token in {stack['processes']['ray']['auth_token_path']} (for the ray CLI: "
+                f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>)")
     c.print(f"PIDs in {Path(stack['home']) / STACK_FILE}, logs in {stack['logs']}; stop with `flm down`")
     c.print(f"export FLM_URL={stack['processes']['gateway']['url']}  # and FLM_API_KEY from `flm keys create`")
 
