@@ -45,6 +45,8 @@ from flm.generate import SamplingParams
 from service.engine import Delta, Engine, EngineConfig, EngineError, RequestStream, TokenLogprob
 from service.protocol import (
     CHAT_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -164,6 +166,11 @@ class OpenAIServer:
                               "unsupported_parameter")
         if not 1 <= req.n <= self.max_n:
             raise OpenAIError(400, f"n must be between 1 and {self.max_n}, got {req.n}", "n", "invalid_value")
+        stops = req.stops()
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise OpenAIError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each "
+                                   f"(OpenAI's limit), got {len(stops)} of up to {max(map(len, stops))}", "stop",
+                              "invalid_value")
 
     def _truncate(self, req, ids: list[int]) -> list[int]:
         return ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids

@@ -130,6 +130,8 @@ BAD = [  # (body or raw bytes, status, param, code)
     ({"model": NAME, "prompt": "To be", "min_p": 0.1}, 400, "min_p", "unsupported_parameter"),
     ({"model": NAME, "prompt": "To be", "logprobs": 1, "stream": True}, 400, "logprobs", "unsupported_parameter"),
     ({"model": NAME, "prompt": "To be", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),  # 0: echo only
+    ({"model": NAME, "prompt": "To be", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"model": NAME, "prompt": "To be", "stop": "x" * 257}, 400, "stop", "invalid_value"),
 ]
 
 
