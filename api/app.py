@@ -512,6 +512,13 @@ class Gateway:
         except httpx.TransportError as e:
             raise ApiError(503, f"model: Serve does not answer at {dep.url} ({type(e).__name__}); see GET "
                                 f"/v1/deployments/{dep.id}", "model") from None
+        if resp.status_code == 429 and "json" not in resp.headers.get("content-type", ""):
+            # Serve's own refusal (its queue for the deployment is full): OpenAI's body, which clients retry on
+            await resp.aread()
+            await resp.aclose()
+            raise ApiError(429, f"model: {dep.id} is overloaded, its queue is full ({resp.text.strip()[:200]}); "
+                                f"retry after Retry-After seconds, or ask its owner for more replicas", "model",
+                           {"Retry-After": resp.headers.get("retry-after", "1")})
         chunks = resp.aiter_raw() if release is None else self.streams.guard(resp.aiter_raw(), release)
         return StreamingResponse(chunks, status_code=resp.status_code,
                                  media_type=resp.headers.get("content-type"), background=BackgroundTask(resp.aclose))

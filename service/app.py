@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from flm.config import FLMConfigError, parse
@@ -95,6 +96,9 @@ class DeploymentRequest(BaseModel):
     max_n: int = Field(default=4, ge=1, description="most choices per prompt (n) of a request")
     max_ongoing_requests: int = Field(default=0, ge=0, description="Serve's concurrency cap per replica; "
                                                                    "0: 4 x max_batch")
+    max_queued_requests: int = Field(default=0, ge=-1, description="requests Serve holds waiting for a replica, "
+                                     "per caller; beyond it Serve answers 429 with Retry-After (overload); 0: 4 x "
+                                     "max_batch x replicas (the most), -1: no limit")
     cpus_per_shard: float = Field(default=1.0, ge=0)
     gpus_per_shard: float = Field(default=0.0, ge=0, description="> 0: shards on GPUs, NCCL between them")
     replica_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved for the replica (HTTP + sampling)")
@@ -500,6 +504,10 @@ def deployment_options(request: DeploymentRequest) -> dict:
         health_check_period_s=request.health_check_period_s,
         health_check_timeout_s=request.health_check_timeout_s,
         max_ongoing_requests=request.max_ongoing_requests or 4 * request.max_batch,
+        # an unbounded queue hides overload behind ever longer waits: a full one answers 429 at once
+        max_queued_requests=request.max_queued_requests or 4 * request.max_batch * (
+            request.autoscaling.max_replicas if request.autoscaling else request.replicas),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
     )
     a = request.autoscaling
     if a is not None:

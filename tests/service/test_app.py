@@ -253,8 +253,12 @@ def test_deployment_options_place_the_shards_and_scale_the_replicas():
     assert auto["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4 and "num_replicas" not in auto
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 30.0,
                                           "downscale_delay_s": 600.0, "target_ongoing_requests": 8}
+    assert (fixed["max_queued_requests"], auto["max_queued_requests"]) == (4 * 16 * 3, 4 * 8 * 5)  # never unbounded
     for options in (fixed, auto):  # Serve accepts them
-        assert FLMDeployment.options(**options).max_ongoing_requests == options["max_ongoing_requests"]
+        deployment = FLMDeployment.options(**options)
+        assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+        assert deployment.max_queued_requests == options["max_queued_requests"]
+        assert deployment.backpressure_config.status_code == 429 and deployment.backpressure_config.retry_after_s == 1
 
 
 # --- through Ray Serve ------------------------------------------------------------------------------------------
@@ -303,6 +307,59 @@ def test_bad_input_through_serve(served):
     r = httpx.post(served + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert api.completions.create(model=NAME, prompt="To be", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_overload_is_a_429_with_retry_after_from_serve_and_openais_body_through_the_gateway(served, grown, tmp_path):
+    """A deployment that takes one request at a time and queues one more (max_queued_requests): of 8 requests at
+    once, Serve answers the extra ones 429 with Retry-After at once (before, its queue had no bound and the engine's
+    own 429 never fired); through the gateway the same refusal is OpenAI's body (code rate_limit_exceeded)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import GatewaySettings
+    from api.store import Deployment, create_key, utcnow
+
+    name = "tight"
+    url = deploy(DeploymentRequest(checkpoint=str(grown["final"]), name=name, cpus_per_shard=0.3, max_batch=1,
+                                   max_ongoing_requests=1, max_queued_requests=1))
+    body = {"model": name, "prompt": "To be", "max_tokens": 20, "temperature": 0}
+
+    def at_once(target: str, headers: dict) -> list[httpx.Response]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: httpx.post(target, json=body, headers=headers, timeout=120), range(8)))
+
+    app = create_app(GatewaySettings(home=tmp_path, ray_address="http://127.0.0.1:9"), reconcile=False)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        direct = at_once(f"{url}/v1/completions", {})
+        assert sorted({r.status_code for r in direct}) == [200, 429], [r.status_code for r in direct]
+        refused = next(r for r in direct if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and "backpressure" in refused.text
+        while not srv.started:
+            time.sleep(0.05)
+        sessions = app.state.gateway.sessions
+        key, _ = create_key(sessions, "team")
+        with sessions.begin() as s:
+            s.add(Deployment(id=name, owner="team", checkpoint="owners/team/ck", spec={}, state="RUNNING", url=url,
+                             attempt=0, created_at=utcnow(), updated_at=utcnow()))
+        gateway = f"http://127.0.0.1:{srv.config.port}/v1/completions"
+        through = at_once(gateway, {"Authorization": f"Bearer {key}"})
+        assert sorted({r.status_code for r in through}) == [200, 429], [r.status_code for r in through]
+        refused = next(r for r in through if r.status_code == 429)
+        error = refused.json()["error"]
+        assert (error["code"], error["param"], refused.headers["retry-after"]) == ("rate_limit_exceeded", "model", "1")
+        assert "tight is overloaded" in error["message"]
+        ok = next(r for r in through if r.status_code == 200)
+        assert ok.json()["usage"]["completion_tokens"] == 20
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        undeploy(name)
 
 
 def test_flm_eval_against_the_deployment_cuts_long_prompts_as_the_local_backend(served, grown, tmp_path, capsys):
