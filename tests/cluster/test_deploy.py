@@ -258,3 +258,8 @@ def test_the_image_runs_as_a_non_root_user():
     assert not [ln for ln in lines[users[-1]:] if ln[0] == "RUN"]  # nothing after it runs as root
     for name, s in compose()["services"].items():
         assert s.get("user") in (None, "flm"), name
+    for spec in ray_cluster_specs():  # and the shared volume is writable by it (fsGroup)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            ctx = group["template"]["spec"]["securityContext"]
+            assert ctx == {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+    assert "useradd --create-home --uid 1000" in (ROOT / "Dockerfile").read_text()
