@@ -4,20 +4,18 @@ naming the cap and how to raise it, frees up when what it counts ends, and a key
 gateway's; bodies over the limit are 413; the model stream cap with a real model served in process."""
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from api.app import create_app
 from api.schemas import CONFIGS, MAX_STAGES
 from api.settings import GatewaySettings, Limits
-from api.stack import free_port
 from api.store import Deployment, Job, create_key, set_key_limits, utcnow
 from flm.config import FLMConfigError
+from tests.conftest import uvicorn_server
 
 LIMITS = Limits(max_running_jobs=2, max_deployments=2, max_replicas=3, max_streams=2, requests_per_minute=1000,
                 model_requests_per_minute=1000)
@@ -30,15 +28,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     app = create_app(GatewaySettings(home=root, ray_address="http://127.0.0.1:9", limits=LIMITS,
                                      max_body_bytes=BODY_LIMIT), reconcile=False)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}", root
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_server(app) as url:
+        yield app, url, root
 
 
 @pytest.fixture
@@ -215,19 +206,11 @@ def deployed(tenant, micro_data):
                     tokenizer_dir=micro_data / "tokenizer")
     name = f"{tenant.owner}-m"
     model = OpenAIServer.in_process(DeploymentRequest(checkpoint=str(ck), name=name))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_api(model), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    with tenant.app.state.gateway.sessions.begin() as s:
-        s.add(Deployment(id=name, owner=tenant.owner, checkpoint=f"owners/{tenant.owner}/served", spec={},
-                         state="RUNNING", url=f"http://127.0.0.1:{port}", attempt=0, created_at=utcnow(),
-                         updated_at=utcnow()))
-    yield name
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_server(build_api(model)) as url:
+        with tenant.app.state.gateway.sessions.begin() as s:
+            s.add(Deployment(id=name, owner=tenant.owner, checkpoint=f"owners/{tenant.owner}/served", spec={},
+                             state="RUNNING", url=url, attempt=0, created_at=utcnow(), updated_at=utcnow()))
+        yield name
     model.engine.close()
 
 

@@ -29,6 +29,7 @@ from service.app import (
     undeploy,
 )
 from service.protocol import CHAT_STOP, ChatMessage, render_chat
+from tests.conftest import uvicorn_server
 
 NAME = "micro"
 
@@ -313,10 +314,7 @@ def test_overload_is_a_429_with_retry_after_from_serve_and_openais_body_through_
     """A deployment that takes one request at a time and queues one more (max_queued_requests): of 8 requests at
     once, Serve answers the extra ones 429 with Retry-After at once (before, its queue had no bound and the engine's
     own 429 never fired); through the gateway the same refusal is OpenAI's body (code rate_limit_exceeded)."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-
-    import uvicorn
 
     from api.app import create_app
     from api.settings import GatewaySettings
@@ -329,36 +327,26 @@ def test_overload_is_a_429_with_retry_after_from_serve_and_openais_body_through_
 
     def at_once(target: str, headers: dict) -> list[httpx.Response]:
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda _: httpx.post(target, json=body, headers=headers, timeout=120), range(8)))
+            answers = list(pool.map(lambda _: httpx.post(target, json=body, headers=headers, timeout=120), range(8)))
+        assert sorted({r.status_code for r in answers}) == [200, 429], [r.status_code for r in answers]
+        assert next(r for r in answers if r.status_code == 200).json()["usage"]["completion_tokens"] == 20
+        return [r for r in answers if r.status_code == 429]
 
     app = create_app(GatewaySettings(home=tmp_path, ray_address="http://127.0.0.1:9"), reconcile=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
     try:
-        direct = at_once(f"{url}/v1/completions", {})
-        assert sorted({r.status_code for r in direct}) == [200, 429], [r.status_code for r in direct]
-        refused = next(r for r in direct if r.status_code == 429)
+        refused = at_once(f"{url}/v1/completions", {})[0]
         assert refused.headers["retry-after"] == "1" and "backpressure" in refused.text
-        while not srv.started:
-            time.sleep(0.05)
-        sessions = app.state.gateway.sessions
-        key, _ = create_key(sessions, "team")
-        with sessions.begin() as s:
-            s.add(Deployment(id=name, owner="team", checkpoint="owners/team/ck", spec={}, state="RUNNING", url=url,
-                             attempt=0, created_at=utcnow(), updated_at=utcnow()))
-        gateway = f"http://127.0.0.1:{srv.config.port}/v1/completions"
-        through = at_once(gateway, {"Authorization": f"Bearer {key}"})
-        assert sorted({r.status_code for r in through}) == [200, 429], [r.status_code for r in through]
-        refused = next(r for r in through if r.status_code == 429)
+        with uvicorn_server(app) as gateway:
+            sessions = app.state.gateway.sessions
+            key, _ = create_key(sessions, "team")
+            with sessions.begin() as s:
+                s.add(Deployment(id=name, owner="team", checkpoint="owners/team/ck", spec={}, state="RUNNING",
+                                 url=url, attempt=0, created_at=utcnow(), updated_at=utcnow()))
+            refused = at_once(f"{gateway}/v1/completions", {"Authorization": f"Bearer {key}"})[0]
         error = refused.json()["error"]
         assert (error["code"], error["param"], refused.headers["retry-after"]) == ("rate_limit_exceeded", "model", "1")
         assert "tight is overloaded" in error["message"]
-        ok = next(r for r in through if r.status_code == 200)
-        assert ok.json()["usage"]["completion_tokens"] == 20
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         undeploy(name)
 
 
