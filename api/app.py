@@ -13,6 +13,8 @@ read), whose message names the problem and what to change; every route documents
 `/openapi.json` is complete.
 `POST /v1/jobs` validates the request (a plan by `flm.config.GrowthPlan`), writes the job's files and its store
 row, and answers 201 at once: the reconciler (api/jobs.py) submits it to Ray within `poll_s`.
+Each key's quotas (api/quotas.py: running jobs, deployments, replicas, open streams, request rates) answer 429 with
+`Retry-After` when reached.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ def dump_yaml(data: dict) -> str:
 
 MODEL_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")  # errors in OpenAI's shape
 OPENAI_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "model_not_found", 409: "model_not_ready",
-                413: "request_too_large", 422: "invalid_request",
-                429: "rate_limit_exceeded", 500: "internal_error", 503: "unavailable"}
+                413: "request_too_large", 422: "invalid_request", 429: "rate_limit_exceeded", 500: "internal_error",
+                503: "unavailable"}
 
 
 def errors(*codes: int, model: type = ErrorResponse) -> dict:
