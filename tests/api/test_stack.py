@@ -1,7 +1,8 @@
 """api/stack.py: `flm up`'s stack has Ray's token auth on. A real Ray head and gateway (start_stack, as `flm up`
 starts them): the dashboard's job API refuses a request without the token or with a wrong one, a Ray job submitted
 with it runs a driver that connects to the cluster, and the gateway (which holds the token) gets a training job
-running on Ray and cancels it."""
+running on Ray and cancels it, and deploys a checkpoint on Serve (a Ray job of its own) that answers a completion
+through the gateway."""
 
 import json
 import shlex
@@ -29,7 +30,20 @@ def wait(get, until, timeout_s: float):
     raise AssertionError(f"not there after {timeout_s} s: {value}")
 
 
-def test_flm_up_turns_ray_token_auth_on(tmp_path, monkeypatch):
+def checkpoint(path, tokenizer_dir) -> None:
+    """A random 2-layer model of 32 tokens of context with the micro dataset's tokenizer."""
+    import torch
+
+    from flm.checkpoint import save_checkpoint
+    from flm.config import ModelConfig
+    from flm.model import GPT
+
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=32, base_width=32, init_std=0.1)
+    save_checkpoint(path, cfg, GPT(cfg, generator=torch.Generator().manual_seed(0)).state_dict(),
+                    tokenizer_dir=tokenizer_dir)
+
+
+def test_flm_up_turns_ray_token_auth_on(tmp_path, monkeypatch, micro_data):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # what a user's shell has: no choice made
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
@@ -67,5 +81,15 @@ def test_flm_up_turns_ray_token_auth_on(tmp_path, monkeypatch):
         assert gateway.delete(f"/v1/jobs/{job['id']}").status_code == 202
         wait(lambda: gateway.get(f"/v1/jobs/{job['id']}").json()["state"], lambda s: s == "STOPPED", 120)
         assert gateway.get("/health").json()["ray"] == "ok"
+
+        checkpoint(home / "owners" / "me" / "ck", micro_data / "tokenizer")
+        r = gateway.post("/v1/deployments", json={"checkpoint": "owners/me/ck", "name": "auth-check"})
+        assert r.status_code == 201, r.text
+        dep = wait(lambda: gateway.get("/v1/deployments/auth-check").json(), lambda d: d["state"] != "DEPLOYING", 300)
+        assert dep["state"] == "RUNNING", dep  # Serve started and deployed under token auth
+        r = gateway.post("/v1/completions", json={"model": "auth-check", "prompt": "To be", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        assert gateway.delete("/v1/deployments/auth-check").status_code == 202
+        wait(lambda: gateway.get("/v1/deployments/auth-check").status_code, lambda c: c == 404, 120)
     finally:
         stop_processes(stack["processes"])
