@@ -3,6 +3,7 @@ local Ray cluster for the modules that need one."""
 
 import contextlib
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -99,3 +100,28 @@ def moto_s3(bucket: str, home):
         finally:  # moto's backends are global to the process: empty them for the next server
             urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
             server.stop()
+
+
+@contextlib.contextmanager
+def uvicorn_server(app):
+    """`app` (an ASGI app) under a real uvicorn server in a thread on a free loopback port; yields its base URL and
+    stops the server after."""
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on port {port}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
