@@ -48,11 +48,12 @@ RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
 
 @contextlib.contextmanager
 def ray_test_env(**env: str):
-    """RAY_TEST_ENV and `env` in os.environ for the block (Ray processes started inside inherit them)."""
+    """RAY_TEST_ENV and `env` in os.environ for the block (Ray processes started inside inherit them); yields the
+    MonkeyPatch that set them, for changes of the block's own (undone with it)."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {**RAY_TEST_ENV, **env}.items():
             mp.setenv(k, v)
-        yield
+        yield mp
 
 
 @contextlib.contextmanager
