@@ -62,6 +62,24 @@ def test_growth_without_ramp_logs_the_model_that_trains(micro_data, tmp_path, gr
     assert event["dloss"] != event["masked_dloss"]
 
 
+def test_ffn_growth_retunes_the_projection_lr_and_decay(micro_data, tmp_path):
+    """Stage 1 grows only the FFN, 128 -> 512 at d_model 32 = base_width: from the growth on, mlp.proj (fan-in 4x
+    the base model's) trains at a quarter of the stage's LR with 4x the weight decay, every other weight as before."""
+    data = micro_plan(micro_data, tmp_path).model_dump()
+    data["stages"][1].update(grow={"d_ffn": 512}, depth_placement="stack")
+    plan = GrowthPlan.model_validate(data)
+    trainer = Trainer(plan)
+    trainer.fit(max_steps=13)  # stage 0, the growth at step 12, one step of stage 1
+    names = {id(p): n for n, p in trainer.raw.named_parameters()}
+    lr, wd = lr_at(plan, 12), plan.train.optim.weight_decay
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            scale = 4.0 if names[id(p)].endswith("mlp.proj.weight") else 1.0
+            assert group["lr"] == pytest.approx(lr / scale), names[id(p)]
+            if group["weight_decay"]:
+                assert group["weight_decay"] == pytest.approx(wd * scale), names[id(p)]
+
+
 @pytest.mark.parametrize("stop_at", [7, 12, 14, 26, 31], ids=lambda s: f"stop{s}")
 def test_interrupted_run_resumes_bit_identically(micro_data, tmp_path, reference_run, stop_at):
     """Stops mid-stage, at a stage end, and inside both mask ramps (steps 12-16 and 24-28)."""
