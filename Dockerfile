@@ -30,7 +30,9 @@ COPY service ./service
 COPY api ./api
 COPY configs ./configs
 RUN python -m pip install --no-cache-dir ".[hf,cloud]" torch==2.13.0
-RUN mkdir -p /data
+# every role runs as this user, not root; /data (a new volume takes its owner from here) is its own
+RUN useradd --create-home --uid 1000 --shell /bin/bash flm && mkdir -p /data && chown flm:flm /data
+USER flm
 VOLUME ["/data"]
 # Ray (6379 GCS, 8265 dashboard/jobs, 10001 client), Serve 8000, the gateway 8080
 EXPOSE 6379 8265 10001 8000 8080

@@ -13,6 +13,8 @@ read), whose message names the problem and what to change; every route documents
 `/openapi.json` is complete.
 `POST /v1/jobs` validates the request (a plan by `flm.config.GrowthPlan`), writes the job's files and its store
 row, and answers 201 at once: the reconciler (api/jobs.py) submits it to Ray within `poll_s`.
+Each key's quotas (api/quotas.py: running jobs, deployments, replicas, open streams, request rates) answer 429 with
+`Retry-After` when reached.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.console import mount_console
 from api.deploy import service_request
 from api.jobs import JobRunner, RayUnavailable, relative, write_json
+from api.quotas import QuotaExceeded, RateLimiter, StreamSlots, check_deployments, check_running_jobs, replicas
 from api.runs import RunReader, checkpoints, plan_totals, read_json
 from api.schemas import (
     CONFIGS,
@@ -71,8 +75,8 @@ from api.schemas import (
     preset_names,
     searched_plan,
 )
-from api.settings import GatewaySettings
-from api.store import Deployment, Job, get_job, key_owner, open_store, utcnow
+from api.settings import GatewaySettings, Limits
+from api.store import Deployment, Job, get_job, key_row, open_store, utcnow
 from flm.config import GrowthPlan
 from flm.plan import plan_cost
 
@@ -89,6 +93,8 @@ ERROR_TEXT = {
     409: "The job's state does not allow this",
     413: "Request body larger than the gateway's limit",
     422: "A field is missing, of the wrong type, or invalid (a shrinking growth stage, ...)",
+    429: "A quota of the key is reached (running jobs, deployments, replicas, open streams, requests per minute): "
+         "the message names it and how to raise it; retry after `Retry-After` seconds",
     503: "The Ray cluster (or Serve) does not answer",
 }
 
@@ -100,7 +106,8 @@ def dump_yaml(data: dict) -> str:
 
 MODEL_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")  # errors in OpenAI's shape
 OPENAI_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "model_not_found", 409: "model_not_ready",
-                413: "request_too_large", 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+                413: "request_too_large", 422: "invalid_request", 429: "rate_limit_exceeded", 500: "internal_error",
+                503: "unavailable"}
 
 
 def errors(*codes: int, model: type = ErrorResponse) -> dict:
@@ -215,7 +222,7 @@ class BodyLimit:
 
     async def _reject(self, scope, send, size: str):
         body = json.dumps(error_body(scope["path"], 413, f"request body: {size} is over the limit of {self.limit} "
-                                                         f"bytes")).encode()
+                                                         f"bytes (the gateway's FLM_MAX_BODY_BYTES)")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -234,6 +241,8 @@ class Gateway:
         self.reader = RunReader()
         self.http: httpx.AsyncClient | None = None
         self._totals: dict[str, tuple[int, int, int]] = {}
+        self.rates, self.streams = RateLimiter(), StreamSlots()
+        self._quota_lock = threading.Lock()  # a cap's count and the row that adds to it, as one step
 
     # jobs ---------------------------------------------------------------------------------------------------------
     def owned_job(self, owner: str, job_id: str) -> Job:
@@ -306,7 +315,7 @@ class Gateway:
             raise ApiError(400, f"{field}: {text!r} is not a checkpoint directory (no config.json in it)", field)
         return path
 
-    def create_job(self, owner: str, req) -> Job:
+    def create_job(self, owner: str, req, limits: Limits) -> Job:
         job_id = f"job-{secrets.token_hex(5)}"
         jd = self.settings.job_dir(job_id)
         spec = req.model_dump(mode="json", exclude={"hold"})
@@ -338,8 +347,13 @@ class Gateway:
             (jd / name).write_text(text)
         job = Job(id=job_id, owner=owner, kind=req.kind, spec=spec, state="HELD" if req.hold else "QUEUED",
                   attempt=0, created_at=utcnow(), updated_at=utcnow())
-        with self.sessions.begin() as s:
-            s.add(job)
+        with self._quota_lock:
+            if not req.hold:
+                check_running_jobs(self.sessions, owner, limits)
+            if isinstance(req, PipelineJob) and req.deploy is not None:
+                check_deployments(self.sessions, owner, limits, replicas(spec["deploy"]))
+            with self.sessions.begin() as s:
+                s.add(job)
         if isinstance(req, TrainJob | PipelineJob):
             self._totals[job_id] = (len(plan.stages), *plan_totals(plan))
         if not req.hold:
@@ -430,7 +444,7 @@ class Gateway:
                 spec.get("deploy") and (spec["deploy"].get("name") or job_id) == name for job_id, spec in pipelines):
             raise ApiError(409, f"{field}: {name!r} is another owner's deployment name; choose another", field)
 
-    def create_deployment(self, owner: str, req: DeploymentRequest) -> Deployment:
+    def create_deployment(self, owner: str, req: DeploymentRequest, limits: Limits) -> Deployment:
         if req.job_id is not None:
             job = self.owned_job(owner, req.job_id)
             if job.state != "SUCCEEDED":
@@ -448,7 +462,8 @@ class Gateway:
         home = self.root / "deployments" / name
         spec = {"request": service_request(str(checkpoint), settings), "serve_url": self.settings.serve_url,
                 "result": str(home / "result.json")}
-        with self.sessions.begin() as s:
+        with self._quota_lock, self.sessions.begin() as s:
+            check_deployments(self.sessions, owner, limits, replicas(settings))
             dep = s.get(Deployment, name)
             if dep is not None and dep.owner != owner:
                 raise ApiError(409, f"name: {name!r} is another owner's deployment name; choose another", "name")
@@ -484,11 +499,21 @@ class Gateway:
                               state=dep.state, url=dep.url, error=dep.error, spec=dep.spec,
                               created_at=dep.created_at, updated_at=dep.updated_at)
 
-    async def proxy(self, owner: str, body: ModelRequest, path: str) -> Response:
-        """Stream `body` to the deployment named by its `model` and the answer back, unchanged."""
+    async def proxy(self, owner: str, body: ModelRequest, path: str, limits: Limits) -> Response:
+        """Stream `body` to the deployment named by its `model` and the answer back, unchanged (with `stream:
+        true`, in one of the owner's stream slots)."""
         dep = await run_in_threadpool(self.owned_deployment, owner, body.model, "model")
         if dep.state != "RUNNING" or not dep.url:
             raise ApiError(409, f"model: {body.model!r} is {dep.state}, not RUNNING", "model")
+        release = self.streams.take(owner, limits.max_streams) if getattr(body, "stream", False) is True else None
+        try:
+            return await self._forward(dep, body, path, release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+
+    async def _forward(self, dep: Deployment, body: ModelRequest, path: str, release) -> Response:
         if self.http is None:
             self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
         upstream = self.http.build_request("POST", f"{dep.url}{path}", json=body.model_dump(),
@@ -498,7 +523,15 @@ class Gateway:
         except httpx.TransportError as e:
             raise ApiError(503, f"model: Serve does not answer at {dep.url} ({type(e).__name__}); see GET "
                                 f"/v1/deployments/{dep.id}", "model") from None
-        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code,
+        if resp.status_code == 429 and "json" not in resp.headers.get("content-type", ""):
+            # Serve's own refusal (its queue for the deployment is full): OpenAI's body, which clients retry on
+            await resp.aread()
+            await resp.aclose()
+            raise ApiError(429, f"model: {dep.id} is overloaded, its queue is full ({resp.text.strip()[:200]}); "
+                                f"retry after Retry-After seconds, or ask its owner for more replicas", "model",
+                           {"Retry-After": resp.headers.get("retry-after", "1")})
+        chunks = resp.aiter_raw() if release is None else self.streams.guard(resp.aiter_raw(), release)
+        return StreamingResponse(chunks, status_code=resp.status_code,
                                  media_type=resp.headers.get("content-type"), background=BackgroundTask(resp.aclose))
 
 
@@ -518,15 +551,37 @@ async def owner(request: Request, cred: Annotated[HTTPAuthorizationCredentials |
     if cred is None:
         raise ApiError(401, "Authorization: missing; send 'Authorization: Bearer <key>' (create a key with "
                             "`flm keys create --name NAME`)", "Authorization", {"WWW-Authenticate": "Bearer"})
-    who, revoked = key_owner(gw.sessions, cred.credentials)
-    if who is None or revoked:
-        why = "was revoked" if revoked else "is not a key of this gateway"
+    row = key_row(gw.sessions, cred.credentials)
+    if row is None or row.revoked_at is not None:
+        why = "is not a key of this gateway" if row is None else "was revoked"
         raise ApiError(401, f"Authorization: the API key {why}", "Authorization", {"WWW-Authenticate": "Bearer"})
-    return who
+    request.state.limits = gw.settings.limits.over(row.limits)
+    return row.owner
 
 
 Owner = Annotated[str, Depends(owner)]
 GW = Annotated[Gateway, Depends(gateway)]
+
+
+async def key_limits(request: Request, who: Owner) -> Limits:
+    """The caller's caps: the gateway's with its key's own over them (see api/quotas.py)."""
+    return request.state.limits
+
+
+KeyLimits = Annotated[Limits, Depends(key_limits)]
+
+
+async def write_rate(request: Request, who: Owner, limits: KeyLimits) -> None:
+    """Job and deployment writes: `requests_per_minute` per owner."""
+    request.app.state.gateway.rates.take(who, "requests_per_minute", limits.requests_per_minute)
+
+
+async def model_rate(request: Request, who: Owner, limits: KeyLimits) -> None:
+    """Model queries: `model_requests_per_minute` per owner."""
+    request.app.state.gateway.rates.take(who, "model_requests_per_minute", limits.model_requests_per_minute)
+
+
+WriteRate, ModelRate = Depends(write_rate), Depends(model_rate)
 
 
 def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) -> FastAPI:
@@ -565,6 +620,11 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         message, field = format_validation(request, exc)
         return JSONResponse(error_body(request.url.path, 422, message, field), 422)
 
+    @app.exception_handler(QuotaExceeded)
+    async def over_quota(request: Request, exc: QuotaExceeded):
+        return JSONResponse(error_body(request.url.path, 429, str(exc), exc.cap), 429,
+                            headers={"Retry-After": str(exc.retry_after)})
+
     @app.exception_handler(RayUnavailable)
     async def ray_down(request: Request, exc: RayUnavailable):
         return JSONResponse(error_body(request.url.path, 503, str(exc)), 503)
@@ -585,10 +645,12 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         """Liveness, and whether the Ray job server answered the reconciler's last call (no key needed)."""
         return {"status": "ok", "ray": gw.runner.last_error or "ok", "ray_address": gw.settings.ray_address}
 
-    @app.post("/v1/jobs", status_code=201, tags=["jobs"], responses=errors(400, 403, 404, 409, 413, 422))
-    async def submit_job(gw: GW, who: Owner, body: Annotated[JobRequest, Body()]) -> JobView:
-        """Validate and store a job; it is submitted to Ray at once (or held, with `hold: true`)."""
-        return gw.view(gw.create_job(who, body))
+    @app.post("/v1/jobs", status_code=201, tags=["jobs"], responses=errors(400, 403, 404, 409, 413, 422, 429),
+              dependencies=[WriteRate])
+    def submit_job(gw: GW, who: Owner, limits: KeyLimits, body: Annotated[JobRequest, Body()]) -> JobView:
+        """Validate and store a job; it is submitted to Ray at once (or held, with `hold: true`). Sync: a plan's
+        totals are computed in the thread pool, not on the event loop."""
+        return gw.view(gw.create_job(who, body, limits))
 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
     async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
@@ -612,17 +674,19 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return Response(gw.view(gw.owned_job(who, job_id)).model_dump_json(), media_type="application/json")
 
     @app.get("/v1/jobs/{job_id}/metrics", tags=["jobs"], responses={
-        **errors(403, 404, 422),
+        **errors(403, 404, 422, 429),
         200: {"description": "JSON page of records, or with `stream=true` (or `Accept: text/event-stream`) "
                              "server-sent events: `metric` per record, `state` on each change, `end` last",
               "content": {"text/event-stream": {}}}})
-    async def job_metrics(request: Request, gw: GW, who: Owner, job_id: str,
+    async def job_metrics(request: Request, gw: GW, who: Owner, limits: KeyLimits, job_id: str,
                     after: Annotated[int, Query(ge=0, description="skip the first `after` records")] = 0,
                     stream: bool = False) -> MetricsPage:
         """The training metric stream (`metrics.jsonl`): one record per logged step, plus growth events."""
         job = gw.owned_job(who, job_id)
         if stream or "text/event-stream" in request.headers.get("accept", ""):
-            return StreamingResponse(events(gw, job, after), media_type="text/event-stream",
+            release = gw.streams.take(who, limits.max_streams)
+            return StreamingResponse(gw.streams.guard(events(gw, job, after), release),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         records = gw.reader.metrics(gw.settings.run_dir(job.id))
         return MetricsPage(records=records[after:], next=max(len(records), after), state=job.state)
@@ -637,7 +701,8 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             text = "".join(text.splitlines(keepends=True)[-tail:])
         return LogsView(id=job.id, ray_submission_id=job.ray_submission_id, logs=text)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 422, 503))
+    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 422, 429, 503),
+                dependencies=[WriteRate])
     def cancel_job(gw: GW, who: Owner, job_id: str) -> JobView:
         """Cancel: Ray stops the job's driver, and with it its Ray Train workers (state STOPPING, then STOPPED)."""
         job = gw.owned_job(who, job_id)
@@ -651,25 +716,31 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
             gw.runner.set_state(job, job.state, state="STOPPING")
         return gw.view(gw.owned_job(who, job_id))
 
-    @app.post("/v1/jobs/{job_id}/resume", status_code=202, tags=["jobs"], responses=errors(403, 404, 409, 422))
-    def resume_job(gw: GW, who: Owner, job_id: str) -> JobView:
+    @app.post("/v1/jobs/{job_id}/resume", status_code=202, tags=["jobs"],
+              responses=errors(403, 404, 409, 422, 429), dependencies=[WriteRate])
+    def resume_job(gw: GW, who: Owner, limits: KeyLimits, job_id: str) -> JobView:
         """Start a held job, or submit a stopped or failed one again: training continues from its newest
         checkpoint (same run name), finished pipeline steps are skipped."""
         job = gw.owned_job(who, job_id)
         if job.kind == "pipeline" and job.spec.get("deploy") and job.state in ("HELD", "STOPPED", "FAILED"):
             gw.check_deployment_name(who, job.spec["deploy"].get("name") or job.id, "deploy.name")
-        if job.state not in ("HELD", "STOPPED", "FAILED") or not gw.runner.set_state(job, job.state, state="QUEUED",
-                                                                                 error=None):
+        if job.state not in ("HELD", "STOPPED", "FAILED"):
             raise ApiError(409, f"job {job_id} is {job.state}; only HELD, STOPPED or FAILED jobs can be resumed",
                            "job_id")
+        with gw._quota_lock:
+            check_running_jobs(gw.sessions, who, limits)
+            if job.kind == "pipeline" and job.spec.get("deploy") and job.state != "HELD":  # HELD ones are counted
+                check_deployments(gw.sessions, who, limits, replicas(job.spec["deploy"]))
+            if not gw.runner.set_state(job, job.state, state="QUEUED", error=None):
+                raise ApiError(409, f"job {job_id} changed state meanwhile; see GET /v1/jobs/{job_id}", "job_id")
         gw.runner.wake()
         return gw.view(gw.owned_job(who, job_id))
 
     @app.post("/v1/deployments", status_code=201, tags=["deployments"],
-              responses=errors(400, 403, 404, 409, 413, 422))
-    def create_deployment(gw: GW, who: Owner, body: DeploymentRequest) -> DeploymentView:
+              responses=errors(400, 403, 404, 409, 413, 422, 429), dependencies=[WriteRate])
+    def create_deployment(gw: GW, who: Owner, limits: KeyLimits, body: DeploymentRequest) -> DeploymentView:
         """Serve a checkpoint (DEPLOYING, then RUNNING with its url, or FAILED with the reason)."""
-        return gw.deployment_view(gw.create_deployment(who, body))
+        return gw.deployment_view(gw.create_deployment(who, body, limits))
 
     @app.get("/v1/deployments", tags=["deployments"], responses=errors())
     async def list_deployments(gw: GW, who: Owner) -> DeploymentList:
@@ -683,7 +754,8 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
     async def get_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
         return gw.deployment_view(gw.owned_deployment(who, name))
 
-    @app.delete("/v1/deployments/{name}", status_code=202, tags=["deployments"], responses=errors(403, 404, 409, 422))
+    @app.delete("/v1/deployments/{name}", status_code=202, tags=["deployments"],
+                responses=errors(403, 404, 409, 422, 429), dependencies=[WriteRate])
     def delete_deployment(gw: GW, who: Owner, name: str) -> DeploymentView:
         """Delete the Serve application (DELETING, then DELETED)."""
         return gw.deployment_view(gw.delete_deployment(who, name))
@@ -697,19 +769,19 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
                                             "created": int(d.created_at.timestamp()),
                                             "max_model_len": gw.context(d)} for d in deps]}
 
-    model_errors = {**errors(403, 404, 409, 413, 422, 503, model=OpenAIErrorResponse),
+    model_errors = {**errors(403, 404, 409, 413, 422, 429, 503, model=OpenAIErrorResponse),
                     200: {"description": "the model's OpenAI response (server-sent events with stream: true)",
                           "content": {"application/json": {}, "text/event-stream": {}}}}
 
-    @app.post("/v1/completions", tags=["models"], responses=model_errors)
-    async def completions(gw: GW, who: Owner, body: ModelRequest) -> Response:
+    @app.post("/v1/completions", tags=["models"], responses=model_errors, dependencies=[ModelRate])
+    async def completions(gw: GW, who: Owner, limits: KeyLimits, body: ModelRequest) -> Response:
         """OpenAI completions, proxied to the deployment named by `model`."""
-        return await gw.proxy(who, body, "/v1/completions")
+        return await gw.proxy(who, body, "/v1/completions", limits)
 
-    @app.post("/v1/chat/completions", tags=["models"], responses=model_errors)
-    async def chat_completions(gw: GW, who: Owner, body: ModelRequest) -> Response:
+    @app.post("/v1/chat/completions", tags=["models"], responses=model_errors, dependencies=[ModelRate])
+    async def chat_completions(gw: GW, who: Owner, limits: KeyLimits, body: ModelRequest) -> Response:
         """OpenAI chat completions, proxied to the deployment named by `model`."""
-        return await gw.proxy(who, body, "/v1/chat/completions")
+        return await gw.proxy(who, body, "/v1/chat/completions", limits)
 
     @app.post("/v1/plan", tags=["plans"], responses=errors(413, 422))
     async def cost_of_plan(who: Owner, body: PlanRequest) -> PlanView:

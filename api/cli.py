@@ -153,14 +153,41 @@ def store():
     return open_store(GatewaySettings().db_url)
 
 
+LIMIT_OPTIONS = ("max_running_jobs", "max_deployments", "max_replicas", "max_streams", "requests_per_minute",
+                 "model_requests_per_minute")  # api.settings.Limits, as --max-running-jobs ...
+
+
+def limit_value(text: str) -> int | str | None:
+    """A limit on the command line: a whole number, `unlimited` (no cap) or `default` (the gateway's)."""
+    if text in ("unlimited", "default"):
+        return None if text == "unlimited" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise FLMConfigError(f"{text!r}: give a whole number, 'unlimited' or 'default'") from None
+
+
+def key_limits(args) -> dict:
+    return {name: limit_value(getattr(args, name)) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
+
+
+def show_limits(row) -> str:
+    return ", ".join(f"{k}={'unlimited' if v is None else v}" for k, v in (row.limits or {}).items()) or \
+        "the gateway's"
+
+
 def cmd_keys_create(args) -> None:
     from api.store import create_key
 
-    key, row = create_key(store(), args.name, args.owner)
+    limits = key_limits(args)
+    if "default" in limits.values():
+        raise FLMConfigError("a new key has the gateway's limits already; give numbers or 'unlimited'")
+    key, row = create_key(store(), args.name, args.owner, limits)
     if args.quiet:
         print(key)
         return
-    console().print(f"key {row.id} for owner {row.owner!r} (shown once, stored hashed):")
+    console().print(f"key {row.id} for owner {row.owner!r}, limits: {show_limits(row)} (shown once, stored "
+                    f"hashed):")
     print(key)
 
 
@@ -170,11 +197,11 @@ def cmd_keys_list(args) -> None:
     from api.store import list_keys
 
     table = Table(title="API keys")
-    for col in ("id", "name", "owner", "prefix", "created", "revoked"):
+    for col in ("id", "name", "owner", "prefix", "created", "revoked", "limits"):
         table.add_column(col)
     for k in list_keys(store()):
         table.add_row(str(k.id), k.name, k.owner, k.prefix + "...", str(k.created_at)[:19],
-                      str(k.revoked_at)[:19] if k.revoked_at else "")
+                      str(k.revoked_at)[:19] if k.revoked_at else "", show_limits(k))
     console().print(table)
 
 
@@ -183,6 +210,17 @@ def cmd_keys_revoke(args) -> None:
 
     row = revoke_key(store(), args.key)
     console().print(f"key {row.id} ({row.name}, owner {row.owner}) revoked")
+
+
+def cmd_keys_limits(args) -> None:
+    from api.store import set_key_limits
+
+    limits = key_limits(args)
+    if not limits:
+        raise FLMConfigError(f"give at least one of {', '.join('--' + n.replace('_', '-') for n in LIMIT_OPTIONS)}")
+    row = set_key_limits(store(), args.key, limits)
+    console().print(f"key {row.id} ({row.name}, owner {row.owner}) limits: {show_limits(row)} (the gateway's "
+                    f"for the rest; in effect at its next request)")
 
 
 def cmd_up(args) -> None:
@@ -194,6 +232,9 @@ def cmd_up(args) -> None:
     c.print(f"console  {stack['processes']['gateway']['url']}/console/  (sign in with a key of `flm keys create`)")
     c.print(f"ray      {stack['processes']['ray']['address']}  dashboard {stack['processes']['ray']['dashboard']}")
     c.print(f"serve    {stack['serve_url']} (once a model is deployed)")
+    if stack["processes"]["ray"].get("auth_token_path"):
+        c.print(f"Ray token auth: on, its token in {stack['processes']['ray']['auth_token_path']} (for the ray CLI: "
+                f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>)")
     c.print(f"PIDs in {Path(stack['home']) / STACK_FILE}, logs in {stack['logs']}; stop with `flm down`")
     c.print(f"export FLM_URL={stack['processes']['gateway']['url']}  # and FLM_API_KEY from `flm keys create`")
 
@@ -216,6 +257,12 @@ def cmd_down(args) -> None:
 
 
 # --- wiring -------------------------------------------------------------------------------------------------------
+def add_limit_options(p) -> None:
+    for name in LIMIT_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", metavar="N", dest=name,
+                       help=f"the key's {name} (a number, 'unlimited', or 'default': the gateway's)")
+
+
 def add_api_cli(sub) -> None:
     """Register the gateway's commands on the `flm` command's subparsers."""
     from api.settings import DEFAULT_PORT
@@ -245,7 +292,12 @@ def add_api_cli(sub) -> None:
     k.add_argument("--name", required=True)
     k.add_argument("--owner", help="whose jobs the key sees (default: the name)")
     k.add_argument("-q", "--quiet", action="store_true", help="print only the key")
+    add_limit_options(k)
     k.set_defaults(func=cmd_keys_create)
+    k = keys.add_parser("limits", help="set a key's own quotas (over the gateway's FLM_MAX_... settings)")
+    k.add_argument("key", help="the key's id, name or value")
+    add_limit_options(k)
+    k.set_defaults(func=cmd_keys_limits)
     k = keys.add_parser("list", help="keys, without their values")
     k.set_defaults(func=cmd_keys_list)
     k = keys.add_parser("revoke", help="revoke a key by id, name or value")

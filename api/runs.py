@@ -109,10 +109,10 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def plan_totals(plan: GrowthPlan) -> tuple[int, int]:
     """(steps, tokens) of the whole plan: what 100% progress means."""
-    configs = plan.model_configs()
+    configs = plan.model_configs()  # once: plan.steps(k) resolves them again for each stage (O(stages^2))
     steps = tokens = 0
     for k, stage in enumerate(plan.stages):
-        n = plan.steps(k)
+        n = stage.tokens // (stage.batch_size * configs[k].seq_len)
         steps += n
         tokens += n * stage.batch_size * configs[k].seq_len
     return steps, tokens

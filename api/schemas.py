@@ -40,9 +40,16 @@ def _preset(value: Any, key: str, what: str) -> Any:
     return yaml.safe_load((CONFIGS / f"{value}.yaml").read_text())
 
 
+MAX_STAGES = 64  # per plan (FLM-101B's has 4): bounds the work of validating a plan and of its progress
+
+
 def plan_or_preset(value: Any) -> Any:
-    """A plan given as a preset name ("tiny") is read from configs/<name>.yaml; a mapping is validated as is."""
-    return _preset(value, "stages", "a plan")
+    """A plan given as a preset name ("tiny") is read from configs/<name>.yaml; a mapping is validated as is, if it
+    has at most MAX_STAGES stages."""
+    value = _preset(value, "stages", "a plan")
+    if isinstance(value, dict) and isinstance(value.get("stages"), list) and len(value["stages"]) > MAX_STAGES:
+        raise ValueError(f"stages: {len(value['stages'])} stages; a plan has at most {MAX_STAGES}")
+    return value
 
 
 def search_or_preset(value: Any) -> dict | None:

@@ -17,7 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flm.config import FLMConfigError
 
 DEFAULT_PORT = 8080  # Ray Serve's HTTP proxy takes 8000 on the head node
 OWNER_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")  # an owner that can name a directory as is
@@ -26,6 +28,48 @@ OWNER_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")  # an owner 
 def flm_home() -> Path:
     """$FLM_HOME (default ./runs) as an absolute path; the same rule as flm.train.flm_home, which imports torch."""
     return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
+
+
+class Limits(BaseModel):
+    """What one API key may use; `None` is no cap. The gateway's defaults come from `FLM_<FIELD>`
+    (FLM_MAX_RUNNING_JOBS=16, or `unlimited`); a key's own limits (`flm keys limits KEY --max-running-jobs N`)
+    override them field by field. Counts are of the key's owner: every key of an owner shares its jobs,
+    deployments and streams; rates and streams are counted by each gateway process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_running_jobs: int | None = Field(default=8, ge=0, description="jobs QUEUED, PENDING, RUNNING or STOPPING "
+                                                                      "(HELD, finished ones are free)")
+    max_deployments: int | None = Field(default=4, ge=0, description="deployments DEPLOYING, RUNNING or DELETING, "
+                                                                     "and pipelines that will deploy")
+    max_replicas: int | None = Field(default=8, ge=0, description="Serve replicas of those deployments together "
+                                                                  "(an autoscaled one counts its max_replicas)")
+    max_streams: int | None = Field(default=16, ge=0, description="server-sent event streams open at once "
+                                                                  "(job metrics, model answers with stream: true)")
+    requests_per_minute: int | None = Field(default=120, ge=1, description="job and deployment writes (submit, "
+                                                                           "resume, cancel, deploy, delete)")
+    model_requests_per_minute: int | None = Field(default=1200, ge=1, description="/v1/completions and "
+                                                                                  "/v1/chat/completions requests")
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Limits:
+        """The defaults, each overridden by its `FLM_<FIELD>` variable (a number, or `unlimited`)."""
+        env = os.environ if env is None else env
+        values = {}
+        for name in cls.model_fields:
+            text = env.get(f"FLM_{name.upper()}")
+            if text is not None:
+                values[name] = None if text.strip().lower() in ("unlimited", "none") else text
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise FLMConfigError(f"FLM_{str(err['loc'][0]).upper()}: {err['msg']} (a whole number, or "
+                                 f"'unlimited')") from None
+
+    def over(self, key_limits: dict | None) -> Limits:
+        """These limits with a key's own ones (a dict of fields, None for no cap) put over them."""
+        return type(self).model_validate({**self.model_dump(), **key_limits}) if key_limits else self
 
 
 class GatewaySettings(BaseModel):
@@ -39,7 +83,9 @@ class GatewaySettings(BaseModel):
                            description="Ray Serve's HTTP ingress, where model routes are proxied ($FLM_SERVE_URL)")
     job_python: str = Field(default_factory=lambda: os.environ.get("FLM_JOB_PYTHON", sys.executable),
                             description="the Python that runs job entrypoints on the head node ($FLM_JOB_PYTHON)")
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger request bodies get 413")
+    max_body_bytes: int = Field(default_factory=lambda: int(os.environ.get("FLM_MAX_BODY_BYTES", 1 << 20)), ge=1024,
+                                description="larger request bodies get 413 ($FLM_MAX_BODY_BYTES)")
+    limits: Limits = Field(default_factory=Limits.from_env, description="each key's caps unless the key has its own")
     poll_s: float = Field(default=1.0, gt=0, description="how often job states are reconciled with Ray")
 
     @property

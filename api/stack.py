@@ -2,13 +2,19 @@
 (`python -m api.server`) as background processes, their PIDs recorded in `$FLM_HOME/stack.json`; stopping them
 sends SIGTERM, then SIGKILL after a grace period, to exactly those processes and what they started. A blocking
 `ray start` stops every Ray process it started when it is terminated, so nothing else on the machine is touched
-(never `ray stop`, which kills every Ray on the host)."""
+(never `ray stop`, which kills every Ray on the host).
+
+Ray's token auth is on: the token is generated once into `$FLM_HOME/stack/ray_auth_token` (mode 0600) and given to
+Ray and the gateway as RAY_AUTH_TOKEN_PATH, so the dashboard's job API (remote code execution) and the GCS refuse
+anyone without it, even on 127.0.0.1. An environment that sets RAY_AUTH_MODE itself keeps its choice (the tests'
+`disabled`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +25,21 @@ from pathlib import Path
 from flm.config import FLMConfigError
 
 STACK_FILE = "stack.json"
+TOKEN_FILE = "ray_auth_token"  # in $FLM_HOME/stack/
+
+
+def ray_auth_env(home: Path, env: dict) -> dict:
+    """RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH of the stack's token (made once, readable by its owner only);
+    nothing if `env` chooses a RAY_AUTH_MODE itself."""
+    if "RAY_AUTH_MODE" in env:
+        return {}
+    path = home / "stack" / TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes them
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def free_port() -> int:
@@ -86,7 +107,7 @@ def start_ray(home: Path, ray_port: int, dashboard_port: int, num_cpus: int | No
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "ray.log"
     env = {**(env or os.environ), "FLM_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.setdefault("RAY_AUTH_MODE", "disabled")  # the dashboard listens on 127.0.0.1; the gateway has the keys
+    env.update(ray_auth_env(home, env))
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={ray_port}",
            f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            f"--temp-dir=/tmp/flm-ray-{ray_port}", "--disable-usage-stats"]
@@ -102,7 +123,8 @@ def start_ray(home: Path, ray_port: int, dashboard_port: int, num_cpus: int | No
         try:
             wait_http(f"{dashboard}/api/version", proc, timeout_s, log,
                       ready=lambda start=start: b"Ray runtime started" in log.read_bytes()[start:])
-            return proc, {"pid": proc.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard}
+            return proc, {"pid": proc.pid, "address": f"127.0.0.1:{ray_port}", "dashboard": dashboard,
+                          "auth_token_path": env.get("RAY_AUTH_TOKEN_PATH")}
         except BaseException as e:
             exited = proc.poll() is not None  # Ray gave up starting: try again
             stop_processes({"ray": {"pid": proc.pid}})
@@ -118,7 +140,7 @@ def start_gateway(home: Path, port: int, dashboard: str, serve_url: str, timeout
     logs.mkdir(parents=True, exist_ok=True)
     env = {**(env or os.environ), "FLM_HOME": str(home), "FLM_RAY_ADDRESS": dashboard, "FLM_SERVE_URL": serve_url,
            "RAY_USAGE_STATS_ENABLED": "0"}
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.update(ray_auth_env(home, env))
     with open(logs / "gateway.log", "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "api.server", "--port", str(port)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)

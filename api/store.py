@@ -42,6 +42,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell keys apart in `flm keys list`
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # the key's own caps over the gateway's (api.settings.Limits fields; None = no cap); NULL: the gateway's
+    limits: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class Job(Base):
@@ -143,26 +145,49 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(sessions: sessionmaker[Session], name: str, owner: str | None = None) -> tuple[str, ApiKey]:
-    """A new key for `owner` (default: `name`); the plain key is returned once and never stored."""
+def check_limits(limits: dict | None) -> dict | None:
+    """A key's own limits, validated as api.settings.Limits fields (FLMConfigError naming the option)."""
+    from pydantic import ValidationError
+
+    from api.settings import Limits
+
+    if not limits:
+        return None
+    try:
+        Limits.model_validate(limits)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FLMConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    return dict(limits)
+
+
+def create_key(sessions: sessionmaker[Session], name: str, owner: str | None = None,
+               limits: dict | None = None) -> tuple[str, ApiKey]:
+    """A new key for `owner` (default: `name`), with its own `limits` over the gateway's (see api.settings.Limits);
+    the plain key is returned once and never stored."""
     if not name.strip():
         raise FLMConfigError("--name: give the key a non-empty name")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, owner=owner or name, key_hash=hash_key(key), prefix=key[:10])
+    row = ApiKey(name=name, owner=owner or name, key_hash=hash_key(key), prefix=key[:10], limits=check_limits(limits))
     with sessions.begin() as s:
         s.add(row)
     return key, row
 
 
 # The two lookups of every authenticated read, as statements built once: a quarter of the ORM's cost per call.
-_KEY = select(ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == bindparam("h"))
+_KEY = select(ApiKey.id, ApiKey.owner, ApiKey.revoked_at, ApiKey.limits).where(ApiKey.key_hash == bindparam("h"))
 _JOB = select(Job.__table__).where(Job.id == bindparam("id"))
+
+
+def key_row(sessions: sessionmaker[Session], key: str):
+    """The key's id, owner, revoked_at and limits (read-only); None for a key never issued."""
+    with sessions.kw["bind"].connect() as conn:
+        return conn.execute(_KEY, {"h": hash_key(key)}).first()
 
 
 def key_owner(sessions: sessionmaker[Session], key: str) -> tuple[str | None, bool]:
     """(owner, revoked) of a key; (None, False) for a key never issued."""
-    with sessions.kw["bind"].connect() as conn:
-        row = conn.execute(_KEY, {"h": hash_key(key)}).first()
+    row = key_row(sessions, key)
     return (None, False) if row is None else (row.owner, row.revoked_at is not None)
 
 
@@ -173,19 +198,34 @@ def get_job(sessions: sessionmaker[Session], job_id: str) -> Job | None:
         return conn.execute(_JOB, {"id": job_id}).first()
 
 
+def find_key(s: Session, ident: str) -> ApiKey:
+    """The one key with this id, value or name."""
+    rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(ident))))
+    if not rows and ident.isdigit():
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.id == int(ident))))
+    if not rows:
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.name == ident)))
+    if not rows:
+        raise FLMConfigError(f"no API key with id, name or value {ident!r}; see `flm keys list`")
+    if len(rows) > 1:
+        raise FLMConfigError(f"{len(rows)} keys are named {ident!r}; name one by its id (`flm keys list`)")
+    return rows[0]
+
+
+def set_key_limits(sessions: sessionmaker[Session], ident: str, limits: dict) -> ApiKey:
+    """Put `limits` (fields of api.settings.Limits; None = no cap) over the key's own; `reset` fields back to
+    the gateway's by giving them as the string 'default'."""
+    with sessions.begin() as s:
+        row = find_key(s, ident)
+        merged = {**(row.limits or {}), **limits}
+        row.limits = check_limits({k: v for k, v in merged.items() if v != "default"})
+    return row
+
+
 def revoke_key(sessions: sessionmaker[Session], ident: str) -> ApiKey:
     """Revoke by id, by the key itself, or by name (when one key has it)."""
     with sessions.begin() as s:
-        rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(ident))))
-        if not rows and ident.isdigit():
-            rows = list(s.scalars(select(ApiKey).where(ApiKey.id == int(ident))))
-        if not rows:
-            rows = list(s.scalars(select(ApiKey).where(ApiKey.name == ident)))
-        if not rows:
-            raise FLMConfigError(f"no API key with id, name or value {ident!r}; see `flm keys list`")
-        if len(rows) > 1:
-            raise FLMConfigError(f"{len(rows)} keys are named {ident!r}; revoke one by its id (`flm keys list`)")
-        row = rows[0]
+        row = find_key(s, ident)
         row.revoked_at = row.revoked_at or utcnow()
     return row
 

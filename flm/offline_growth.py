@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 from flm.config import DEFAULT_OPERATOR_ORDER, ModelConfig, Operator
@@ -71,6 +72,20 @@ class SafetensorsWriter:
         self._file.close()
 
 
+class MetadataOnceReader(dcp.FileSystemReader):
+    """A DCP FileSystemReader that reads the checkpoint's `.metadata` once, not at every `dcp.load`: reading a
+    tensor at a time, a 101B checkpoint saved by 192 ranks would otherwise re-read (and unpickle) an index of every
+    shard of every tensor ~2,500 times (each parameter and its two AdamW moments)."""
+
+    metadata = None
+    reads = 0  # how many times the file was read
+
+    def read_metadata(self):
+        if self.metadata is None:
+            self.metadata, self.reads = super().read_metadata(), self.reads + 1
+        return self.metadata
+
+
 class CheckpointReader:
     """One tensor at a time from a checkpoint of any format (sharded DCP, single-file, or grown)."""
 
@@ -81,19 +96,21 @@ class CheckpointReader:
         self.config = ModelConfig.model_validate_json((self.path / "config.json").read_text())
         self.sharded = is_sharded(self.path)
         self._optimizer: dict | None = None
-        if not self.sharded:
+        self._step: tuple[float | None] | None = None  # cached: (step,), read once
+        if self.sharded:
+            from flm.sharded import SHARDED
+
+            self._reader = MetadataOnceReader(str(self.path / SHARDED))
+        else:
             from flm.sharded import safetensors_keys
 
             self._files = safetensors_keys(self.path)
 
     def _dcp(self, state: dict) -> dict:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-        from flm.sharded import SHARDED
-
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(self.path / SHARDED)),
-                 planner=DefaultLoadPlanner(), no_dist=True)  # a key it lacks is an error, not garbage
+        dcp.load(state, storage_reader=self._reader, planner=DefaultLoadPlanner(),
+                 no_dist=True)  # a key it lacks is an error, not garbage
         return state
 
     def param_names(self) -> list[str]:
@@ -123,7 +140,12 @@ class CheckpointReader:
         return None if state is None or name not in state else state[name].get(key)
 
     def step(self) -> float | None:
-        """AdamW's step count (the largest, as flm/growth.py carries one count for every parameter)."""
+        """AdamW's step count (the largest, as flm/growth.py carries one count for every parameter); read once."""
+        if self._step is None:
+            self._step = (self._read_step(),)
+        return self._step[0]
+
+    def _read_step(self) -> float | None:
         if self.sharded:
             first = next(iter(param_shapes(self.config)))
             try:

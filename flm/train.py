@@ -294,17 +294,20 @@ class Trainer:
         gen = torch.Generator(device=self.dist.device).manual_seed(self.plan.seed * 1009 + k)
         new = self.grow_fn(old, self.configs[k], stage.operator_order, stage.depth_placement, gen)
         x, y = self.val_data.batch_at(0, min(8, self.val_data.num_windows(old.cfg.seq_len)), old.cfg.seq_len)
-        kept = check_preservation(old, new, x.to(self.dist.device), y.to(self.dist.device))
+        x, y = x.to(self.dist.device), y.to(self.dist.device)
+        masked = check_preservation(old, new, x, y)
         self.stage = k
         self.raw, self.model = new, self.dist.wrap(new)
         self.optimizer = self._make_optimizer(new)
         transfer_adamw_state(old_opt, old, self.optimizer, new, stage.depth_placement)
         self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
+        live = masked
         if self.ramp is None:
             new.clear_masks()
+            live = check_preservation(old, new, x, y)
         mode = mode or ("offline" if reload else "online")
-        self._record({"event": "growth", "step": self.step, "stage": k, "mode": mode,
-                      "params": new.num_params(), "max_abs_dlogits": kept.max_abs, "dloss": kept.dloss})
+        self._record(growth_record(self.step, k, mode, new.num_params(), stage.ramp_steps,
+                                   (live.max_abs, live.dloss), (masked.max_abs, masked.dloss)))
 
     def _grow_sharded(self, k: int, mode: str) -> None:
         """Offline growth of a sharded model, never held whole: every rank grows its share of the stage-end
@@ -330,12 +333,14 @@ class Trainer:
         self.stage = k
         self._load(load_checkpoint(dst, self.dist.device, tensors=False))
         after, loss_after = self._eval_logits(x, y)
+        masked = (before - after).abs().max().item(), abs(loss_before - loss_after)
         self.ramp = MaskRamp(self.step, stage.ramp_steps) if stage.ramp_steps else None
+        live = masked
         if self.ramp is None:
             self.raw.clear_masks()
-        self._record({"event": "growth", "step": self.step, "stage": k, "mode": mode,
-                      "params": param_count(self.configs[k]), "max_abs_dlogits": (before - after).abs().max().item(),
-                      "dloss": abs(loss_before - loss_after)})
+            after, loss_after = self._eval_logits(x, y)
+            live = (before - after).abs().max().item(), abs(loss_before - loss_after)
+        self._record(growth_record(self.step, k, mode, param_count(self.configs[k]), stage.ramp_steps, live, masked))
 
     @torch.no_grad()
     def _eval_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -491,6 +496,22 @@ class Trainer:
             path.write_text(json.dumps(stages, indent=2))
             if self.storage:
                 self.storage.push_file("plan.json")
+
+
+def growth_record(step: int, stage: int, mode: str, params: int, ramp_steps: int, live: tuple[float, float],
+                  masked: tuple[float, float]) -> dict:
+    """The metric record of a growth event. `live` and `masked` are (max |Δlogits|, |Δloss|) on a validation batch
+    between the old model and the grown one: `live` as the grown model trains from this step, `masked` with every
+    growth mask at 0 (the operators' exactness, DESIGN §3).
+
+    They differ when `ramp_steps` is 0: the masks are then removed at once and the new weights train at full scale
+    from the first step (`mask` 1.0), so the function is not preserved and `dloss` says by how much. With a ramp
+    the first step trains at mask 0 and the two are the same. `dloss` / `max_abs_dlogits` always describe the model
+    that trains."""
+    return {"event": "growth", "step": step, "stage": stage, "mode": mode, "params": params,
+            "ramp_steps": ramp_steps, "mask": 0.0 if ramp_steps else 1.0,
+            "max_abs_dlogits": live[0], "dloss": live[1],
+            "masked_max_abs_dlogits": masked[0], "masked_dloss": masked[1]}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

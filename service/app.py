@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from flm.config import FLMConfigError, parse
@@ -45,6 +46,8 @@ from flm.generate import SamplingParams
 from service.engine import Delta, Engine, EngineConfig, EngineError, RequestStream, TokenLogprob
 from service.protocol import (
     CHAT_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -93,6 +96,9 @@ class DeploymentRequest(BaseModel):
     max_n: int = Field(default=4, ge=1, description="most choices per prompt (n) of a request")
     max_ongoing_requests: int = Field(default=0, ge=0, description="Serve's concurrency cap per replica; "
                                                                    "0: 4 x max_batch")
+    max_queued_requests: int = Field(default=0, ge=-1, description="requests Serve holds waiting for a replica, "
+                                     "per caller; beyond it Serve answers 429 with Retry-After (overload); 0: 4 x "
+                                     "max_batch x replicas (the most), -1: no limit")
     cpus_per_shard: float = Field(default=1.0, ge=0)
     gpus_per_shard: float = Field(default=0.0, ge=0, description="> 0: shards on GPUs, NCCL between them")
     replica_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved for the replica (HTTP + sampling)")
@@ -164,6 +170,11 @@ class OpenAIServer:
                               "unsupported_parameter")
         if not 1 <= req.n <= self.max_n:
             raise OpenAIError(400, f"n must be between 1 and {self.max_n}, got {req.n}", "n", "invalid_value")
+        stops = req.stops()
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise OpenAIError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each "
+                                   f"(OpenAI's limit), got {len(stops)} of up to {max(map(len, stops))}", "stop",
+                              "invalid_value")
 
     def _truncate(self, req, ids: list[int]) -> list[int]:
         return ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
@@ -493,6 +504,10 @@ def deployment_options(request: DeploymentRequest) -> dict:
         health_check_period_s=request.health_check_period_s,
         health_check_timeout_s=request.health_check_timeout_s,
         max_ongoing_requests=request.max_ongoing_requests or 4 * request.max_batch,
+        # an unbounded queue hides overload behind ever longer waits: a full one answers 429 at once
+        max_queued_requests=request.max_queued_requests or 4 * request.max_batch * (
+            request.autoscaling.max_replicas if request.autoscaling else request.replicas),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
     )
     a = request.autoscaling
     if a is not None:

@@ -134,7 +134,7 @@ class _Request:
             self._finish(text, "length", 1)
         else:
             end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character decodes to U+FFFD for now
-            hold = max((k for s in stops for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+            hold = max((held_back(text, end, s) for s in stops), default=0)
             end = max(self.sent, end - hold)
             self.emit(Delta(text[self.sent:end], 1, logprob=self.logprob))
             self.sent = end
@@ -142,6 +142,21 @@ class _Request:
     def _finish(self, text: str, reason: Literal["stop", "length"], tokens: int) -> None:
         self.done = True
         self.emit(Delta(text[self.sent:], tokens, reason, self.logprob if tokens else None))
+
+
+def held_back(text: str, end: int, stop: str) -> int:
+    """The longest k < len(stop) such that text[:end] ends with stop[:k]: characters that may be the start of
+    `stop`, held back until the next token decides. Only the prefixes ending in text's last character are tried,
+    without copying text: per token, at most len(stop) comparisons of at most len(stop) characters, whatever the
+    length of the text."""
+    if end == 0:
+        return 0
+    k = stop.rfind(text[end - 1], 0, len(stop) - 1)  # stop[k] == the last character: a prefix of length k + 1
+    while k >= 0:
+        if text.endswith(stop[:k + 1], 0, end):
+            return k + 1
+        k = stop.rfind(text[end - 1], 0, k)
+    return 0
 
 
 class RequestStream:

@@ -40,6 +40,9 @@ UNUSED = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bi
           "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},)}
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's: stop strings per request, characters per string
+
+
 class SamplingFields(BaseModel):
     """What completions and chat completions share. Unknown fields are kept (extra="allow") so that
     `unsupported` can name them."""

@@ -3,6 +3,7 @@ local Ray cluster for the modules that need one."""
 
 import contextlib
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -47,11 +48,12 @@ RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
 
 @contextlib.contextmanager
 def ray_test_env(**env: str):
-    """RAY_TEST_ENV and `env` in os.environ for the block (Ray processes started inside inherit them)."""
+    """RAY_TEST_ENV and `env` in os.environ for the block (Ray processes started inside inherit them); yields the
+    MonkeyPatch that set them, for changes of the block's own (undone with it)."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {**RAY_TEST_ENV, **env}.items():
             mp.setenv(k, v)
-        yield
+        yield mp
 
 
 @contextlib.contextmanager
@@ -99,3 +101,28 @@ def moto_s3(bucket: str, home):
         finally:  # moto's backends are global to the process: empty them for the next server
             urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
             server.stop()
+
+
+@contextlib.contextmanager
+def uvicorn_server(app):
+    """`app` (an ASGI app) under a real uvicorn server in a thread on a free loopback port; yields its base URL and
+    stops the server after."""
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on port {port}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -713,20 +713,20 @@ def test_console_files_need_no_key_and_forbid_foreign_scripts(gw):
 
 # --- the schema -------------------------------------------------------------------------------------------------
 EXPECTED_ERRORS = {  # what the tests above get from each route (and 401 from all but /health)
-    ("post", "/v1/jobs"): {400, 403, 404, 409, 413, 422},
+    ("post", "/v1/jobs"): {400, 403, 404, 409, 413, 422, 429},  # 429: tests/api/test_quotas.py
     ("get", "/v1/jobs"): {422},
     ("get", "/v1/jobs/{job_id}"): {403, 404},
-    ("get", "/v1/jobs/{job_id}/metrics"): {403, 404, 422},
+    ("get", "/v1/jobs/{job_id}/metrics"): {403, 404, 422, 429},
     ("get", "/v1/jobs/{job_id}/logs"): {403, 404, 422, 503},
-    ("delete", "/v1/jobs/{job_id}"): {403, 404, 409, 503},
-    ("post", "/v1/jobs/{job_id}/resume"): {403, 404, 409},
-    ("post", "/v1/deployments"): {400, 403, 404, 409, 413, 422},
+    ("delete", "/v1/jobs/{job_id}"): {403, 404, 409, 429, 503},
+    ("post", "/v1/jobs/{job_id}/resume"): {403, 404, 409, 429},
+    ("post", "/v1/deployments"): {400, 403, 404, 409, 413, 422, 429},
     ("get", "/v1/deployments"): set(),
     ("get", "/v1/deployments/{name}"): {403, 404},
-    ("delete", "/v1/deployments/{name}"): {403, 404, 409},
+    ("delete", "/v1/deployments/{name}"): {403, 404, 409, 429},
     ("get", "/v1/models"): set(),
-    ("post", "/v1/completions"): {403, 404, 409, 413, 422, 503},
-    ("post", "/v1/chat/completions"): {403, 404, 409, 413, 422, 503},
+    ("post", "/v1/completions"): {403, 404, 409, 413, 422, 429, 503},
+    ("post", "/v1/chat/completions"): {403, 404, 409, 413, 422, 429, 503},
     ("post", "/v1/plan"): {413, 422},
     ("get", "/v1/presets"): set(),
 }

@@ -2,13 +2,10 @@
 bad input: exit code 2 with one line."""
 
 import json
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import yaml
 
 from api.app import create_app
@@ -18,22 +15,16 @@ from api.settings import GatewaySettings
 from api.stack import free_port
 from api.store import Deployment, open_store, utcnow
 from flm.cli import main
+from tests.conftest import uvicorn_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A gateway under uvicorn in a thread, its store under a temporary FLM_HOME."""
     home = tmp_path_factory.mktemp("home")
-    port = free_port()
     app = create_app(GatewaySettings(home=home, ray_address="http://127.0.0.1:9"), reconcile=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield home, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_server(app) as url:
+        yield home, url
 
 
 @pytest.fixture
@@ -60,6 +51,22 @@ def test_keys_create_prints_the_key_once_and_list_hides_it(env, capsys):
     code, out, _ = run(capsys, "keys", "list")
     assert code == 0 and "second" in out and key not in out and key[:10] in out
     assert run(capsys, "keys", "revoke", key)[0] == 0
+
+
+def test_keys_carry_their_own_limits(env, capsys):
+    code, out, _ = run(capsys, "keys", "create", "--name", "capped", "--max-running-jobs", "3", "--max-streams",
+                       "unlimited")
+    assert code == 0 and "limits: max_running_jobs=3, max_streams=unlimited" in out
+    code, out, _ = run(capsys, "keys", "limits", "capped", "--max-running-jobs", "default", "--max-replicas", "2")
+    assert code == 0 and "limits: max_streams=unlimited, max_replicas=2" in out
+    code, out, _ = run(capsys, "keys", "list")
+    assert code == 0 and "max_replicas=2" in out
+    code, _, err = run(capsys, "keys", "limits", "capped", "--max-replicas", "-1")
+    assert code == 2 and "--max-replicas: Input should be greater than or equal to 0" in err
+    code, _, err = run(capsys, "keys", "limits", "capped", "--max-replicas", "many")
+    assert code == 2 and "'many': give a whole number, 'unlimited' or 'default'" in err
+    code, _, err = run(capsys, "keys", "limits", "capped")
+    assert code == 2 and "give at least one of --max-running-jobs" in err
 
 
 def test_submit_jobs_status_cancel_resume(env, capsys, tmp_path):
@@ -141,19 +148,12 @@ def deployed(server, env, micro_data):
     save_checkpoint(ck, cfg, GPT(cfg, generator=torch.Generator().manual_seed(0)).state_dict(),
                     tokenizer_dir=micro_data / "tokenizer")
     model = OpenAIServer.in_process(DeploymentRequest(checkpoint=str(ck), name="served-ck"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_api(model), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    sessions = open_store(GatewaySettings(home=home).db_url)
-    with sessions.begin() as s:
-        s.merge(Deployment(id="served-ck", owner="cli", checkpoint="owners/cli/ck", spec={}, state="RUNNING",
-                           url=f"http://127.0.0.1:{port}", attempt=0, created_at=utcnow(), updated_at=utcnow()))
-    yield ck
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_server(build_api(model)) as url:
+        sessions = open_store(GatewaySettings(home=home).db_url)
+        with sessions.begin() as s:
+            s.merge(Deployment(id="served-ck", owner="cli", checkpoint="owners/cli/ck", spec={}, state="RUNNING",
+                               url=url, attempt=0, created_at=utcnow(), updated_at=utcnow()))
+        yield ck
     model.engine.close()
 
 

@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -22,7 +24,7 @@ import pytest
 from openai import OpenAI
 
 from api.settings import GatewaySettings
-from api.stack import free_port, start_gateway, start_ray, stop_processes
+from api.stack import TOKEN_FILE, free_port, start_gateway, start_ray, stop_processes
 from api.store import create_key, open_store
 from tests.conftest import micro_plan, ray_test_env
 
@@ -81,11 +83,14 @@ class Stack:
 def stack(tmp_path_factory, micro_data):
     home = tmp_path_factory.mktemp("flm-home")
     shutil.copytree(micro_data, home / "owners" / "e2e" / "micro")  # the key's owner's own directory
-    with ray_test_env():
+    with ray_test_env() as mp:
+        mp.delenv("RAY_AUTH_MODE")  # what a user's shell has: the stack turns Ray's token auth on, as `flm up` does
         t0 = time.perf_counter()
         s = Stack(home, dict(os.environ))
         s.http.headers["Authorization"] = f"Bearer {s.key}"
         print(f"\nstack up in {time.perf_counter() - t0:.1f} s")
+        mp.setenv("RAY_AUTH_MODE", "token")  # this process's Ray clients (ray_actors) hold the token too
+        mp.setenv("RAY_AUTH_TOKEN_PATH", s.ray["auth_token_path"])
         yield s
         stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
 
@@ -118,6 +123,20 @@ def single(stack):
     r = stack.http.post("/v1/jobs", json={"kind": "train", "plan": p})
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+def test_ray_token_auth_is_on(stack):
+    """The head was started as `flm up` starts it, from a shell that chose no auth mode: Ray's token auth is on with
+    a token of the stack's own (256 bits, readable by its owner only) and the dashboard's job API refuses requests
+    without it. Every other test of this module runs under it (the gateway submits, cancels and deploys with it)."""
+    token_file = Path(stack.ray["auth_token_path"])
+    token = token_file.read_text()
+    assert token_file == stack.home / "stack" / TOKEN_FILE
+    assert len(token) == 64 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    jobs = f"{stack.ray['dashboard']}/api/jobs/"
+    assert httpx.get(jobs).status_code == 401
+    assert httpx.get(jobs, headers={"Authorization": "Bearer " + "0" * 64}).status_code == 403
+    assert httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
 def test_cancel_stops_the_ray_job_and_its_workers_and_resume_continues(stack, pipeline, single):

@@ -26,7 +26,7 @@ def test_migrations_build_the_orm_schema(tmp_path):
     engine = sessions.kw["bind"]
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
     assert set(inspect(engine).get_table_names()) == {"alembic_version", "api_keys", "jobs", "deployments"}
     open_store(f"sqlite:///{tmp_path / 'g.db'}")  # idempotent on an up-to-date store
 
@@ -68,7 +68,7 @@ def test_revoking_needs_one_matching_key(tmp_path):
     sessions = open_store(f"sqlite:///{tmp_path / 'g.db'}")
     create_key(sessions, "dup")
     _, second = create_key(sessions, "dup")
-    with pytest.raises(FLMConfigError, match="2 keys are named 'dup'; revoke one by its id"):
+    with pytest.raises(FLMConfigError, match="2 keys are named 'dup'; name one by its id"):
         revoke_key(sessions, "dup")
     assert revoke_key(sessions, str(second.id)).revoked_at is not None
     with pytest.raises(FLMConfigError, match="no API key with id, name or value 'nobody'"):

@@ -1,6 +1,10 @@
 """The deployment templates (Dockerfile, docker-compose.yml, cluster/deploy/): they parse, agree with each other and
-with the code: image names, ports, entrypoints that the `flm` command accepts, GPU capacity for the paper's plan."""
+with the code: image names, ports, entrypoints that the `flm` command accepts, GPU capacity for the paper's plan; and
+they are safe by default: Ray's token auth on in every one (and in `flm up`), the dashboards and Serve reachable only
+on localhost or a private network with the gateway the one public door, no secret written in any of them (each its
+own reference), a non-root user in the image."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -9,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from api.settings import DEFAULT_PORT
+from api.settings import DEFAULT_PORT, GatewaySettings
 from flm.cli import build_parser
 from flm.config import load_plan
 
@@ -88,8 +92,6 @@ def test_kuberay_manifests_agree_with_the_code_and_each_other():
         for c in containers(spec):
             assert c["image"].split(":")[0] == IMAGE
             env = {e["name"]: e for e in c["env"]}
-            assert env["RAY_AUTH_MODE"]["value"] == "token"
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
             assert {"mountPath": "/data", "name": "flm-home"} in c["volumeMounts"]
             assert env["FLM_HOME"]["value"] == "/data"
     flm_accepts(kuberay()["RayJob"]["spec"]["entrypoint"])
@@ -155,3 +157,109 @@ def test_compose_database_driver_is_in_the_image():
     pyproject = (ROOT / "pyproject.toml").read_text()
     installed = " ".join(re.search(rf"^{e} = \[(.*)\]", pyproject, re.M).group(1) for e in extras.split(","))
     assert driver in installed
+
+
+# --- safe by default --------------------------------------------------------------------------------------------
+SECRET_KEY = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY", re.I)
+REFERENCE = re.compile(r"^\$\{(\w+)(:[?-][^}]*)?\}$")  # compose: a variable of the shell that runs it
+
+
+def templates() -> dict[str, str]:
+    paths = [ROOT / "Dockerfile", ROOT / "docker-compose.yml", *sorted(DEPLOY.rglob("*.yaml"))]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in paths}
+
+
+def items(node, path=()):
+    """(path, key, value) of every mapping entry in a parsed YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield path, k, v
+            yield from items(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from items(v, (*path, i))
+
+
+def test_token_auth_is_on_in_every_template_and_in_flm_up(tmp_path):
+    for path in launchers():
+        cfg = yaml.safe_load(path.read_text())
+        assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"], path.name
+        assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}, path.name  # where Ray looks
+    for spec in ray_cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "flm-ray-token"}
+        for c in containers(spec):  # the operator sets the mode and the token: nothing hand-set to disagree
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & {e["name"] for e in c["env"]}
+    for name, s in compose()["services"].items():
+        if s.get("image", "").startswith(IMAGE):
+            assert s["environment"]["RAY_AUTH_MODE"] == "token", name
+    from api.stack import TOKEN_FILE, ray_auth_env
+
+    env = ray_auth_env(tmp_path, {})  # what `flm up` gives Ray and the gateway (for real: tests/api/test_stack.py)
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "stack" / TOKEN_FILE)}
+
+
+def test_dashboards_and_serve_are_private_and_the_gateway_is_the_one_door():
+    for path in launchers():
+        cfg = yaml.safe_load(path.read_text())
+        heads = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+        assert heads and all("--dashboard-host=127.0.0.1" in c for c in heads), path.name
+        assert "0.0.0.0" not in json.dumps(cfg), path.name
+    docs = [d for p in sorted((DEPLOY / "kuberay").glob("*.yaml")) for d in load_all(p)]
+    for spec in ray_cluster_specs():
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert not [d for d in docs if d["kind"] == "Service" and d["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}  # every Ray pod
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert peers and all(set(p) <= {"podSelector", "namespaceSelector"} and all(s["matchLabels"] for s in p.values())
+                         for p in peers)  # no ipBlock, no empty selector (which would let everything in)
+    assert {"matchLabels": {"app.kubernetes.io/name": "flm-gateway"}} in [p.get("podSelector") for p in peers]
+    assert kuberay()["RayJob"]["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod to let in
+    services = compose()["services"]
+    assert all("network_mode" not in s for s in services.values())
+    assert {n for n, s in services.items() if s.get("ports")} == {"gateway"}
+    # the gateway's defaults (flm up, a gateway on a launcher's head) reach Ray and Serve on localhost
+    settings = GatewaySettings()
+    assert settings.ray_address.startswith("http://127.0.0.1:") and settings.serve_url.startswith("http://127.0.0.1:")
+
+
+def test_no_secret_is_written_in_a_template():
+    texts = templates()
+    for name, text in texts.items():
+        assert not re.search(r"\b[0-9a-f]{32,}\b", text), name  # no generated token or password pasted in
+        assert not re.search(r"://[^/\s:@]+:(?!\$\{)[^@\s]+@", text), name  # a URL's password only as ${VAR}
+    for name, text in texts.items():
+        if not name.endswith((".yaml", ".yml")):
+            continue
+        for doc in yaml.safe_load_all(text):
+            for _, key, value in items(doc):
+                if key == "name" or not isinstance(key, str) or not SECRET_KEY.search(key) or value is None:
+                    continue  # None: passed through from the shell
+                if isinstance(value, str) and (m := REFERENCE.match(value)):
+                    assert m.group(1) == key, (name, key, value)  # each secret its own variable, named for it
+                elif key in ("secretName", "secretKeyRef") or key.endswith("_token"):
+                    continue  # a Kubernetes Secret's name, a token file's path
+                else:
+                    raise AssertionError(f"{name}: {key} = {value!r} is written in the template")
+            for _, key, value in items(doc):  # Kubernetes env entries: a secret only from a Secret
+                if key == "env" and isinstance(value, list):
+                    for e in value:
+                        if SECRET_KEY.search(e["name"]):
+                            assert "secretKeyRef" in e.get("valueFrom", {}), (name, e)
+    minio = compose()["services"]["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    assert REFERENCE.match(minio).group(1) == "MINIO_ROOT_PASSWORD"  # not the database's password
+
+
+def test_the_image_runs_as_a_non_root_user():
+    lines = [ln.split() for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.strip()]
+    users = [i for i, ln in enumerate(lines) if ln[0] == "USER"]
+    assert users and lines[users[-1]][1] not in ("root", "0"), users
+    assert not [ln for ln in lines[users[-1]:] if ln[0] == "RUN"]  # nothing after it runs as root
+    for name, s in compose()["services"].items():
+        assert s.get("user") in (None, "flm"), name
+    for spec in ray_cluster_specs():  # and the shared volume is writable by it (fsGroup)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            ctx = group["template"]["spec"]["securityContext"]
+            assert ctx == {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}
+    assert "useradd --create-home --uid 1000" in (ROOT / "Dockerfile").read_text()

@@ -14,6 +14,7 @@ from flm.checkpoint import consolidate, list_checkpoints, load_checkpoint
 from flm.config import GrowthPlan
 from flm.growth import grow_model, transfer_adamw_state
 from flm.model import GPT
+from flm.offline_growth import CheckpointReader
 from flm.sharded import is_sharded
 from flm.train import Trainer, read_metrics
 from tests.conftest import micro_plan
@@ -146,6 +147,13 @@ def test_sharded_growth_equals_in_memory_growth(micro_data, tp2xdp2, tmp_path):
     assert grown.optimizer["state"].keys() == want.keys()
     for i, state in want.items():
         assert all(torch.equal(grown.optimizer["state"][i][key], state[key]) for key in state)
+    # a tensor at a time from the sharded checkpoint: its DCP index is read once, not once per tensor
+    reader = CheckpointReader(tp2xdp2 / "checkpoints" / "step_00000012")
+    for name in reader.param_names():
+        assert torch.equal(reader.tensor(name), ck.model[name])
+        reader.moment(name, "exp_avg")
+    assert reader.step() == reader.step() == ck.optimizer["state"][0]["step"]
+    assert reader._reader.reads == 1
 
 
 def test_consolidate_cli(tp2xdp2, tmp_path):

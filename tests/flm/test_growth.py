@@ -189,3 +189,27 @@ def test_adamw_state_transfer_keeps_old_slices(placement):
     new_opt.zero_grad()
     grown(idx, idx)[1].backward()
     new_opt.step()
+
+
+@pytest.mark.parametrize(("dim", "size", "proj"), [("d_ffn", 512, "mlp"), ("n_head", 8, "attn")])
+def test_ffn_or_head_growth_gives_the_projection_its_new_fan_in(dim, size, proj):
+    """Growing the FFN or the heads 4x without the width quadruples the fan-in of mlp.proj / attn.proj only: their
+    new columns are initialised as in a scratch model of the grown shape (std / sqrt(4 · 2L), half the old columns'
+    std) and their AdamW group trains at a quarter of the LR with 4x the weight decay (flm/mup.py)."""
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, vocab_size=30, seq_len=8, base_width=32)
+    new_cfg = ModelConfig(**{**cfg.model_dump(), dim: size})
+    grown = grow_model(GPT(cfg, generator=torch.Generator().manual_seed(0)), new_cfg,
+                       generator=torch.Generator().manual_seed(1))
+    scratch = GPT(new_cfg, generator=torch.Generator().manual_seed(2))
+    old_cols = cfg.d_ffn if proj == "mlp" else cfg.attn_dim
+    for b in range(2):
+        w_grown = getattr(grown.blocks[b], proj).proj.weight.detach()
+        w_scratch = getattr(scratch.blocks[b], proj).proj.weight.detach()
+        assert w_grown[:, old_cols:].std().item() == pytest.approx(w_scratch.std().item(), rel=0.1)
+        assert w_grown[:, :old_cols].std().item() == pytest.approx(2 * w_scratch.std().item(), rel=0.15)
+    group_of = {id(p): g for g in mup.param_groups(grown, new_cfg, 1e-3, 0.1) for p in g["params"]}
+    group = {name: group_of[id(p)] for name, p in grown.named_parameters()}
+    assert group[f"blocks.1.{proj}.proj.weight"]["lr"] == pytest.approx(1e-3 / 4)
+    assert group[f"blocks.1.{proj}.proj.weight"]["weight_decay"] == pytest.approx(0.4)
+    for name in ("blocks.1.attn.q.weight", "blocks.1.mlp.fc.weight"):  # fan-in d_model: unchanged
+        assert (group[name]["lr"], group[name]["weight_decay"]) == pytest.approx((1e-3, 0.1))

@@ -132,3 +132,29 @@ def test_xpos_scale_decays_with_distance():
     assert torch.allclose(factor[0], torch.ones_like(factor[0]))
     assert (factor[1:] < factor[:-1]).all()  # strictly decaying in d, every channel pair
     assert factor[-1].max() < 1
+
+
+@pytest.mark.parametrize("pos", ["rope", "xpos"])
+def test_rotary_scores_are_translation_invariant_across_offsets(pos):
+    """The decoding path asks for the query's tables separately (`start` = its position) and may run past the
+    training window: a query at n + s against keys at m + s scores as at s = 0, for offsets s within and beyond
+    seq_len, with the query's and the keys' tables computed by separate calls."""
+    from flm.model import Rotary, apply_rotary
+
+    cfg = ModelConfig(n_layer=1, d_model=64, n_head=2, vocab_size=8, seq_len=128, pos=pos)
+    rotary, f64, cpu = Rotary(cfg), torch.float64, torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 32, dtype=f64, generator=g)
+    k = torch.randn(1, 1, 128, 32, dtype=f64, generator=g)  # a different key at every position m
+
+    def scores(s: int, split: bool, n: int = 100) -> torch.Tensor:
+        window = rotary.tables(s, 128, f64, cpu)
+        q_tables = rotary.tables(s + n, 1, f64, cpu) if split else [t if t is None else t[n : n + 1] for t in window]
+        qr, _ = apply_rotary(q, q, *q_tables)
+        _, kr = apply_rotary(k, k, *window)
+        return (qr @ kr.transpose(-1, -2))[0, 0, 0, : n + 1]  # keys at m <= n, as causal attention sees them
+
+    ref = scores(0, split=False)  # one call for the whole window, as in training
+    for s in (0, 1, 37, 128, 1000):
+        for split in (False, True):
+            assert torch.allclose(scores(s, split), ref, rtol=1e-9, atol=1e-12), (s, split)

@@ -44,6 +44,40 @@ def test_growth_keeps_the_loss(reference_run):
     assert len(events) == 2
     for e in events:
         assert e["dloss"] <= 1e-5 and e["max_abs_dlogits"] <= 1e-4
+        # with a ramp the first step after growth trains at mask 0: the logged model is the masked one
+        assert (e["ramp_steps"], e["mask"]) == (4, 0.0) and e["dloss"] == e["masked_dloss"]
+
+
+@pytest.mark.parametrize("growth", ["offline", "online"])
+def test_growth_without_ramp_logs_the_model_that_trains(micro_data, tmp_path, growth):
+    """ramp_steps 0 removes the masks at once: the new weights train at full scale from the first step, so the
+    growth record's dloss is that model's (not the masked model's, which is exact and logged as masked_dloss)."""
+    data = micro_plan(micro_data, tmp_path).model_dump()
+    data["stages"][1].update(ramp_steps=0, growth=growth)
+    Trainer(GrowthPlan.model_validate(data)).fit(max_steps=13)
+    (event,) = [r for r in read_metrics(tmp_path) if r.get("event") == "growth"]
+    assert (event["ramp_steps"], event["mask"]) == (0, 1.0)
+    assert event["masked_dloss"] <= 1e-5 and event["masked_max_abs_dlogits"] <= 1e-4  # the operators are exact
+    assert event["max_abs_dlogits"] > 1e-3  # a new interleaved block at full scale changes the function
+    assert event["dloss"] != event["masked_dloss"]
+
+
+def test_ffn_growth_retunes_the_projection_lr_and_decay(micro_data, tmp_path):
+    """Stage 1 grows only the FFN, 128 -> 512 at d_model 32 = base_width: from the growth on, mlp.proj (fan-in 4x
+    the base model's) trains at a quarter of the stage's LR with 4x the weight decay, every other weight as before."""
+    data = micro_plan(micro_data, tmp_path).model_dump()
+    data["stages"][1].update(grow={"d_ffn": 512}, depth_placement="stack")
+    plan = GrowthPlan.model_validate(data)
+    trainer = Trainer(plan)
+    trainer.fit(max_steps=13)  # stage 0, the growth at step 12, one step of stage 1
+    names = {id(p): n for n, p in trainer.raw.named_parameters()}
+    lr, wd = lr_at(plan, 12), plan.train.optim.weight_decay
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            scale = 4.0 if names[id(p)].endswith("mlp.proj.weight") else 1.0
+            assert group["lr"] == pytest.approx(lr / scale), names[id(p)]
+            if group["weight_decay"]:
+                assert group["weight_decay"] == pytest.approx(wd * scale), names[id(p)]
 
 
 @pytest.mark.parametrize("stop_at", [7, 12, 14, 26, 31], ids=lambda s: f"stop{s}")

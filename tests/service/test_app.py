@@ -29,6 +29,7 @@ from service.app import (
     undeploy,
 )
 from service.protocol import CHAT_STOP, ChatMessage, render_chat
+from tests.conftest import uvicorn_server
 
 NAME = "micro"
 
@@ -130,6 +131,8 @@ BAD = [  # (body or raw bytes, status, param, code)
     ({"model": NAME, "prompt": "To be", "min_p": 0.1}, 400, "min_p", "unsupported_parameter"),
     ({"model": NAME, "prompt": "To be", "logprobs": 1, "stream": True}, 400, "logprobs", "unsupported_parameter"),
     ({"model": NAME, "prompt": "To be", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),  # 0: echo only
+    ({"model": NAME, "prompt": "To be", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"model": NAME, "prompt": "To be", "stop": "x" * 257}, 400, "stop", "invalid_value"),
 ]
 
 
@@ -251,8 +254,12 @@ def test_deployment_options_place_the_shards_and_scale_the_replicas():
     assert auto["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * 4 and "num_replicas" not in auto
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 5, "upscale_delay_s": 30.0,
                                           "downscale_delay_s": 600.0, "target_ongoing_requests": 8}
+    assert (fixed["max_queued_requests"], auto["max_queued_requests"]) == (4 * 16 * 3, 4 * 8 * 5)  # never unbounded
     for options in (fixed, auto):  # Serve accepts them
-        assert FLMDeployment.options(**options).max_ongoing_requests == options["max_ongoing_requests"]
+        deployment = FLMDeployment.options(**options)
+        assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+        assert deployment.max_queued_requests == options["max_queued_requests"]
+        assert deployment.backpressure_config.status_code == 429 and deployment.backpressure_config.retry_after_s == 1
 
 
 # --- through Ray Serve ------------------------------------------------------------------------------------------
@@ -301,6 +308,46 @@ def test_bad_input_through_serve(served):
     r = httpx.post(served + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert api.completions.create(model=NAME, prompt="To be", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_overload_is_a_429_with_retry_after_from_serve_and_openais_body_through_the_gateway(served, grown, tmp_path):
+    """A deployment that takes one request at a time and queues one more (max_queued_requests): of 8 requests at
+    once, Serve answers the extra ones 429 with Retry-After at once (before, its queue had no bound and the engine's
+    own 429 never fired); through the gateway the same refusal is OpenAI's body (code rate_limit_exceeded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.app import create_app
+    from api.settings import GatewaySettings
+    from api.store import Deployment, create_key, utcnow
+
+    name = "tight"
+    url = deploy(DeploymentRequest(checkpoint=str(grown["final"]), name=name, cpus_per_shard=0.3, max_batch=1,
+                                   max_ongoing_requests=1, max_queued_requests=1))
+    body = {"model": name, "prompt": "To be", "max_tokens": 20, "temperature": 0}
+
+    def at_once(target: str, headers: dict) -> list[httpx.Response]:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: httpx.post(target, json=body, headers=headers, timeout=120), range(8)))
+        assert sorted({r.status_code for r in answers}) == [200, 429], [r.status_code for r in answers]
+        assert next(r for r in answers if r.status_code == 200).json()["usage"]["completion_tokens"] == 20
+        return [r for r in answers if r.status_code == 429]
+
+    app = create_app(GatewaySettings(home=tmp_path, ray_address="http://127.0.0.1:9"), reconcile=False)
+    try:
+        refused = at_once(f"{url}/v1/completions", {})[0]
+        assert refused.headers["retry-after"] == "1" and "backpressure" in refused.text
+        with uvicorn_server(app) as gateway:
+            sessions = app.state.gateway.sessions
+            key, _ = create_key(sessions, "team")
+            with sessions.begin() as s:
+                s.add(Deployment(id=name, owner="team", checkpoint="owners/team/ck", spec={}, state="RUNNING",
+                                 url=url, attempt=0, created_at=utcnow(), updated_at=utcnow()))
+            refused = at_once(f"{gateway}/v1/completions", {"Authorization": f"Bearer {key}"})[0]
+        error = refused.json()["error"]
+        assert (error["code"], error["param"], refused.headers["retry-after"]) == ("rate_limit_exceeded", "model", "1")
+        assert "tight is overloaded" in error["message"]
+    finally:
+        undeploy(name)
 
 
 def test_flm_eval_against_the_deployment_cuts_long_prompts_as_the_local_backend(served, grown, tmp_path, capsys):

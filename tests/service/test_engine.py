@@ -74,6 +74,29 @@ def test_stop_string_ends_the_text_and_is_never_streamed(grown, reference):
     assert all(stop not in "".join(d.text for d in parts[:k]) for k in range(len(parts) + 1))
 
 
+def test_held_back_is_the_longest_stop_prefix_at_the_end_and_does_not_scan_the_text():
+    """held_back equals the definition (every prefix tried on a copy of the text) on random cases, and its cost per
+    token does not grow with the text: 4 stops of 256 characters against 10 MB of text, 100 times, in well under a
+    second (the definition copied the text once per prefix: 1,020 copies of 10 MB per token)."""
+    import random
+    import time
+
+    from service.engine import held_back
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab\n") for _ in range(rng.randint(0, 12)))
+        stop = "".join(rng.choice("ab\n") for _ in range(rng.randint(1, 6)))
+        end = rng.randint(0, len(text))
+        want = max((k for k in range(1, len(stop)) if text[:end].endswith(stop[:k])), default=0)
+        assert held_back(text, end, stop) == want, (text, end, stop)
+    text = "ab" * 5_000_000
+    stops = ["b" + "ab" * 127 + "c", "a" * 255 + "c", "ba" * 128, "x" * 256]
+    t0 = time.perf_counter()
+    holds = [max(held_back(text, len(text), s) for s in stops) for _ in range(100)]
+    assert holds[0] == 255 and time.perf_counter() - t0 < 1.0
+
+
 def test_cancelled_request_leaves_the_batch(grown, reference):
     _, tok = reference
     engine = make_engine(grown, reference)
