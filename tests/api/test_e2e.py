@@ -1,16 +1,23 @@
-"""The gateway end to end: a real Ray head (`ray start --head --block`, as `flm up` starts it) and a real uvicorn
-gateway, driven over HTTP only.
+"""The gateway end to end: a real Ray head (`ray start --head --block`, as `flm up` starts it, token auth on) and a
+real uvicorn gateway, driven over HTTP and through the web console in a real headless browser (Debian's chromium
+driven by Playwright). One stack for the module: starting Ray and Serve costs most of a minute each here.
 
-Two jobs run side by side on the 2-CPU cluster: a pipeline (the micro plan's first stage -> the IQ suite -> a
-TP = 2 deployment) and a long one-stage training job. The second is cancelled (its Ray job, controller and
-workers stop), resumed (the same run continues from its checkpoint) and cancelled again; the gateway is killed
-while the pipeline runs and a new one on the same store catches up; finally the official `openai` client gets
-completions of the deployed model through the gateway, equal to the checkpoint's own greedy decoding, and
-stopping the stack as `flm down` does leaves no process of it behind.
+Two jobs run side by side on the 2-CPU cluster: a pipeline (the micro plan's three stages, two growths -> the IQ
+suite -> a TP = 2 deployment) and a long one-stage training job. The second is cancelled (its Ray job, controller
+and workers stop), resumed (the same run continues from its checkpoint) and cancelled again; the gateway is killed
+while the pipeline runs and a new one on the same store catches up; the official `openai` client gets completions
+of the deployed model through the gateway, equal to the checkpoint's own greedy decoding. Then the console: a wrong
+key and another owner's key see no job; the finished pipeline's curves show its two growth markers; the Deploy
+button deploys it; the playground streams a completion; the long job is resumed and cancelled from its page; the
+plan page prices a preset. Finally stopping the stack as `flm down` does leaves no process of it behind.
+
+Screenshots of the console go to the test's temporary directory; with FLM_CONSOLE_SCREENSHOTS=DIR (docs/ for the
+README's) they are copied there too.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -29,6 +36,10 @@ from api.store import create_key, open_store
 from tests.conftest import micro_plan, ray_test_env
 
 pytestmark = pytest.mark.timeout(600)  # each test waits on Ray jobs; on a loaded machine they take minutes
+CHROMIUM = Path(os.environ.get("FLM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+WAIT_MS = 300_000  # the browser's longest wait for Ray (a loaded machine)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
 LONG = 5000  # steps of the job that is cancelled, resumed and cancelled again
@@ -103,15 +114,13 @@ def plan(stages: int, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(stack):
-    """The pipeline job, submitted over HTTP (train -> IQ suite -> deploy with TP = 2). One stage: each stage is a
-    Ray Train run of its own, which costs tens of seconds to start on this machine (growth across Ray Train runs is
-    tested in tests/cluster/test_train.py)."""
-    body = {"kind": "pipeline", "plan": plan(1), "eval": {"subtasks": "rule", "n_items": 1},
+    """The pipeline job, submitted over HTTP (train three stages, growing twice -> IQ suite -> deploy with TP = 2)."""
+    body = {"kind": "pipeline", "plan": plan(3), "eval": {"subtasks": "rule", "n_items": 1},
             "deploy": {"tp": 2}}
     r = stack.http.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     job = r.json()
-    assert job["state"] == "QUEUED" and job["progress"]["total_steps"] == 12
+    assert job["state"] == "QUEUED" and job["progress"]["total_steps"] == 36
     return job["id"], time.perf_counter()
 
 
@@ -214,15 +223,15 @@ def test_gateway_restart_loses_nothing(stack, pipeline):
           f"{[(s['name'], s['state'], s['seconds']) for s in job['steps']]}")
     assert [(s["name"], s["state"]) for s in job["steps"]] == [
         ("tune", "SKIPPED"), ("train", "SUCCEEDED"), ("eval", "SUCCEEDED"), ("deploy", "SUCCEEDED")]
-    assert job["progress"]["percent"] == 100.0 and job["stage"] == 0 and job["stages"] == 1
-    assert job["checkpoints"][-1] == f"runs/{job_id}/checkpoints/step_00000012"
+    assert job["progress"]["percent"] == 100.0 and job["stage"] == 2 and job["stages"] == 3
+    assert job["checkpoints"][-1] == f"runs/{job_id}/checkpoints/step_00000036"
     assert job["results"]["train"]["checkpoint"] == job["checkpoints"][-1]
     assert set(job["results"]["eval"]["categories"]) == {"rule"}
     assert job["results"]["deploy"]["name"] == job_id
     # the stream carried every record of the run, in order, and ended with the final state
     records = stack.get(f"/v1/jobs/{job_id}/metrics")["records"]
     assert [d for e, d in events if e == "metric"] == records
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 37))
     assert events[-1] == ("end", {"state": "SUCCEEDED", "error": None})
 
 
@@ -252,6 +261,207 @@ def test_completions_through_the_gateway_with_the_openai_client(stack, pipeline)
     with pytest.raises(Exception) as err:
         client.completions.create(model="nothing-here", prompt=prompt, max_tokens=2)
     assert getattr(err.value, "status_code", None) == 404
+
+
+# --- the web console in a real browser ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no chromium binary at {CHROMIUM}: `apt-get install chromium` (make setup does, as root) or set "
+                    f"FLM_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """save(page, name): a full-page PNG in the test's directory (and in $FLM_CONSOLE_SCREENSHOTS if set)."""
+    out = tmp_path_factory.mktemp("screenshots")
+    extra = os.environ.get("FLM_CONSOLE_SCREENSHOTS")
+
+    def save(page, name):
+        path = out / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        if extra:
+            shutil.copy(path, Path(extra) / path.name)
+        return path
+
+    return save
+
+
+@pytest.fixture(scope="module")
+def page(browser, stack):
+    """The signed-in console of the `e2e` key's owner, shared by the tests in order; fails a test on any script
+    error of the page."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.goto(f"{stack.gw['url']}/console/")
+    sign_in(pg, stack.key)
+    pg.wait_for_selector("#jobs-table")
+    yield pg
+    context.close()
+
+
+def sign_in(page, key):
+    page.get_by_role("textbox", name="API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def badge(page, selector="h1 .state"):
+    return page.locator(selector).first.get_attribute("data-state")
+
+
+def test_console_a_wrong_key_and_another_owners_key_see_none_of_the_jobs(browser, stack, pipeline):
+    from api.settings import GatewaySettings
+    from api.store import create_key, open_store
+
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.goto(f"{stack.gw['url']}/console/#/jobs/{pipeline[0]}")
+    sign_in(pg, "flm_not-a-key")
+    pg.wait_for_selector("#login-error:has-text('not accepted')")
+    assert pg.locator("#login").is_visible() and pg.locator("#page *").count() == 0
+    assert pg.evaluate("sessionStorage.length") == 0  # a refused key is not kept
+
+    other, _ = create_key(open_store(GatewaySettings(home=stack.home).db_url), "mallory")
+    sign_in(pg, other)
+    pg.wait_for_selector(".error:has-text('belongs to another owner')")  # the pipeline's page: a 403, no data
+    assert pg.locator("#chart-tokens, .facts").count() == 0
+    pg.goto(f"{stack.gw['url']}/console/#/jobs")
+    pg.wait_for_selector("#jobs-table + p:has-text('No jobs yet')")
+    assert pg.locator("tr[data-job]").count() == 0
+    assert all(k not in pg.url for k in (other, stack.key))  # the key is never in a URL
+    context.close()
+
+
+def test_console_resumes_and_cancels_a_job_from_its_page(page, stack, single):
+    """The long job, STOPPED by the REST tests above: its page's Resume starts attempt 3, the jobs table follows it
+    to RUNNING on its own, and the page's Cancel stops it."""
+    page.goto(f"{stack.gw['url']}/console/#/jobs")
+    row = page.locator(f"tr[data-job='{single}']")
+    row.wait_for()
+    assert row.locator("td").nth(1).inner_text() == "train" and row.get_attribute("data-state") == "STOPPED"
+    row.get_by_role("link", name=single).click()
+    page.wait_for_selector(f"h1:has-text('{single}') .state[data-state='STOPPED']")
+    page.get_by_role("button", name="Resume").click()  # POST .../resume
+    page.wait_for_selector("#action-status:has-text('Resume: done')")
+    page.get_by_role("link", name="← Jobs").click()
+    page.wait_for_selector(f"tr[data-job='{single}'][data-state='RUNNING']", timeout=WAIT_MS)  # the table follows
+    assert stack.get(f"/v1/jobs/{single}")["attempt"] == 3
+    row.get_by_role("link", name=single).click()
+    page.wait_for_selector(f"h1:has-text('{single}') .state[data-state='RUNNING']")
+    page.get_by_role("button", name="Cancel job").click()
+    page.get_by_role("button", name="Yes, cancel it").click()
+    page.wait_for_selector("h1 .state[data-state='STOPPING'], h1 .state[data-state='STOPPED']")
+    assert stack.get(f"/v1/jobs/{single}")["state"] in ("STOPPING", "STOPPED")
+    page.wait_for_selector("h1 .state[data-state='STOPPED']", timeout=60_000)
+    page.wait_for_selector("#stream-status:has-text('ended STOPPED')")
+    assert page.get_by_role("button", name="Resume").is_visible()
+    assert stack.get(f"/v1/jobs/{single}")["state"] == "STOPPED"
+    assert not page.errors, page.errors
+
+
+def test_console_shows_the_grown_pipelines_curves_with_its_two_growth_markers(page, stack, pipeline, shots):
+    grown = pipeline[0]
+    page.goto(f"{stack.gw['url']}/console/#/jobs/{grown}")
+    page.wait_for_selector(f"h1:has-text('{grown}')")
+    page.wait_for_selector("h1 .state[data-state='SUCCEEDED']", timeout=WAIT_MS)
+    page.wait_for_selector("#stream-status:has-text('ended SUCCEEDED')")
+    records = stack.get(f"/v1/jobs/{grown}/metrics")["records"]
+    growths = [r for r in records if r.get("event") == "growth"]
+    assert [g["stage"] for g in growths] == [1, 2]
+    for chart in ("#chart-tokens", "#chart-flops"):
+        markers = page.locator(f"{chart} .growth-marker text").all_text_contents()
+        assert len(markers) == 2, markers
+        for text, g in zip(markers, growths, strict=True):
+            assert f"stage {g['stage'] + 1}" in text and "|Δloss|" in text
+        points = int(page.locator(f"{chart} .series.train").get_attribute("data-points"))
+        assert points == sum("loss" in r for r in records) == 36  # every logged step of the three stages
+        val = int(page.locator(f"{chart} .series.val").get_attribute("data-points"))
+        assert val == sum("val_loss" in r for r in records) > 0
+    events = page.locator("#growth-events tbody tr")
+    assert events.count() == 2
+    assert [events.nth(i).locator("td").nth(1).inner_text() for i in range(2)] == \
+        [str(g["step"]) for g in growths] == ["12", "24"]
+    stages = page.locator("#stages tbody tr")
+    assert stages.count() == 3  # each stage trained all of its planned 4 x 32 x 12 tokens
+    assert [stages.nth(k).locator("td").nth(2).inner_text() for k in range(3)] == ["1.54k / 1.54k"] * 3
+    job = stack.get(f"/v1/jobs/{grown}")
+    assert page.locator("ul.paths li").last.inner_text() == job["checkpoints"][-1]
+    steps = page.locator("#steps tbody tr")
+    assert [steps.nth(i).locator("td").nth(0).inner_text() for i in range(steps.count())] == \
+        ["tune", "train", "eval", "deploy"]
+    assert [steps.nth(i).locator(".state").get_attribute("data-state") for i in range(4)] == \
+        ["SKIPPED", "SUCCEEDED", "SUCCEEDED", "SUCCEEDED"]
+    page.get_by_role("button", name="Show the last 200 lines").click()
+    page.wait_for_selector("pre.log:visible")
+    driver_log = stack.get(f"/v1/jobs/{grown}/logs?tail=200")["logs"]
+    assert page.locator("pre.log").text_content() == re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", driver_log) != ""
+    shots(page, "console-job")
+    page.get_by_label("Deployment name").fill("micro")
+    page.get_by_label("TP", exact=True).fill("1")
+    page.get_by_role("button", name="Deploy").click()
+    page.wait_for_selector("#action-status:has-text('Deploy: done')")
+    assert stack.get("/v1/deployments/micro")["job_id"] == grown
+    assert stack.http.delete("/v1/deployments/micro").status_code == 202  # the pipeline's own serves the playground
+    assert not page.errors, page.errors
+
+
+def test_console_playground_streams_a_completion_of_the_deployment(page, stack, pipeline, shots):
+    name = pipeline[0]  # the pipeline deployed its checkpoint under its own id, TP = 2
+    page.goto(f"{stack.gw['url']}/console/#/deployments")
+    page.wait_for_selector(f"tr[data-deployment='{name}'][data-state='RUNNING']", timeout=WAIT_MS)
+    cells = page.locator(f"tr[data-deployment='{name}'] td")
+    assert (cells.nth(1).inner_text(), cells.nth(2).inner_text()) == ("2", "1")  # TP, replicas
+    page.get_by_label("Model (a RUNNING deployment)").select_option(name)
+    page.get_by_label("Prompt").fill("ROMEO: What light")
+    page.get_by_label("Max tokens").fill("16")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#pg-output[data-done='true']", timeout=60_000)
+    text = page.locator("#pg-output").text_content()
+    chunks = int(page.locator("#pg-output").get_attribute("data-chunks"))
+    status = page.locator("#pg-status").inner_text()
+    assert chunks > 1, (chunks, status)  # streamed: many server-sent events, not one answer
+    r = stack.http.post("/v1/completions", json={"model": name, "prompt": "ROMEO: What light", "max_tokens": 16,
+                                                 "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert text == r.json()["choices"][0]["text"] and text.strip(), (text, status)
+    shots(page, "console-deployments")
+    page.goto(f"{stack.gw['url']}/console/#/jobs")
+    page.wait_for_selector(f"tr[data-job='{name}'][data-state='SUCCEEDED']")
+    shots(page, "console-jobs")
+    assert not page.errors, page.errors
+
+
+def test_console_plan_page_prices_a_preset_and_names_a_bad_field(page, stack, shots):
+    page.goto(f"{stack.gw['url']}/console/#/jobs")  # the page has the focus: the navigation is before it
+    page.wait_for_selector("tr[data-job]")
+    for _ in range(8):  # by keyboard: Shift+Tab back to the navigation's Plan link, Enter
+        page.keyboard.press("Shift+Tab")
+        if page.evaluate("document.activeElement.textContent") == "Plan":
+            break
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#plan-form")
+    assert page.url.endswith("#/plan")
+    page.get_by_label("Preset").select_option("flm-101b")
+    page.get_by_role("button", name="Compute the cost").click()
+    page.wait_for_selector("#plan-cost")
+    cost = stack.http.post("/v1/plan", json={"plan": "flm-101b"}).json()
+    rows = page.locator("#plan-cost tbody tr")
+    assert rows.count() == len(cost["stages"]) + 2  # the stages, growth total, from scratch
+    assert [rows.nth(i).locator("th").inner_text() for i in range(3)] == [s["name"] for s in cost["stages"]]
+    assert f"{cost['time_saving'] * 100:.1f} %" in page.locator("#plan-saving").inner_text()
+    shots(page, "console-plan")
+    page.get_by_label("Plan (YAML, as in configs/)").fill("name: broken\nstages:\n  - tokens: 10\n")
+    page.get_by_role("button", name="Compute the cost").click()
+    page.wait_for_selector("#plan-out .error:has-text('plan.stages.0')")
+    assert not page.errors, page.errors
 
 
 def test_down_stops_exactly_the_stack(stack):
