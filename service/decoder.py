@@ -33,6 +33,7 @@ from flm import mup
 from flm.model import GPT, KVCache, Rotary, padding_mask
 
 PACKED_ROWS = 4  # rows from which oneDNN's packed weights beat the plain matmul
+PACKED_MIN_NUMEL = 1 << 19  # smaller weights (the tiny model's 256 x 1024) gain nothing from packing: left plain
 
 
 class PackedLinear(nn.Module):
@@ -143,15 +144,18 @@ class ServingGPT(nn.Module):
         self.head: PackedLinear | None = None  # set by pack()
         self._tables: dict[tuple, tuple] = {}  # (dtype, device) -> (cos, signed sin, xPos scale), (positions, hd)
 
-    def pack(self, rows: int) -> None:
-        """Hold every projection and the output head as `PackedLinear` (CPU float32; see there). The head gets its
-        own packed copy of the tied embedding (vocab x d_model floats more), the lookup keeps reading `wte`."""
+    def pack(self, rows: int, min_numel: int = PACKED_MIN_NUMEL) -> None:
+        """Hold every projection and the output head of `min_numel` weights or more as `PackedLinear` (CPU float32;
+        see there). The head gets its own packed copy of the tied embedding (vocab x d_model floats more), the
+        lookup keeps reading `wte`."""
         for block in self.blocks:
             for name in ("qkv", "attn_proj", "fc", "mlp_proj"):
                 m = getattr(block, name)
-                setattr(block, name, PackedLinear(m.weight, m.bias, rows, getattr(m, "reduce", False)))
+                if m.weight.numel() >= min_numel:
+                    setattr(block, name, PackedLinear(m.weight, m.bias, rows, getattr(m, "reduce", False)))
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        self.head = PackedLinear(head, None, rows)
+        if head.numel() >= min_numel:
+            self.head = PackedLinear(head, None, rows)
 
     def _rope(self, start: int, length: int, dtype: torch.dtype, device: torch.device, pad: torch.Tensor | None):
         """cos, signed sin (first half negated) and xPos scale, shaped for FusedBlock: (T, 1, 1, hd) for q/k laid

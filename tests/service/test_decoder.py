@@ -7,7 +7,8 @@ import torch
 
 from flm.checkpoint import load_model
 from flm.model import KVCache
-from service.tp import build_shard, read_config, read_shard_state
+from service.decoder import PackedLinear, can_pack
+from service.tp import build_shard, input_major, read_config, read_shard_state
 
 
 @pytest.mark.parametrize("which", ["final", "ramp"])
@@ -32,3 +33,18 @@ def test_serving_model_equals_flm_gpt(grown, which):
             want, _ = model(tok, cache=caches[0], pad=pad)
             got, _ = served(tok, cache=caches[1], pad=pad)
         assert (got - want).abs().max().item() <= 1e-10
+
+
+@pytest.mark.skipif(not can_pack(torch.float32), reason="no oneDNN on this build")
+def test_packed_weights_give_the_same_logits(grown):
+    """ServingGPT.pack (oneDNN-packed copies, used from 4 rows on) against the plain float32 model: fp32 rounding."""
+    model, _ = load_model(grown["final"])
+    cfg = read_config(grown["final"])
+    served = build_shard(cfg, read_shard_state(grown["final"], cfg, 0, 1), 1, positions=2 * cfg.seq_len)
+    input_major(served)
+    served.pack(8, min_numel=0)
+    assert isinstance(served.blocks[0].qkv, PackedLinear) and served.head is not None
+    idx = torch.randint(0, cfg.vocab_size, (8, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for rows in (1, 8):  # the plain kernel under 4 rows, the packed one from 4 on
+            assert (served(idx[:rows])[0] - model(idx[:rows])[0]).abs().max().item() <= 1e-5
