@@ -102,7 +102,7 @@ class DeploymentRequest(BaseModel):
     cpus_per_shard: float = Field(default=1.0, ge=0)
     gpus_per_shard: float = Field(default=0.0, ge=0, description="> 0: shards on GPUs, NCCL between them")
     replica_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved for the replica (HTTP + sampling)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
 

@@ -81,5 +81,6 @@ def add_serve_cli(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per replica (default 16)")
     p.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs reserved per shard actor (default 1)")
     p.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard actor (> 0: NCCL)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs and "
+                   "CPUs with native bf16, else float32; default float32)")
     p.set_defaults(func=cmd_serve)

@@ -11,8 +11,9 @@ All rows share one column counter P (`KVCache.pos`). Row b holds its tokens in c
 
 A joining request is prefilled on its own (a small cache, positions from 0) and its keys/values are copied into
 columns P-L .. P-1 of a free row; a prompt longer than P first shifts every row right. A leaving row is replaced by
-the last row (rows stay contiguous, so a decode step runs on rows 0 .. n-1 only). When P reaches the capacity,
-every row is shifted left by the smallest pad. Each row spans at most the model's context, so with a capacity above
+the last row (rows stay contiguous, so a decode step runs on rows 0 .. n-1 only). A decode step reads columns
+min(pad) .. P-1 only (the columns every row has left are skipped, not shifted); when P reaches the capacity, every
+row is shifted left by the smallest pad. Each row spans at most the model's context, so with a capacity above
 the context a shift always frees a column.
 """
 
@@ -110,16 +111,26 @@ class SlotBatch:
         self.cache.pos += by
 
     def _decode(self, tokens: list[int]) -> torch.Tensor:
-        if self.cache.pos == self.capacity:
-            free = int(self.pad[:self.rows].min())
-            if free == 0:
-                raise ValueError(f"a row spans all {self.capacity} columns: longer than the context")
-            self._shift(-free)
-        idx = torch.tensor(tokens, device=self.pad.device).view(-1, 1)
         pad = self.pad[:self.rows]
+        lo = int(pad.min())  # no row reads a column before this one
+        if self.cache.pos == self.capacity:
+            if lo == 0:
+                raise ValueError(f"a row spans all {self.capacity} columns: longer than the context")
+            self._shift(-lo)
+            pad, lo = self.pad[:self.rows], 0
+        idx = torch.tensor(tokens, device=self.pad.device).view(-1, 1)
+        # attention reads columns lo .. P only: the cache seen from column lo is a left-padded batch like any other
+        # (row b's pad shrinks by lo, its positions stay), so the columns every row has left cost nothing
+        cache = self.cache
+        if lo:
+            cache = KVCache([k[:, :, lo:] for k in self.cache.k], [v[:, :, lo:] for v in self.cache.v],
+                            self.cache.pos - lo)
+            pad = pad - lo
         # no row padded (one request, or rows that joined together): the plain causal path, without the padding
         # mask and the per-row position gather (the same numbers, fewer kernels per step)
-        logits, _ = self.model(idx, cache=self.cache, pad=pad if bool(pad.any()) else None)
+        logits, _ = self.model(idx, cache=cache, pad=pad if bool(pad.any()) else None)
+        if lo:
+            self.cache.pos += 1
         return logits[:, -1]
 
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:

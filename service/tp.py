@@ -23,9 +23,9 @@ One block on tp = 2 ranks (h heads of head_dim hd, FFN width f, model width d; x
 
 Each rank reads only its slices from the checkpoint's safetensors (`safe_open` + `get_slice`), so no process ever
 holds the whole model's blocks when tp > 1. The model code stays parallelism-free: a rank builds flm's own `GPT`
-with n_head / tp heads and d_ffn / tp FFN units (exactly the shapes of its slices) and swaps the two output
-projections of every block for `RowParallelLinear`; `GPT.forward`, the rotary tables, left padding and the KV cache
-are flm's.
+with n_head / tp heads and d_ffn / tp FFN units (exactly the shapes of its slices), swaps the two output
+projections of every block for `RowParallelLinear`, and hands it to service/decoder.py's `ServingGPT` (the same
+forward with q, k, v fused into one matmul per rank); the rotary tables, left padding and the KV cache are flm's.
 
 Growth masks (a checkpoint saved mid-ramp) are served exactly, not refused: `head_mask` and `ffn_mask` are sliced
 with their heads and FFN rows (they live on the column-parallel side); `hidden_mask` and `gate` are replicated
@@ -53,10 +53,21 @@ from torch import nn
 
 from flm.checkpoint import MANIFEST
 from flm.config import FLMConfigError, ModelConfig
-from flm.model import GPT, Rotary
+from flm.model import GPT
+from service.decoder import PACKED_ROWS, ServingGPT, can_pack
 from service.slots import SlotBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def serving_dtype(dtype: str, device: str) -> torch.dtype:
+    """DTYPES[dtype]; "auto": bfloat16 where flm/precision.py finds it fast (GPUs, CPUs with AVX512-BF16 or AMX),
+    float32 elsewhere (an AVX2 CPU runs bf16 matmuls through a fallback tens of times slower)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    from flm.precision import autocast_dtype
+
+    return autocast_dtype(torch.device(device).type) or torch.float32
 
 
 def read_config(checkpoint: str | Path) -> ModelConfig:
@@ -167,44 +178,6 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class WithoutResidualMask(nn.Module):
-    """Calls flm's Attention or MLP with the residual (hidden) mask argument set to None: the mask is already
-    folded into the row-parallel output weights, and flm's masked_linear would bypass RowParallelLinear.forward."""
-
-    def __init__(self, inner: nn.Module, mask_position: int):
-        super().__init__()
-        self.inner, self.mask_position = inner, mask_position
-
-    def forward(self, *args):
-        args = list(args)
-        if len(args) > self.mask_position:
-            args[self.mask_position] = None
-        return self.inner(*args)
-
-
-class PositionTables(Rotary):
-    """flm's rotary tables computed once for positions 0 .. `positions` - 1 and gathered per call: decoding asks for
-    new positions at every step. Each entry is the same float64 computation of the same integer position, so the
-    angles are bit-identical to Rotary's."""
-
-    def __init__(self, cfg: ModelConfig, positions: int):
-        super().__init__(cfg)
-        self.positions = positions
-        self._all: dict[tuple, tuple] = {}  # (dtype, device) -> (cos, sin, scale), each (positions, head_dim)
-
-    def tables(self, start: int, length: int, dtype: torch.dtype, device: torch.device,
-               pad: torch.Tensor | None = None):
-        if start + length > self.positions:
-            return super().tables(start, length, dtype, device, pad)
-        key = (dtype, device)
-        if key not in self._all:
-            self._all[key] = super().tables(0, self.positions, dtype, device)
-        if pad is None:
-            return tuple(None if t is None else t[start:start + length] for t in self._all[key])
-        pos = (torch.arange(start, start + length, device=device) - pad.unsqueeze(-1)).clamp(min=0)  # (B, T)
-        return tuple(None if t is None else t[pos].unsqueeze(1) for t in self._all[key])
-
-
 def input_major(model: nn.Module) -> None:
     """Store every projection weight (and the tied embedding / head) input-major: W as the transpose of a contiguous
     (in, out) matrix, the same values. F.linear then runs x @ (in, out) without a transpose, which is faster on CPU:
@@ -215,27 +188,22 @@ def input_major(model: nn.Module) -> None:
             m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
-def build_shard(cfg: ModelConfig, state: dict[str, torch.Tensor], tp: int, positions: int = 0) -> GPT:
-    """flm's GPT holding one rank's slices, its two output projections per block made row-parallel. For inference
-    only: dropout modules go, and with `positions` > 0 the rotary tables of that many positions are precomputed."""
+def build_shard(cfg: ModelConfig, state: dict[str, torch.Tensor], tp: int, positions: int = 0) -> ServingGPT:
+    """One rank's model for inference: flm's GPT holding the rank's slices, its two output projections per block made
+    row-parallel (the hidden mask of a mid-ramp checkpoint folded into their weight rows and bias, as flm's
+    masked_linear applies it to their outputs), recomposed by `ServingGPT` (fused q/k/v, rotary tables of
+    `positions` positions precomputed)."""
     model = GPT.from_state(shard_config(cfg, tp), state).eval()
-    model.drop = nn.Identity()
-    if positions:
-        model.rotary = PositionTables(model.cfg, positions)
     c = model.hidden_mask
     for block in model.blocks:
-        block.drop = nn.Identity()
         for owner in (block.attn, block.mlp):
             w, b = owner.proj.weight.detach(), owner.proj.bias
             b = None if b is None else b.detach()
             if c is not None:
                 w, b = w * c.unsqueeze(-1), None if b is None else b * c
             owner.proj = RowParallelLinear(w, b, reduce=tp > 1)
-        if c is not None:
-            block.attn = WithoutResidualMask(block.attn, 2)  # Attention.forward(x, rope, hidden_mask, ...)
-            block.mlp = WithoutResidualMask(block.mlp, 1)  # MLP.forward(x, hidden_mask)
     model.requires_grad_(False)
-    return model
+    return ServingGPT(model, positions).eval()
 
 
 class ModelShard:
@@ -246,11 +214,13 @@ class ModelShard:
     def __init__(self, checkpoint: str, rank: int = 0, tp: int = 1, max_batch: int = 16, capacity: int = 0,
                  device: str = "cpu", dtype: str = "float32", threads: int = 0):
         """`threads`: torch's intra-op threads (0: leave as is). Small models decode fastest on one thread: more
-        only spin against each other on a busy CPU."""
+        only spin against each other on a busy CPU. `dtype`: float32, bfloat16, float16 or auto (`serving_dtype`).
+        On CPU in float32 with `max_batch` >= PACKED_ROWS the projections also get oneDNN-packed copies
+        (`ServingGPT.pack`): faster for batches of 4 rows or more, twice their weight memory."""
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.tp, self.max_batch, self.capacity = rank, tp, max_batch, capacity
-        self.device, self.dtype = device, DTYPES[dtype]
+        self.device, self.dtype = device, serving_dtype(dtype, device)
         self._lock = threading.Lock()  # an actor runs two calls at once (ping answers during a step): not these
         self.load(checkpoint)
 
@@ -266,6 +236,8 @@ class ModelShard:
             self.model = build_shard(self.cfg, state, self.tp, capacity).to(device=self.device, dtype=self.dtype)
             if self.device == "cpu":
                 input_major(self.model)
+                if can_pack(self.dtype) and self.max_batch >= PACKED_ROWS:
+                    self.model.pack(self.max_batch)
             self.batch = SlotBatch(self.model, self.max_batch, capacity)
 
     # --- process group ------------------------------------------------------------------------------------------
