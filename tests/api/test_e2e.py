@@ -80,13 +80,17 @@ class Stack:
         raise AssertionError(f"{job_id} did not get there in {timeout_s} s: {job}")
 
     def ray_actors(self, submission_id):
-        """(class, pid, state) of the actors of one Ray job, from the cluster's state API."""
+        """(class, pid, state) of the actors of one Ray job, from the cluster's state API. With the stack's token
+        given explicitly: Ray keeps the first auth mode a process saw (auth off, in the suite's earlier tests)."""
         from ray.job_submission import JobSubmissionClient
-        from ray.util.state import list_actors
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
 
-        ray_job = JobSubmissionClient(self.ray["dashboard"]).get_job_info(submission_id).job_id
-        actors = list_actors(address=self.ray["dashboard"], filters=[("job_id", "=", ray_job)], detail=True,
-                             raise_on_missing_output=False)
+        headers = {"Authorization": f"Bearer {Path(self.ray['auth_token_path']).read_text()}"}
+        ray_job = JobSubmissionClient(self.ray["dashboard"], headers=headers).get_job_info(submission_id).job_id
+        actors = StateApiClient(self.ray["dashboard"], headers=headers).list(
+            StateResource.ACTORS, ListApiOptions(filters=[("job_id", "=", ray_job)], detail=True),
+            raise_on_missing_output=False)
         return [(a.class_name, a.pid, a.state) for a in actors]
 
 
@@ -100,8 +104,6 @@ def stack(tmp_path_factory, micro_data):
         s = Stack(home, dict(os.environ))
         s.http.headers["Authorization"] = f"Bearer {s.key}"
         print(f"\nstack up in {time.perf_counter() - t0:.1f} s")
-        mp.setenv("RAY_AUTH_MODE", "token")  # this process's Ray clients (ray_actors) hold the token too
-        mp.setenv("RAY_AUTH_TOKEN_PATH", s.ray["auth_token_path"])
         yield s
         stop_processes({"gateway": {"pid": s.gw["pid"]}, "ray": {"pid": s.ray["pid"]}}, grace_s=30)
 
