@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) chromium
 
-# tests/api/test_console.py drives Debian's chromium (Playwright with executable_path: no browser download). Installed
+# tests/api/test_e2e.py's console tests drive Debian's chromium (Playwright with executable_path: no browser download). Installed
 # here when it is missing and we are root; if apt-get fails, setup goes on and that test is skipped, saying why.
 chromium:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "apt-get could not install chromium: tests/api/test_console.py will be skipped"; fi
+	  echo "apt-get could not install chromium: the console tests of tests/api/test_e2e.py will be skipped"; fi
 
 # torch first, pinned to the local CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 # deepspeed ships as an sdist whose setup.py imports torch: build it against that torch (no isolation).
