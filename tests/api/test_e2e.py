@@ -378,7 +378,8 @@ def test_console_shows_the_grown_pipelines_curves_with_its_two_growth_markers(pa
     records = stack.get(f"/v1/jobs/{grown}/metrics")["records"]
     growths = [r for r in records if r.get("event") == "growth"]
     assert [g["stage"] for g in growths] == [1, 2]
-    for chart in ("#chart-tokens", "#chart-flops"):
+    for chart in ("#chart-tokens", "#chart-flops"):  # drawn once the page has read the whole stream
+        page.wait_for_selector(f"{chart} .series.train[data-points='36']")
         markers = page.locator(f"{chart} .growth-marker text").all_text_contents()
         assert len(markers) == 2, markers
         for text, g in zip(markers, growths, strict=True):
