@@ -146,6 +146,28 @@ class KVCache:
         return cls(make(), make())
 
 
+def cached_attention(q, k, v, cache: KVCache | None, layer: int, attn_mask=None, dropout_p: float = 0.0):
+    """Causal attention of q over k, v (each (B, h, T, hd)); with a `cache`, k and v are written at its position and
+    the queries attend over every cached key before them too. `attn_mask` (bool, True = may attend) replaces the
+    causal rule: a batch of left-padded rows (`padding_mask`)."""
+    B, _, T, _ = q.shape
+    start = 0
+    if cache is not None:
+        start = cache.pos
+        cache.k[layer][:B, :, start:start + T] = k
+        cache.v[layer][:B, :, start:start + T] = v
+        k = cache.k[layer][:B, :, :start + T]
+        v = cache.v[layer][:B, :, :start + T]
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if T == 1:  # decoding one token: it is the newest position and sees every cached key
+        return F.scaled_dot_product_attention(q, k, v)
+    allowed = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # query i sits at position start + i
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -164,23 +186,7 @@ class Attention(nn.Module):
         q, k, v = (masked_linear(x, layer, rows).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for layer in (self.q, self.k, self.v))  # each (B, h, T, hd)
         q, k = apply_rotary(q, k, *rope)
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer][:B, :, start:start + T] = k
-            cache.v[layer][:B, :, start:start + T] = v
-            k = cache.k[layer][:B, :, :start + T]
-            v = cache.v[layer][:B, :, :start + T]
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        elif T == 1:  # decoding one token: it is the newest position and sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # decoding: query i sits at absolute position start + i
-            allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = cached_attention(q, k, v, cache, layer, attn_mask, self.dropout if self.training else 0.0)
         return masked_linear(y.transpose(1, 2).reshape(B, T, -1), self.proj, hidden_mask)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm import mup
-from flm.model import GPT, KVCache, Rotary, padding_mask
+from flm.model import GPT, KVCache, Rotary, cached_attention, padding_mask
 
 PACKED_ROWS = 4  # rows from which oneDNN's packed weights beat the plain matmul
 PACKED_MIN_NUMEL = 1 << 19  # smaller weights (the tiny model's 256 x 1024) gain nothing from packing: left plain
@@ -103,22 +103,7 @@ class FusedBlock(nn.Module):
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if scale is not None:  # xPos
             q, k = q * scale, k / scale
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer][:B, :, start:start + T] = k
-            cache.v[layer][:B, :, start:start + T] = v
-            k = cache.k[layer][:B, :, :start + T]
-            v = cache.v[layer][:B, :, :start + T]
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # one new token: the newest position, it sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = cached_attention(q, k, v, cache, layer, attn_mask)
         h = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, -1))
         a = self.fc(self.ln_2(h, c))
         if self.ffn_mask is not None:
