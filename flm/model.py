@@ -220,6 +220,16 @@ class Block(nn.Module):
         return h
 
 
+def embed_input(wte: nn.Embedding, idx: torch.Tensor, input_mult: float, hidden_mask: torch.Tensor | None):
+    """The residual stream's input: token embeddings times μP's input multiplier, times the growth's hidden mask
+    (new d_model columns start at 0). Returns (x, the mask in x's dtype or None)."""
+    x = wte(idx)
+    if input_mult != 1.0:
+        x = x * input_mult
+    c = None if hidden_mask is None else hidden_mask.to(x.dtype)
+    return (x if c is None else x * c), c
+
+
 def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with every `attn.qkv.{weight,bias}` (rows [q heads | k heads | v heads], the layout before q, k
     and v became three projections) split into `attn.q`, `attn.k` and `attn.v`; other states are returned as they
@@ -260,13 +270,7 @@ class GPT(nn.Module):
         the same positions and keys as they would alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        c = self.hidden_mask
-        x = self.wte(idx)
-        if self.cfg.input_mult != 1.0:
-            x = x * self.cfg.input_mult
-        if c is not None:
-            c = c.to(x.dtype)
-            x = x * c
+        x, c = embed_input(self.wte, idx, self.cfg.input_mult, self.hidden_mask)
         x = self.drop(x)
         dev = x.device.type
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype

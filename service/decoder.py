@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flm import mup
-from flm.model import GPT, KVCache, Rotary, cached_attention, padding_mask
+from flm.model import GPT, KVCache, Rotary, cached_attention, embed_input, padding_mask
 
 PACKED_ROWS = 4  # rows from which oneDNN's packed weights beat the plain matmul
 PACKED_MIN_NUMEL = 1 << 19  # smaller weights (the tiny model's 256 x 1024) gain nothing from packing: left plain
@@ -169,13 +169,7 @@ class ServingGPT(nn.Module):
             raise ValueError("ServingGPT is for inference: use flm.model.GPT to compute a loss")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        c = self.hidden_mask
-        x = self.wte(idx)
-        if self.cfg.input_mult != 1.0:
-            x = x * self.cfg.input_mult
-        if c is not None:
-            c = c.to(x.dtype)
-            x = x * c
+        x, c = embed_input(self.wte, idx, self.cfg.input_mult, self.hidden_mask)
         rope = self._rope(start, T, x.dtype, x.device, pad)
         attn_mask = None if pad is None else padding_mask(pad, start, T)
         for i, block in enumerate(self.blocks):
