@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from api.client import Client, console, follow
+from api.settings import Limits
 from api.stack import STACK_FILE, start_stack, stop_processes
 from flm.config import FLMConfigError
 
@@ -153,8 +154,7 @@ def store():
     return open_store(GatewaySettings().db_url)
 
 
-LIMIT_OPTIONS = ("max_running_jobs", "max_deployments", "max_replicas", "max_streams", "requests_per_minute",
-                 "model_requests_per_minute")  # api.settings.Limits, as --max-running-jobs ...
+LIMIT_OPTIONS = tuple(Limits.model_fields)  # each as Limits.option(name): --max-running-jobs ...
 
 
 def limit_value(text: str) -> int | str | None:
@@ -217,7 +217,7 @@ def cmd_keys_limits(args) -> None:
 
     limits = key_limits(args)
     if not limits:
-        raise FLMConfigError(f"give at least one of {', '.join('--' + n.replace('_', '-') for n in LIMIT_OPTIONS)}")
+        raise FLMConfigError(f"give at least one of {', '.join(Limits.option(n) for n in LIMIT_OPTIONS)}")
     row = set_key_limits(store(), args.key, limits)
     console().print(f"key {row.id} ({row.name}, owner {row.owner}) limits: {show_limits(row)} (the gateway's "
                     f"for the rest; in effect at its next request)")
@@ -259,7 +259,7 @@ def cmd_down(args) -> None:
 # --- wiring -------------------------------------------------------------------------------------------------------
 def add_limit_options(p) -> None:
     for name in LIMIT_OPTIONS:
-        p.add_argument(f"--{name.replace('_', '-')}", metavar="N", dest=name,
+        p.add_argument(Limits.option(name), metavar="N", dest=name,
                        help=f"the key's {name} (a number, 'unlimited', or 'default': the gateway's)")
 
 

@@ -24,9 +24,6 @@ from api.store import Deployment, Job
 
 RUNNING = ("QUEUED", "PENDING", "RUNNING", "STOPPING")  # a job that holds (or is about to hold) the cluster
 LIVE_DEPLOYMENTS = ("DEPLOYING", "RUNNING", "DELETING")  # a deployment whose replicas may be up
-OPTION = {"max_running_jobs": "--max-running-jobs", "max_deployments": "--max-deployments",
-          "max_replicas": "--max-replicas", "max_streams": "--max-streams",
-          "requests_per_minute": "--requests-per-minute", "model_requests_per_minute": "--model-requests-per-minute"}
 
 
 class QuotaExceeded(Exception):
@@ -34,7 +31,7 @@ class QuotaExceeded(Exception):
 
     def __init__(self, cap: str, message: str, retry_after: float):
         self.cap, self.retry_after = cap, max(1, math.ceil(retry_after))
-        super().__init__(f"{message}; raise it for this key with `flm keys limits <key> {OPTION[cap]} N` on the "
+        super().__init__(f"{message}; raise it for this key with `flm keys limits <key> {Limits.option(cap)} N` on the "
                          f"gateway's machine, or for every key with FLM_{cap.upper()}")
 
 

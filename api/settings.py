@@ -31,7 +31,7 @@ def flm_home() -> Path:
 
 
 class Limits(BaseModel):
-    """What one API key may use; `None` is no cap. The gateway's defaults come from `FLM_<FIELD>`
+    """What one API key may use; `None` is no cap. The gateway's defaults (below) are overridden by `FLM_<FIELD>`
     (FLM_MAX_RUNNING_JOBS=16, or `unlimited`); a key's own limits (`flm keys limits KEY --max-running-jobs N`)
     override them field by field. Counts are of the key's owner: every key of an owner shares its jobs,
     deployments and streams; rates and streams are counted by each gateway process."""
@@ -66,6 +66,11 @@ class Limits(BaseModel):
             err = e.errors()[0]
             raise FLMConfigError(f"FLM_{str(err['loc'][0]).upper()}: {err['msg']} (a whole number, or "
                                  f"'unlimited')") from None
+
+    @staticmethod
+    def option(name: str) -> str:
+        """The command-line option that sets field `name` for one key: `--max-running-jobs`."""
+        return "--" + name.replace("_", "-")
 
     def over(self, key_limits: dict | None) -> Limits:
         """These limits with a key's own ones (a dict of fields, None for no cap) put over them."""
