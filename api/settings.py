@@ -30,6 +30,21 @@ def flm_home() -> Path:
     return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
 
 
+def env_int(name: str, default: int, least: int) -> int:
+    """A whole number of at least `least` from the environment variable `name` (its absence: `default`); anything
+    else is an FLMConfigError naming the variable, not a traceback at the gateway's start."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise FLMConfigError(f"{name}: {text!r} is not a whole number >= {least}")
+    return value
+
+
 class Limits(BaseModel):
     """What one API key may use; `None` is no cap. The gateway's defaults (below) are overridden by `FLM_<FIELD>`
     (FLM_MAX_RUNNING_JOBS=16, or `unlimited`); a key's own limits (`flm keys limits KEY --max-running-jobs N`)
@@ -88,7 +103,7 @@ class GatewaySettings(BaseModel):
                            description="Ray Serve's HTTP ingress, where model routes are proxied ($FLM_SERVE_URL)")
     job_python: str = Field(default_factory=lambda: os.environ.get("FLM_JOB_PYTHON", sys.executable),
                             description="the Python that runs job entrypoints on the head node ($FLM_JOB_PYTHON)")
-    max_body_bytes: int = Field(default_factory=lambda: int(os.environ.get("FLM_MAX_BODY_BYTES", 1 << 20)), ge=1024,
+    max_body_bytes: int = Field(default_factory=lambda: env_int("FLM_MAX_BODY_BYTES", 1 << 20, least=1024), ge=1024,
                                 description="larger request bodies get 413 ($FLM_MAX_BODY_BYTES)")
     limits: Limits = Field(default_factory=Limits.from_env, description="each key's caps unless the key has its own")
     poll_s: float = Field(default=1.0, gt=0, description="how often job states are reconciled with Ray")

@@ -258,3 +258,14 @@ def test_a_plan_has_at_most_max_stages(tenant, kind):
     r = tenant.post("/v1/jobs", json={"kind": kind, "plan": many_stages(MAX_STAGES), "hold": True})
     assert r.status_code == 201, r.text
     assert r.json()["stages"] == MAX_STAGES and r.json()["progress"]["total_steps"] == 128 + 64 * (MAX_STAGES - 1)
+
+
+@pytest.mark.parametrize("value", ["12x", "100"])
+def test_a_bad_body_limit_in_the_environment_names_the_variable(monkeypatch, value):
+    from api.settings import GatewaySettings
+
+    monkeypatch.setenv("FLM_MAX_BODY_BYTES", value)
+    with pytest.raises(FLMConfigError, match=f"FLM_MAX_BODY_BYTES: '{value}' is not a whole number >= 1024"):
+        GatewaySettings()
+    monkeypatch.setenv("FLM_MAX_BODY_BYTES", "4096")
+    assert GatewaySettings().max_body_bytes == 4096
