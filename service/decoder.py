@@ -145,16 +145,17 @@ class ServingGPT(nn.Module):
     def _rope(self, start: int, length: int, dtype: torch.dtype, device: torch.device, pad: torch.Tensor | None):
         """cos, signed sin (first half negated) and xPos scale, shaped for FusedBlock: (T, 1, 1, hd) for q/k laid
         out (B, T, 2, h, hd), and the scale (1, 1, T, hd) for q, k as (B, h, T, hd); per row with `pad`."""
+        def signed(positions: int) -> tuple:
+            cos, sin, scale = self.rotary.tables(0, positions, dtype, device)
+            half = sin.shape[-1] // 2
+            return cos, torch.cat([-sin[:, :half], sin[:, half:]], -1), scale
+
         key = (dtype, device)
         if key not in self._tables:
-            cos, sin, scale = self.rotary.tables(0, max(self.positions, 1), dtype, device)
-            half = sin.shape[-1] // 2
-            self._tables[key] = (cos, torch.cat([-sin[:, :half], sin[:, half:]], -1), scale)
+            self._tables[key] = signed(max(self.positions, 1))
         tables = self._tables[key]
         if start + length > self.positions:  # beyond the precomputed positions (whole-sequence scoring only)
-            cos, sin, scale = self.rotary.tables(0, start + length, dtype, device)
-            half = sin.shape[-1] // 2
-            tables = (cos, torch.cat([-sin[:, :half], sin[:, half:]], -1), scale)
+            tables = signed(start + length)
         if pad is None:
             cos, sin, scale = (None if t is None else t[start:start + length] for t in tables)
             return cos[:, None, None], sin[:, None, None], None if scale is None else scale[None, None]
