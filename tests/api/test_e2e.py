@@ -468,8 +468,14 @@ def test_console_plan_page_prices_a_preset_and_names_a_bad_field(page, stack, sh
 
 
 def test_down_stops_exactly_the_stack(stack):
+    """With a model deployed, too: the head must not drain (Ray 2.60 would wait 30 s for Serve to move replicas off
+    the only node, then be SIGKILLed at the end of the grace period; see api.stack.start_ray)."""
     tree = stack.ray_tree | {p.pid for p in psutil.Process(stack.ray["pid"]).children(recursive=True)}
+    assert stack.get("/v1/deployments")["deployments"], "no deployment to stop"
+    t0 = time.perf_counter()
     stopped = stop_processes({"gateway": {"pid": stack.gw["pid"]}, "ray": {"pid": stack.ray["pid"]}}, grace_s=30)
+    print(f"\nstack down in {time.perf_counter() - t0:.1f} s")
+    assert time.perf_counter() - t0 < 20
     assert stopped == [f"gateway (PID {stack.gw['pid']})", f"ray (PID {stack.ray['pid']})"]
     deadline = time.monotonic() + 30
     while (left := [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]):
