@@ -55,6 +55,7 @@ from api.schemas import (
     DeploymentView,
     ErrorResponse,
     EvalJob,
+    JobKind,
     JobList,
     JobRequest,
     JobState,
@@ -653,7 +654,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return gw.view(gw.create_job(who, body, limits))
 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
-    async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
+    async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: JobKind | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 20,
                   offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
         """The owner's jobs, newest first."""
