@@ -204,9 +204,9 @@ def postgres_server():
 def postgres():
     """A fresh database on the session's PostgreSQL server per call: `postgres()` is its SQLAlchemy URL. The server
     starts once per session (about 1 s), each database in milliseconds."""
-    import psycopg
+    with postgres_server() as admin:  # skips first where there is no psycopg
+        import psycopg
 
-    with postgres_server() as admin:
         count = itertools.count()
 
         def new_database() -> str:
