@@ -12,6 +12,8 @@ NUL byte in any text (`Message` columns replace it; names and lookups refuse it)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import secrets
 from datetime import UTC, datetime
@@ -41,6 +43,7 @@ KEY_PREFIX = "flm_"
 NAME_CHARS = 128  # a key's name and owner: ApiKey's String(128), which PostgreSQL enforces
 MAX_ID = 2**31 - 1  # an Integer column: 32-bit on PostgreSQL
 MIGRATION_LOCK = 0x464C4D  # PostgreSQL advisory lock of `migrate` ("FLM"): one gateway migrates, the others wait
+OWNER_LOCKS = 0x464C4D  # the first key of `owner_lock`'s two-key advisory locks (a space apart from the one-key)
 
 
 def utcnow() -> datetime:
@@ -152,6 +155,34 @@ def migrate(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextlib.contextmanager
+def owner_lock(sessions: sessionmaker[Session], owner: str):
+    """Held by one gateway process at a time, of every process on this store, while a quota counts what `owner`
+    holds and the row that adds to it is written (commit inside the block): two gateways on one database would
+    otherwise both count below the cap and both add. PostgreSQL: an advisory lock per owner, on a connection of
+    its own; SQLite: an exclusive flock of `<database>.lock` (its writes take turns anyway)."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = {"space": OWNER_LOCKS, "owner": owner}
+            conn.execute(text("SELECT pg_advisory_lock(:space, hashtext(:owner))"), key)
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:space, hashtext(:owner))"), key)
+        return
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":  # one process: the gateway's own thread lock is enough
+        yield
+        return
+    with open(f"{database}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_store(url: str) -> sessionmaker[Session]:

@@ -5,6 +5,8 @@ main routes on a real PostgreSQL store (tests/conftest.py's `postgres`)."""
 
 import json
 import logging
+import threading
+import time
 
 import pytest
 import yaml
@@ -620,6 +622,42 @@ def test_the_gateway_on_postgresql(postgres, tmp_path):
         assert client.get("/v1/models", headers=h).json()["data"] == []
         revoke_key(sessions, "alice")
         assert_error(client.get("/v1/jobs", headers=h), 401, "revoked")
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_two_gateways_on_one_store_share_the_caps(db, request, tmp_path, monkeypatch):
+    """Two gateway processes on one store (two apps here: each its own engine and thread lock) taking one owner's
+    submissions at once: the cap of running jobs holds across them (api.store.owner_lock), where each counted
+    below it and added. The count is made slow (0.3 s), so that without the lock both would always pass it."""
+    import api.app
+
+    def slow_count(*args, **kwargs):
+        check_running_jobs(*args, **kwargs)
+        time.sleep(0.3)
+
+    check_running_jobs = api.app.check_running_jobs
+    monkeypatch.setattr(api.app, "check_running_jobs", slow_count)
+    url = f"sqlite:///{tmp_path / 'gateway.db'}" if db == "sqlite" else request.getfixturevalue("postgres")()
+    settings = GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY, database_url=url,
+                               limits=Limits(max_running_jobs=1))
+    apps = [create_app(settings, reconcile=False) for _ in range(2)]
+    with TestClient(apps[0], raise_server_exceptions=False) as a, \
+            TestClient(apps[1], raise_server_exceptions=False) as b:
+        key, _ = create_key(apps[0].state.gateway.sessions, "alice")
+        barrier, codes = threading.Barrier(2), []
+
+        def submit(client):
+            barrier.wait()
+            r = client.post("/v1/jobs", json={"kind": "train", "plan": "tiny"},
+                            headers={"Authorization": f"Bearer {key}"})
+            codes.append(r.status_code)
+
+        threads = [threading.Thread(target=submit, args=(client,)) for client in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(codes) == [201, 429]
 
 
 # --- deployments and models ---------------------------------------------------------------------------------
