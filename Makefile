@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean chromium
+.PHONY: setup test lint demo clean chromium postgresql
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium postgresql
 
 # tests/api/test_e2e.py's console tests drive Debian's chromium (Playwright with executable_path: no browser download). Installed
 # here when it is missing and we are root; if apt-get fails, setup goes on and that test is skipped, saying why.
@@ -14,6 +14,16 @@ chromium:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "apt-get could not install chromium: the console tests of tests/api/test_e2e.py will be skipped"; fi
+
+# tests/api/test_store.py (and a test of tests/api/test_app.py) run the gateway's store on a real PostgreSQL server as
+# well as SQLite: tests/conftest.py starts a throwaway one from Debian's server programs (/usr/lib/postgresql/<major>/bin,
+# run as the `postgres` user when we are root). Installed here when missing and we are root; if apt-get fails, setup
+# goes on and those tests are skipped, saying why.
+postgresql:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+	  echo "apt-get could not install postgresql: the PostgreSQL tests of tests/api/ will be skipped"; fi
 
 # torch first, pinned to the local CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 # deepspeed ships as an sdist whose setup.py imports torch: build it against that torch (no isolation).

@@ -26,7 +26,7 @@ import math
 import re
 import secrets
 import threading
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,6 +55,7 @@ from api.schemas import (
     DeploymentView,
     ErrorResponse,
     EvalJob,
+    JobKind,
     JobList,
     JobRequest,
     JobState,
@@ -76,7 +77,7 @@ from api.schemas import (
     searched_plan,
 )
 from api.settings import GatewaySettings, Limits
-from api.store import Deployment, Job, get_job, key_row, open_store, utcnow
+from api.store import Deployment, Job, get_job, key_row, open_store, owner_lock, utcnow
 from flm.config import GrowthPlan
 from flm.plan import plan_cost
 
@@ -244,6 +245,13 @@ class Gateway:
         self.rates, self.streams = RateLimiter(), StreamSlots()
         self._quota_lock = threading.Lock()  # a cap's count and the row that adds to it, as one step
 
+    @contextmanager
+    def quota_lock(self, owner: str):
+        """A cap's count and the row that adds to it, as one step: among this process's threads and among every
+        gateway on the store (api.store.owner_lock)."""
+        with self._quota_lock, owner_lock(self.sessions, owner):
+            yield
+
     # jobs ---------------------------------------------------------------------------------------------------------
     def owned_job(self, owner: str, job_id: str) -> Job:
         job = get_job(self.sessions, job_id) if JOB_ID.match(job_id) else None  # never a NUL byte to the database
@@ -347,7 +355,7 @@ class Gateway:
             (jd / name).write_text(text)
         job = Job(id=job_id, owner=owner, kind=req.kind, spec=spec, state="HELD" if req.hold else "QUEUED",
                   attempt=0, created_at=utcnow(), updated_at=utcnow())
-        with self._quota_lock:
+        with self.quota_lock(owner):
             if not req.hold:
                 check_running_jobs(self.sessions, owner, limits)
             if isinstance(req, PipelineJob) and req.deploy is not None:
@@ -462,7 +470,7 @@ class Gateway:
         home = self.root / "deployments" / name
         spec = {"request": service_request(str(checkpoint), settings), "serve_url": self.settings.serve_url,
                 "result": str(home / "result.json")}
-        with self._quota_lock, self.sessions.begin() as s:
+        with self.quota_lock(owner), self.sessions.begin() as s:
             check_deployments(self.sessions, owner, limits, replicas(settings))
             dep = s.get(Deployment, name)
             if dep is not None and dep.owner != owner:
@@ -653,7 +661,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         return gw.view(gw.create_job(who, body, limits))
 
     @app.get("/v1/jobs", tags=["jobs"], responses=errors(422))
-    async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: str | None = None,
+    async def list_jobs(gw: GW, who: Owner, state: JobState | None = None, kind: JobKind | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 20,
                   offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
         """The owner's jobs, newest first."""
@@ -727,7 +735,7 @@ def create_app(settings: GatewaySettings | None = None, reconcile: bool = True) 
         if job.state not in ("HELD", "STOPPED", "FAILED"):
             raise ApiError(409, f"job {job_id} is {job.state}; only HELD, STOPPED or FAILED jobs can be resumed",
                            "job_id")
-        with gw._quota_lock:
+        with gw.quota_lock(who):
             check_running_jobs(gw.sessions, who, limits)
             if job.kind == "pipeline" and job.spec.get("deploy") and job.state != "HELD":  # HELD ones are counted
                 check_deployments(gw.sessions, who, limits, replicas(job.spec["deploy"]))

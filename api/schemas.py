@@ -20,6 +20,7 @@ NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"  # a deployment name: also a Serve applicati
 
 JobState = Literal["HELD", "QUEUED", "PENDING", "RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "STOPPED"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+JobKind = Literal["train", "tune", "eval", "pipeline"]  # the `kind` of each JobRequest below
 Backend = Literal["ddp", "zero1", "zero2", "zero3"]
 
 
@@ -296,7 +297,7 @@ class PipelineStep(BaseModel):
 
 class JobView(BaseModel):
     id: str
-    kind: str
+    kind: JobKind
     owner: str
     state: JobState
     attempt: int = Field(description="Ray submissions so far (a resume adds one)")

@@ -4,16 +4,35 @@ SQLite under `$FLM_HOME/gateway.db` is the embedded default; `FLM_DATABASE_URL` 
 (`postgresql+psycopg://user:pw@host/db`, with the `psycopg` driver installed). The schema is owned by the alembic
 migrations in `api/migrations/`, applied by `open_store` (the gateway on start, `flm keys` before it writes), so a
 store written by an older gateway is upgraded in place and never recreated.
+
+Both databases are tested (tests/api/test_store.py runs on each). What PostgreSQL refuses and SQLite takes is
+stopped here, before it reaches the database: a string longer than its VARCHAR (SQLite ignores the length), a
+NUL byte in any text (`Message` columns replace it; names and lookups refuse it), an integer beyond the column's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, bindparam, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    bindparam,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -21,10 +40,25 @@ from flm.config import FLMConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "flm_"
+NAME_CHARS = 128  # a key's name and owner: ApiKey's String(128), which PostgreSQL enforces
+MAX_ID = 2**31 - 1  # an Integer column: 32-bit on PostgreSQL
+MIGRATION_LOCK = 0x464C4D  # PostgreSQL advisory lock of `migrate` ("FLM"): one gateway migrates, the others wait
+OWNER_LOCKS = 0x464C4D  # the first key of `owner_lock`'s two-key advisory locks (a space apart from the one-key)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)  # stored naive, always UTC (SQLite has no time zones)
+
+
+class Message(TypeDecorator):
+    """Text from outside (a job's log line, Ray's message): a NUL byte, which PostgreSQL's text cannot hold and
+    SQLite's can, is stored as U+FFFD, so a process that printed one cannot fail the reconciler's update."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
 class Base(DeclarativeBase):
@@ -60,7 +94,7 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Message, nullable=True)
 
 
 class Deployment(Base):
@@ -76,7 +110,7 @@ class Deployment(Base):
     spec: Mapped[dict] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16))
     url: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Message, nullable=True)
     ray_submission_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -106,15 +140,49 @@ def make_engine(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest alembic revision (idempotent)."""
+    """Bring the schema to the newest alembic revision (idempotent), in one transaction that holds the database's
+    write lock: processes that start together on one new database (the gateway and `flm keys create`, two
+    gateways) take turns, where both would create the tables and one fail."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # held to the end of this transaction
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        elif conn.dialect.name == "sqlite":  # pysqlite would run the DDL outside any transaction (busy_timeout waits)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+@contextlib.contextmanager
+def owner_lock(sessions: sessionmaker[Session], owner: str):
+    """Held by one gateway process at a time, of every process on this store, while a quota counts what `owner`
+    holds and the row that adds to it is written (commit inside the block): two gateways on one database would
+    otherwise both count below the cap and both add. PostgreSQL: an advisory lock per owner, on a connection of
+    its own; SQLite: an exclusive flock of `<database>.lock` (its writes take turns anyway)."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = {"space": OWNER_LOCKS, "owner": owner}
+            conn.execute(text("SELECT pg_advisory_lock(:space, hashtext(:owner))"), key)
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:space, hashtext(:owner))"), key)
+        return
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":  # one process: the gateway's own thread lock is enough
+        yield
+        return
+    with open(f"{database}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_store(url: str) -> sessionmaker[Session]:
@@ -161,12 +229,25 @@ def check_limits(limits: dict | None) -> dict | None:
     return dict(limits)
 
 
+def check_name(option: str, value: str) -> str:
+    """A key's name or owner: not empty, at most NAME_CHARS characters, no control characters (PostgreSQL
+    refuses a NUL byte and a longer string, SQLite would store either)."""
+    if not value.strip():
+        raise FLMConfigError(f"{option}: give the key a non-empty {option.removeprefix('--')}")
+    if len(value) > NAME_CHARS:
+        raise FLMConfigError(f"{option}: {len(value)} characters; give at most {NAME_CHARS}")
+    if not value.isprintable():
+        raise FLMConfigError(f"{option}: {value!r} has control characters; give a printable one")
+    return value
+
+
 def create_key(sessions: sessionmaker[Session], name: str, owner: str | None = None,
                limits: dict | None = None) -> tuple[str, ApiKey]:
     """A new key for `owner` (default: `name`), with its own `limits` over the gateway's (see api.settings.Limits);
     the plain key is returned once and never stored."""
-    if not name.strip():
-        raise FLMConfigError("--name: give the key a non-empty name")
+    check_name("--name", name)
+    if owner:
+        check_name("--owner", owner)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, owner=owner or name, key_hash=hash_key(key), prefix=key[:10], limits=check_limits(limits))
     with sessions.begin() as s:
@@ -199,11 +280,12 @@ def get_job(sessions: sessionmaker[Session], job_id: str) -> Job | None:
 
 
 def find_key(s: Session, ident: str) -> ApiKey:
-    """The one key with this id, value or name."""
+    """The one key with this id, value or name. An id past the column's integers, or a name with a NUL byte
+    (neither of which a key can have) names no key: never an overflow or a driver's error."""
     rows = list(s.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(ident))))
-    if not rows and ident.isdigit():
+    if not rows and ident.isascii() and ident.isdigit() and int(ident) <= MAX_ID:
         rows = list(s.scalars(select(ApiKey).where(ApiKey.id == int(ident))))
-    if not rows:
+    if not rows and "\x00" not in ident:
         rows = list(s.scalars(select(ApiKey).where(ApiKey.name == ident)))
     if not rows:
         raise FLMConfigError(f"no API key with id, name or value {ident!r}; see `flm keys list`")

@@ -1,10 +1,18 @@
-"""Shared fixtures: one small real-text dataset per test session, a micro growth plan that trains in seconds, and a
-local Ray cluster for the modules that need one."""
+"""Shared fixtures: one small real-text dataset per test session, a micro growth plan that trains in seconds, a
+local Ray cluster for the modules that need one, and a throwaway PostgreSQL server for the gateway's store."""
 
 import contextlib
+import glob
+import itertools
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +136,85 @@ def uvicorn_server(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# --- a throwaway PostgreSQL server ------------------------------------------------------------------------------
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs: $FLM_PG_BIN, else where `initdb` is on PATH, else the newest
+    of Debian's /usr/lib/postgresql/<major>/bin (the `postgresql` package keeps them off PATH)."""
+    if os.environ.get("FLM_PG_BIN"):
+        return Path(os.environ["FLM_PG_BIN"])
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(debian[-1]).parent if debian else None
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server of our own (initdb in a new temporary directory, pg_ctl start on a free loopback port,
+    trust auth, no fsync: a test server loses nothing worth keeping); yields its `postgres` database's URL
+    (postgresql+psycopg://flm@127.0.0.1:PORT/postgres) and stops that server (pg_ctl on its directory) and
+    removes the directory after. As root it runs as the `postgres` user: PostgreSQL refuses to run as root.
+    pytest.skip, saying why, without a server binary, the `postgres` user (as root) or the psycopg driver."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("no psycopg: `pip install 'psycopg[binary]'` (the dev extra has it)")
+    bin_dir = postgres_bin()
+    if bin_dir is None or not (bin_dir / "pg_ctl").exists():
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): `apt-get install postgresql` (make setup does, "
+                    "as root) or set FLM_PG_BIN to their directory")
+    as_user: list[str] = []
+    root = tempfile.mkdtemp(prefix="flm-pg-")  # not under pytest's tmp: that is private to us, and the server is not
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            shutil.rmtree(root)
+            pytest.skip("running as root, and no `postgres` user (or no runuser) to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres", "postgres")
+    data = Path(root) / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(*args: str) -> None:
+        r = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, cwd=root)
+        if r.returncode:
+            log = (data / "server.log").read_text() if (data / "server.log").exists() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({r.returncode}): {r.stdout}{r.stderr}{log[-2000:]}")
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "flm", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8",
+           "--no-sync", "--no-instructions")
+        # -k: the Unix socket in the data directory, not /var/run/postgresql (which a second server would share)
+        pg(str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-w", "-t", "60", "-l", str(data / "server.log"),
+           "-o", f"-h 127.0.0.1 -p {port} -k {data} -F -c full_page_writes=off -c synchronous_commit=off")
+        yield f"postgresql+psycopg://flm@127.0.0.1:{port}/postgres"
+    finally:
+        pid_file = data / "postmaster.pid"
+        if pid_file.exists():  # our server is up (perhaps after pg_ctl start gave up waiting for it)
+            try:
+                pg(str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w")
+            except RuntimeError:  # SIGQUIT: PostgreSQL's own immediate shutdown, of this server's postmaster only
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A fresh database on the session's PostgreSQL server per call: `postgres()` is its SQLAlchemy URL. The server
+    starts once per session (about 1 s), each database in milliseconds."""
+    with postgres_server() as admin:  # skips first where there is no psycopg
+        import psycopg
+
+        count = itertools.count()
+
+        def new_database() -> str:
+            name = f"t{next(count)}"
+            with psycopg.connect(admin.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {name}")
+            return admin.rsplit("/", 1)[0] + f"/{name}"
+
+        yield new_database

@@ -1,9 +1,12 @@
 """api/app.py in process (FastAPI's TestClient, a temporary SQLite store, no Ray: jobs stay QUEUED or HELD): every
 route refuses bad input with a 4xx whose JSON body names the problem, never a 500; ownership, pagination,
-cancel/resume state rules; the OpenAPI schema documents every route and every error it returns."""
+cancel/resume state rules; the OpenAPI schema documents every route and every error it returns. One test runs the
+main routes on a real PostgreSQL store (tests/conftest.py's `postgres`)."""
 
 import json
 import logging
+import threading
+import time
 
 import pytest
 import yaml
@@ -11,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from api.app import MODEL_ROUTES, create_app
 from api.schemas import CONFIGS
-from api.settings import GatewaySettings
-from api.store import Job, create_key, revoke_key, utcnow
+from api.settings import GatewaySettings, Limits
+from api.store import Job, create_key, revoke_key, set_key_limits, utcnow
 
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
 LIMIT = 64 * 1024
@@ -530,7 +533,8 @@ def test_jobs_are_listed_newest_first_paginated_and_filtered(gw):
 
 @pytest.mark.parametrize("params,field", [({"limit": 0}, "limit"), ({"limit": "all"}, "limit"),
                                           ({"offset": -1}, "offset"), ({"offset": 2**63}, "offset"),
-                                          ({"state": "DONE"}, "state")])
+                                          ({"state": "DONE"}, "state"), ({"kind": "bake"}, "kind"),
+                                          ({"kind": "train\x00"}, "kind")])
 def test_bad_list_query_is_422(gw, params, field):
     assert assert_error(gw.get("/v1/jobs", params=params, headers=auth(gw)), 422, field)["field"] == field
 
@@ -574,6 +578,86 @@ def test_metrics_stream_of_a_finished_job_ends_at_once(gw):
     events = [block.split("\n") for block in r.text.strip().split("\n\n")]
     assert [e[0] for e in events] == ["event: state", "event: end"]
     assert json.loads(events[1][1].removeprefix("data: ")) == {"state": "STOPPED", "error": None}
+
+
+def test_the_gateway_on_postgresql(postgres, tmp_path):
+    """Keys, jobs (a refused one, held ones, pages, filters, cancel, resume), quotas (the gateway's and a key's
+    own, stored as JSON) and deployments through the routes, on a PostgreSQL store: every answer as on SQLite,
+    and what PostgreSQL refuses and SQLite takes (a NUL byte in a filter) a 422 before it reaches the database."""
+    app = create_app(GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY, database_url=postgres(),
+                                     limits=Limits(max_running_jobs=1)), reconcile=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        sessions = app.state.gateway.sessions
+        key, _ = create_key(sessions, "alice")
+        h = {"Authorization": f"Bearer {key}"}
+        assert_error(client.post("/v1/jobs", json={"kind": "train", "plan": shrinking(tiny_plan())}, headers=h),
+                     422, "stages.2.d_model: cannot shrink")
+        held = [client.post("/v1/jobs", json={"kind": "train", "plan": "tiny", "hold": True}, headers=h).json()
+                for _ in range(3)]
+        assert [j["state"] for j in held] == ["HELD"] * 3
+        page = client.get("/v1/jobs", params={"limit": 2, "offset": 1}, headers=h).json()
+        assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == [j["id"] for j in held][::-1][1:3]
+        assert client.get("/v1/jobs", params={"offset": 10**9}, headers=h).json()["jobs"] == []
+        assert client.get("/v1/jobs", params={"kind": "eval"}, headers=h).json()["total"] == 0
+        assert_error(client.get("/v1/jobs", params={"kind": "train\x00"}, headers=h), 422, "kind")
+        assert client.get(f"/v1/jobs/{held[0]['id']}", headers=h).json() == held[0]
+        # the gateway's cap of one running job, then the key's own of two
+        assert client.post(f"/v1/jobs/{held[0]['id']}/resume", headers=h).json()["state"] == "QUEUED"
+        assert_error(client.post(f"/v1/jobs/{held[1]['id']}/resume", headers=h), 429, "max_running_jobs")
+        set_key_limits(sessions, "alice", {"max_running_jobs": 2})
+        assert client.post(f"/v1/jobs/{held[1]['id']}/resume", headers=h).json()["state"] == "QUEUED"
+        assert_error(client.post("/v1/jobs", json={"kind": "train", "plan": "tiny"}, headers=h), 429,
+                     "max_running_jobs: alice has 2 jobs queued or running, the cap is 2")
+        assert client.delete(f"/v1/jobs/{held[0]['id']}", headers=h).json()["state"] == "STOPPED"
+        assert_error(client.delete(f"/v1/jobs/{held[0]['id']}", headers=h), 409, "already STOPPED")
+        stopped = client.get("/v1/jobs", params={"state": "STOPPED"}, headers=h).json()["jobs"]
+        assert [j["id"] for j in stopped] == [held[0]["id"]]
+        # a deployment: created, listed, not yet a model
+        (tmp_path / "owners/alice/ckpt/tokenizer").mkdir(parents=True)
+        (tmp_path / "owners/alice/ckpt/config.json").write_text("{}")
+        r = client.post("/v1/deployments", json={"checkpoint": "owners/alice/ckpt", "name": "m", "replicas": 2},
+                        headers=h)
+        assert r.status_code == 201, r.text
+        assert [d["spec"]["replicas"] for d in client.get("/v1/deployments", headers=h).json()["deployments"]] == [2]
+        assert client.get("/v1/models", headers=h).json()["data"] == []
+        revoke_key(sessions, "alice")
+        assert_error(client.get("/v1/jobs", headers=h), 401, "revoked")
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_two_gateways_on_one_store_share_the_caps(db, request, tmp_path, monkeypatch):
+    """Two gateway processes on one store (two apps here: each its own engine and thread lock) taking one owner's
+    submissions at once: the cap of running jobs holds across them (api.store.owner_lock), where each counted
+    below it and added. The count is made slow (0.3 s), so that without the lock both would always pass it."""
+    import api.app
+
+    def slow_count(*args, **kwargs):
+        check_running_jobs(*args, **kwargs)
+        time.sleep(0.3)
+
+    check_running_jobs = api.app.check_running_jobs
+    monkeypatch.setattr(api.app, "check_running_jobs", slow_count)
+    url = f"sqlite:///{tmp_path / 'gateway.db'}" if db == "sqlite" else request.getfixturevalue("postgres")()
+    settings = GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY, database_url=url,
+                               limits=Limits(max_running_jobs=1))
+    apps = [create_app(settings, reconcile=False) for _ in range(2)]
+    with TestClient(apps[0], raise_server_exceptions=False) as a, \
+            TestClient(apps[1], raise_server_exceptions=False) as b:
+        key, _ = create_key(apps[0].state.gateway.sessions, "alice")
+        barrier, codes = threading.Barrier(2), []
+
+        def submit(client):
+            barrier.wait()
+            r = client.post("/v1/jobs", json={"kind": "train", "plan": "tiny"},
+                            headers={"Authorization": f"Bearer {key}"})
+            codes.append(r.status_code)
+
+        threads = [threading.Thread(target=submit, args=(client,)) for client in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(codes) == [201, 429]
 
 
 # --- deployments and models ---------------------------------------------------------------------------------
