@@ -41,7 +41,7 @@ lint: setup
 # Two xdist workers: the modules that start Ray run one after another on one of them (tests/conftest.py RAY_MODULES),
 # the rest fill both; each worker gets half the cores for torch.
 test: setup lint
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/pytest -q -n 2 --dist loadgroup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/pytest -q -n 2
 
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/flm demo

@@ -19,21 +19,30 @@ import pytest
 from flm.config import GrowthPlan
 from flm.data import TokenizerSpec, prepare_dataset
 
-
 # --- parallel runs -----------------------------------------------------------------------------------------------
-# `make test` runs the suite on 2 xdist workers with `--dist loadgroup`. The modules below start a Ray cluster (or a
-# whole stack): two Ray clusters on one host at once interfere (Ray's `ray_current_cluster` file, the autoscaler's
-# fake nodes, raylets' 30 s registration on a busy machine), so they form one group that runs on one worker, one
-# module after another, while the other worker takes the tests that need no Ray. One list, checked by `local_ray`.
+# `make test` runs the suite on 2 xdist workers (`-n 2`, scheduled by pytest_xdist_make_scheduler below). The
+# modules below start a Ray cluster (or a whole stack): two Ray clusters on one host at once interfere (Ray's
+# `ray_current_cluster` file, the autoscaler's fake nodes, raylets' 30 s registration on a busy machine), so they
+# form one unit that runs on one worker, one module after another, while the other worker takes the tests that
+# need no Ray. One list, checked by `local_ray`.
 RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "tests/cluster/test_fault.py",
                "tests/cluster/test_storage.py", "tests/cluster/test_train.py", "tests/cluster/test_tune.py",
                "tests/service/test_app.py", "tests/service/test_tp.py")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.split("::")[0] in RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope: a module is one unit of work (its module-scoped fixtures are built once), and
+    RAY_MODULES together are one. (Not `--dist loadgroup` with xdist_group marks: with pytest 9 the worker reports
+    node ids without the group suffix, so every test is its own group.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "ray" if module in RAY_MODULES else module
+
+    return RayGroupScheduling(config, log)
 
 
 def pytest_configure(config):
@@ -52,7 +61,8 @@ def _check_ray_module() -> None:
     """A test that starts Ray must be in RAY_MODULES (see above)."""
     current = os.environ.get("PYTEST_CURRENT_TEST", "")
     if current and current.split("::")[0] not in RAY_MODULES:
-        raise AssertionError(f"{current.split('::')[0]} starts a Ray cluster: add it to RAY_MODULES in tests/conftest.py")
+        module = current.split("::")[0]
+        raise AssertionError(f"{module} starts a Ray cluster: add it to RAY_MODULES in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")
