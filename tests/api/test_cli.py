@@ -139,7 +139,8 @@ def deployed(server, env, micro_data):
     from flm.checkpoint import save_checkpoint
     from flm.config import ModelConfig
     from flm.model import GPT
-    from service.app import DeploymentRequest, OpenAIServer, build_api
+    from service.routes import OpenAIServer, build_api
+    from service.spec import DeploymentRequest
 
     home, _ = server
     cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=32, base_width=32, output_mult=8.0,
