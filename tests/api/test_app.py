@@ -1,6 +1,7 @@
-"""api/app.py in process (FastAPI's TestClient, a temporary SQLite store, no Ray: jobs stay QUEUED or HELD): every
-route refuses bad input with a 4xx whose JSON body names the problem, never a 500; ownership, pagination,
-cancel/resume state rules; the OpenAPI schema documents every route and every error it returns."""
+"""The gateway (api/app.py, routes.py, gateway.py, errors.py) in process (FastAPI's TestClient, a temporary SQLite
+store, no Ray: jobs stay QUEUED or HELD): every route refuses bad input with a 4xx whose JSON body names the problem,
+never a 500; ownership, pagination, cancel/resume state rules; the OpenAPI schema documents every route and every
+error it returns."""
 
 import json
 import logging
@@ -9,10 +10,12 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from api.app import MODEL_ROUTES, create_app
+from api.app import create_app
+from api.errors import MODEL_ROUTES
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings
 from api.store import Job, create_key, revoke_key, utcnow
+from service.spec import DeploymentRequest
 
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
 LIMIT = 64 * 1024
@@ -623,8 +626,8 @@ def test_deployment_lifecycle_without_ray(gw):
     dep = r.json()
     assert (dep["id"], dep["state"], dep["checkpoint"], dep["spec"]["tp"]) == ("tiny", "DEPLOYING", ckpt, 2)
     spec = json.loads((gw.root / "deployments" / "tiny" / "spec.json").read_text())
-    assert spec["request"] == {"checkpoint": str((gw.root / ckpt).resolve()), "name": "tiny", "tp": 2,
-                               "replicas": 1}
+    assert DeploymentRequest.model_validate(spec["request"]) == DeploymentRequest(
+        checkpoint=str((gw.root / ckpt).resolve()), name="tiny", tp=2)
     assert_error(gw.post("/v1/deployments", json={"checkpoint": ckpt, "name": "tiny"}, headers=auth(gw)),
                  409, "DEPLOYING")
     assert_error(gw.get("/v1/deployments/tiny", headers=auth(gw, "bob")), 403, "another owner")
