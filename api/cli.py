@@ -15,7 +15,7 @@ from pathlib import Path
 from api.client import Client, console, follow
 from api.settings import Limits
 from api.stack import STACK_FILE, start_stack, stop_processes
-from flm.config import FLMConfigError
+from flm.config import FLMConfigError, flm_home
 
 
 def load_request(path: str) -> dict:
@@ -224,8 +224,6 @@ def cmd_keys_limits(args) -> None:
 
 
 def cmd_up(args) -> None:
-    from api.settings import flm_home
-
     stack = start_stack(flm_home(), args.port, args.ray_port, args.dashboard_port, args.serve_port, args.num_cpus)
     c = console()
     c.print(f"gateway  {stack['processes']['gateway']['url']}  (API docs: /docs)")
@@ -246,8 +244,6 @@ def cmd_demo(args) -> None:
 
 
 def cmd_down(args) -> None:
-    from api.settings import flm_home
-
     path = flm_home() / STACK_FILE
     if not path.exists():
         raise FLMConfigError(f"no stack recorded in {path}; nothing to stop")

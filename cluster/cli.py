@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.connect import connect
-from flm.config import FLMConfigError, load_plan
+from flm.config import FLMConfigError, flm_home, load_plan
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
 
@@ -34,7 +34,6 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
 
     from cluster.train import StageRun, check_plan, check_storage, run_plan, stage_end
     from flm.storage import join
-    from flm.train import flm_home
 
     # everything that can be wrong with the input fails here, before a cluster starts
     plan = load_plan(args.plan)

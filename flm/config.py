@@ -7,6 +7,7 @@ field, never a silently ignored key. `GrowthPlan.resolve()` turns stages given a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,13 @@ DEFAULT_OPERATOR_ORDER: tuple[Operator, ...] = ("width", "ffn", "heads", "depth"
 
 class FLMConfigError(ValueError):
     """A configuration a user wrote is invalid; the message names the field and what to change."""
+
+
+def flm_home() -> Path:
+    """$FLM_HOME: where runs, prepared data, searches and the gateway's storage root live unless a path is given
+    (default ./runs), absolute, since Ray jobs and workers run in other working directories. The one place that
+    reads the variable, importable without torch."""
+    return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
 
 
 class _Strict(BaseModel):

@@ -23,9 +23,9 @@ import torch
 from pydantic import BaseModel
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, SearchedHparams, load_yaml, parse
+from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, SearchedHparams, flm_home, load_yaml, parse
 from flm.flops import flops_per_token, param_count
-from flm.train import Trainer, flm_home, resolve_dataset
+from flm.train import Trainer, resolve_dataset
 
 
 class PowerLaw(BaseModel):
