@@ -13,11 +13,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
-from flm.data import add_data_cli
+from flm.config import (
+    FLMConfigError,
+    GrowthPlan,
+    ModelConfig,
+    ProxyFamily,
+    SearchedHparams,
+    flm_home,
+    load_plan,
+    load_yaml,
+    parse,
+)
 from flm.flops import param_count
 from flm.plan import Hardware, plan_cost
-from flm.scaling import add_predict_cli
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
 
@@ -27,6 +35,10 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def cmd_plan(args) -> None:
@@ -224,6 +236,65 @@ def cmd_consolidate(args) -> None:
     console.print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
 
 
+def cmd_data_prepare(args) -> None:
+    from flm.data import TokenizerSpec, prepare_dataset
+
+    spec = TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size)
+    m = prepare_dataset(args.source, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
+                        max_docs=args.max_docs, seq_len=args.seq_len)
+    train, val = m.splits["train"], m.splits["val"]
+    how = "; one document: val is its last lines" if m.split_by == "text" else ""
+    print(f"{args.out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
+          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
+
+
+def cmd_predict(args) -> None:
+    import yaml
+
+    from flm.scaling import family_hparams, fit_runs, load_family, plot_prediction, train_widths
+
+    family = load_family(args.family)
+    best = parse(SearchedHparams, load_yaml(args.hparams), str(args.hparams)) if args.hparams else None
+    hparams = family_hparams(family, best)
+    widths = sorted(args.widths or family.widths)
+    at = sorted(args.at or [2 * widths[-1]])
+    for w in [*widths, *at]:
+        if w <= 0 or w % family.model.head_dim:
+            raise FLMConfigError(f"widths: {w} is not a positive multiple of head_dim={family.model.head_dim}")
+    if len(widths) < 3:
+        raise FLMConfigError(f"--widths: the fit needs at least 3 widths, got {widths}")
+    if args.tokens is not None:
+        family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
+    out = Path(args.out or flm_home() / "predict" / Path(args.family).stem)
+    console.print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
+                  f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
+    runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
+                        jobs=args.jobs, threads=args.threads,
+                        on_done=lambda i, r: console.print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
+                                                           f"({r['seconds']:.0f} s)"))
+    law = fit_runs(runs)
+    targets = []
+    for w in at:
+        n = param_count(family.at_width(w), embeddings=False)
+        targets.append({"width": w, "n": n, "params": param_count(family.at_width(w)), "predicted": float(law(n))})
+    table = Table(title=f"L(N) = {law.a:.4g}·N^{law.b:.4f} + {law.c:.4f}  (N: non-embedding parameters)")
+    for col in ("width", "N", "val loss", "fit"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(str(r["width"]), f"{r['non_embedding_params']:,}", f"{r['val_loss']:.4f}",
+                      f"{float(law(r['non_embedding_params'])):.4f}")
+    for t in targets:
+        table.add_row(str(t["width"]), f"{t['n']:,}", "", f"{t['predicted']:.4f}", style="bold")
+    console.print(table)
+    (out / "prediction.json").write_text(json.dumps({"family": str(args.family), "hparams": hparams,
+                                                     "tokens": family.tokens, "fit": law.model_dump(),
+                                                     "runs": runs, "predictions": targets}, indent=2))
+    (out / "fit.yaml").write_text(yaml.safe_dump({"fit": law.model_dump(), "predictions": targets}, sort_keys=False))
+    title = f"{Path(args.family).name}: {family.model.n_layer} layers, {family.tokens:,} tokens per width"
+    png = plot_prediction(runs, law, targets, out / "prediction.png", title)
+    console.print(f"wrote {out / 'prediction.json'} and {png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,8 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check)
 
-    add_data_cli(sub)
-    add_predict_cli(sub)
+    p = sub.add_parser("data", help="prepare token datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="tokenize a corpus into train/val shards")
+    p.add_argument("source", help="a .txt/.jsonl/.parquet file or folder, 'shakespeare', or hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
+    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size (default: flm.data.DEFAULT_BPE_VOCAB, 2048)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
+    p.add_argument("--seq-len", type=int, default=1,
+                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("predict", help="train a μP proxy family at several widths, fit L(N) = a·N^b + c and "
+                                       "predict the loss of wider models")
+    p.add_argument("family", help="proxy family YAML (configs/proxy.yaml) or a search YAML with a proxy:")
+    p.add_argument("--hparams", help="best.yaml of `flm tune` (default: the family's lr, init_std, output_mult)")
+    p.add_argument("--widths", type=_ints, help="comma list of widths to train and fit (default: the family's)")
+    p.add_argument("--at", type=_ints, help="comma list of widths to predict (default: 2x the widest fitted)")
+    p.add_argument("--tokens", type=int, help="training tokens per width (default: the family's)")
+    p.add_argument("--data", default="shakespeare", help="prepared dataset dir or a source to prepare")
+    p.add_argument("--eval-batches", type=int, default=16, help="fixed validation batches of 8 sequences")
+    p.add_argument("--jobs", type=int, default=1, help="widths trained at once, one process each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out", help="output directory (default: $FLM_HOME/predict/<family file name>)")
+    p.set_defaults(func=cmd_predict)
+
     for plugin in entry_points(group="flm.cli"):  # commands of the layers above flm/ (cluster, ...)
         plugin.load()(sub)
 
