@@ -120,9 +120,3 @@ def deploy(request: DeploymentRequest | dict, host: str = "127.0.0.1", port: int
 def undeploy(name: str) -> None:
     """Delete the Serve application `name` (its replicas and their shard actors); a no-op if there is none."""
     serve.delete(name)
-
-
-def deployment_status(name: str) -> str | None:
-    """Serve's status of application `name` (RUNNING, DEPLOYING, UNHEALTHY, DEPLOY_FAILED, ...), None if absent."""
-    app = serve.status().applications.get(name)
-    return None if app is None else str(app.status.value if hasattr(app.status, "value") else app.status)

@@ -19,7 +19,7 @@ from flm.checkpoint import load_model
 from flm.cli import main
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
-from service.app import FLMDeployment, deploy, deployment_options, deployment_status, undeploy
+from service.app import FLMDeployment, deploy, deployment_options, undeploy
 from service.protocol import CHAT_STOP, ChatMessage, render_chat
 from service.routes import OpenAIServer, build_api
 from service.spec import DeploymentRequest
@@ -406,7 +406,7 @@ def test_a_killed_shard_actor_gets_its_replica_replaced(served, reference):
     deadline, after = time.monotonic() + 150, before
     while time.monotonic() < deadline:  # Serve's health check fails, the replica and its shards are replaced
         after = shard_actors()
-        if len(after) == 2 and not set(after) & set(before) and deployment_status(NAME) == "RUNNING":
+        if len(after) == 2 and not set(after) & set(before) and serve.status().applications[NAME].status == "RUNNING":
             break
         time.sleep(1)
     assert len(after) == 2 and not set(after) & set(before)
