@@ -66,7 +66,6 @@ class ApiError(StarletteHTTPException):
         self.field = field
 
 
-
 def format_validation(request: Request, exc: RequestValidationError) -> tuple[str, str | None]:
     """pydantic's first error as one line 'field: what is wrong' (the body's kind tag left out of the name)."""
     err = exc.errors()[0]
@@ -131,7 +130,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -66,7 +66,6 @@ def dump_yaml(data: dict) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
-
 def resolve_path(root: Path, text: str, field: str) -> Path:
     """`text` (relative to the storage root, or absolute) as a path inside the root; '..' and anything resolving
     outside (absolute paths elsewhere, symlinks out) are refused, naming the field. So is what the file system
@@ -455,7 +454,6 @@ class Gateway:
         chunks = resp.aiter_raw() if release is None else self.streams.guard(resp.aiter_raw(), release)
         return StreamingResponse(chunks, status_code=resp.status_code,
                                  media_type=resp.headers.get("content-type"), background=BackgroundTask(resp.aclose))
-
 
 
 def cost_view(body: PlanRequest) -> PlanView:

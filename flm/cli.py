@@ -25,7 +25,6 @@ from flm.config import (
     parse,
 )
 from flm.flops import param_count
-from flm.plan import Hardware, plan_cost
 
 console = Console(width=max(120, shutil.get_terminal_size().columns))
 
@@ -42,6 +41,8 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_plan(args) -> None:
+    from flm.plan import Hardware, plan_cost
+
     plan = load_plan(args.plan)
     hw = parse(Hardware, {k: v for k, v in dict(gpus=args.gpus, tflops_per_gpu=args.tflops_per_gpu, mfu=args.mfu,
                                                   peak_tflops=args.peak_tflops,
