@@ -46,7 +46,7 @@ class Limits(BaseModel):
     override them field by field. Counts are of the key's owner: every key of an owner shares its jobs,
     deployments and streams; rates and streams are counted by each gateway process."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built at first use: `flm` starts sooner
 
     max_running_jobs: int | None = Field(default=8, ge=0, description="jobs QUEUED, PENDING, RUNNING or STOPPING "
                                                                       "(HELD, finished ones are free)")
@@ -88,7 +88,7 @@ class Limits(BaseModel):
 
 
 class GatewaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     home: Path = Field(default_factory=flm_home, description="storage root ($FLM_HOME)")
     database_url: str = Field(default="", description="SQLAlchemy URL ($FLM_DATABASE_URL); empty: home/gateway.db")

@@ -10,15 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-
-from rich.console import Console
-from rich.table import Table
 
 from cluster.connect import connect
+from flm.cli import console
 from flm.config import FLMConfigError, flm_home, load_plan
-
-console = Console(width=max(120, shutil.get_terminal_size().columns))
 
 
 def workers(run) -> str:
@@ -29,6 +24,8 @@ def workers(run) -> str:
 
 
 def cmd_cluster_train(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -50,7 +47,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
         if not args.json:
             s = run.summary or {}
             loss = f", loss {s['loss']:.4f}" if "loss" in s else ""
-            console.print(f"stage {run.stage}: {run.status} ({run.backend or '-'}, {workers(run)} workers, "
+            console().print(f"stage {run.stage}: {run.status} ({run.backend or '-'}, {workers(run)} workers, "
                           f"{run.seconds:.1f} s{loss}) -> {run.checkpoint}", soft_wrap=True)
 
     try:
@@ -71,10 +68,12 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
                       f"{s['params'] / 1e6:.2f}M" if "params" in s else "", str(s.get("steps", "")),
                       f"{s['loss']:.4f}" if "loss" in s else "", f"{s['val_loss']:.4f}" if "val_loss" in s else "",
                       f"{r.seconds:.1f}")
-    console.print(table)
+    console().print(table)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from cluster.tune import Trial, load_search, prepare, run_search, summarize
 
@@ -91,7 +90,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     def show(t: Trial) -> None:
         done.append(t)
         if not args.json:
-            console.print(f"trial {len(done)}/{total}: lr {t.lr:g} init_std {t.init_std:g} output_mult "
+            console().print(f"trial {len(done)}/{total}: lr {t.lr:g} init_std {t.init_std:g} output_mult "
                           f"{t.output_mult:g} seed {t.seed}: {t.status}, val_loss {t.val_loss:.4f} "
                           f"(step {t.step})", soft_wrap=True)
 
@@ -112,9 +111,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
         table.add_row(f"{r['lr']:g}", f"{r['init_std']:g}", f"{r['output_mult']:g}", str(r["seeds"]),
                       f"{r['val_loss']:.4f}", r["status"],
                       style="bold green" if (r["lr"], r["init_std"], r["output_mult"]) == best else None)
-    console.print(table)
+    console().print(table)
     out = result.out_dir
-    console.print(f"best: lr {result.best.lr:g}, init_std {result.best.init_std:g}, output_mult "
+    console().print(f"best: lr {result.best.lr:g}, init_std {result.best.init_std:g}, output_mult "
                   f"{result.best.output_mult:g} (val loss {result.best.val_loss:.4f}); wrote {out / 'best.yaml'}, "
                   f"{out / 'results.json'}, {out / 'heatmap.png'}", soft_wrap=True)
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
 
 from flm.config import (
     FLMConfigError,
@@ -26,7 +24,14 @@ from flm.config import (
 )
 from flm.flops import param_count
 
-console = Console(width=max(120, shutil.get_terminal_size().columns))
+
+@functools.cache
+def console():
+    """The rich console every command prints to, at least 120 columns wide (tables stay whole); made at first use,
+    so `flm --help` does not import rich."""
+    from rich.console import Console
+
+    return Console(width=max(120, shutil.get_terminal_size().columns))
 
 
 def _floats(text: str) -> list[float]:
@@ -41,6 +46,8 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_plan(args) -> None:
+    from rich.table import Table
+
     from flm.plan import Hardware, plan_cost
 
     plan = load_plan(args.plan)
@@ -79,8 +86,8 @@ def cmd_plan(args) -> None:
     table.add_row("from scratch", f"{last.params / 1e9:.2f}B", f"{cost.total_tokens / 1e9:.2f}B",
                   f"{cost.scratch_flops:.3e}", str(last.gpus), f"{last.tflops_per_gpu:.0f}",
                   f"{cost.scratch_days:.2f}", "", f"{cost.scratch_dollars:,.0f}")
-    console.print(table)
-    console.print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
+    console().print(table)
+    console().print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
     title = f"memory per GPU (GiB) under backend fsdp, against {args.gpu_mem:g} GiB" + \
         (": sharded states measured by the dry run" if args.dry_run else "")
     table = Table(title=title)
@@ -97,8 +104,8 @@ def cmd_plan(args) -> None:
         if args.dry_run:
             row += [f"{m.measured_states / GIB:.2f}", f"{m.states_error:.2%}"]
         table.add_row(*row, "yes" if m.fits else "[bold red]NO[/bold red]")
-    console.print(table)
-    console.print(f"serving the final model ({param_count(final) / 1e9:.2f}B) at TP {serving.tp}, bf16, on "
+    console().print(table)
+    console().print(f"serving the final model ({param_count(final) / 1e9:.2f}B) at TP {serving.tp}, bf16, on "
                   f"{args.gpu_mem:g} GiB GPUs: {serving.weight_bytes / GIB:.2f} GiB of weights per rank, "
                   f"{serving.kv_bytes_per_token / 2**20:.2f} MiB of KV cache per token, "
                   f"{serving.kv_tokens:,} KV tokens fit beside them (10% kept free)"
@@ -110,15 +117,16 @@ def cmd_check(args) -> None:
     data = load_yaml(args.file)
     kind = ProxyFamily if "widths" in data else GrowthPlan
     obj = load_plan(args.file) if kind is GrowthPlan else parse(kind, data, args.file)  # load_plan: hparams_from
-    console.print(f"{args.file}: valid {kind.__name__}")
+    console().print(f"{args.file}: valid {kind.__name__}")
     if isinstance(obj, GrowthPlan):
         for k, cfg in enumerate(obj.model_configs()):
-            console.print(f"  stage {k}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, "
+            console().print(f"  stage {k}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, "
                           f"ffn {cfg.d_ffn}, {obj.steps(k)} steps")
 
 
 def cmd_train(args) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
     from flm.train import Trainer
 
@@ -128,7 +136,7 @@ def cmd_train(args) -> None:
         plan = parse(GrowthPlan, {**plan.model_dump(), "train": {**plan.train.model_dump(), **overrides}}, args.plan)
     total = plan.stage_starts()[-1]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console()) as progress:
         task = progress.add_task("preparing", total=total)
 
         def show(record: dict) -> None:
@@ -145,9 +153,9 @@ def cmd_train(args) -> None:
     for s in summaries:
         table.add_row(s["name"], f"{s['params'] / 1e6:.2f}M", str(s["steps"]), f"{s['tokens']:,}",
                       f"{s['flops']:.3e}", f"{s['loss']:.4f}", f"{s['val_loss']:.4f}", f"{s['seconds']:.1f}")
-    console.print(table)
+    console().print(table)
     if (trainer.run_dir / "tensorboard").is_dir():
-        console.print(f"curves: tensorboard --logdir {trainer.run_dir / 'tensorboard'}")
+        console().print(f"curves: tensorboard --logdir {trainer.run_dir / 'tensorboard'}")
 
 
 def _data_files(pairs: list[str]) -> dict[str, str]:
@@ -168,7 +176,7 @@ def cmd_eval(args) -> None:
         path = os.path.join(args.out, "perplexity.json")
         with open(path, "w") as f:
             f.write(result.model_dump_json(indent=2) + "\n")
-        console.print(f"{result.split} perplexity [bold]{result.ppl:.3f}[/bold] (NLL {result.nll:.4f} nats/token) "
+        console().print(f"{result.split} perplexity [bold]{result.ppl:.3f}[/bold] (NLL {result.nll:.4f} nats/token) "
                       f"over {result.tokens:,} tokens, {result.windows} windows of {result.seq_len} "
                       f"(stride {result.stride}), {result.seconds:.1f} s; wrote {path}")
         return
@@ -181,9 +189,9 @@ def cmd_eval(args) -> None:
     subtasks = args.subtasks.split(",") if "," in args.subtasks else args.subtasks
     backend = backend_for(args.model, os.environ.get("FLM_API_KEY"), args.model_name)
     result = run_suite(backend, subtasks, seed=args.seed, n_items=args.n_items, data_files=data_files)
-    print_result(result, console)
+    print_result(result, console())
     json_path, png_path = save_result(result, args.out)
-    console.print(f"wrote {json_path} and {png_path}")
+    console().print(f"wrote {json_path} and {png_path}")
 
 
 def cmd_lm_eval(args) -> None:
@@ -204,7 +212,7 @@ def cmd_lm_eval(args) -> None:
 def cmd_export_hf(args) -> None:
     from flm.export import export_hf
 
-    console.print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
+    console().print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
 
 
 def cmd_mup_check(args) -> None:
@@ -216,7 +224,7 @@ def cmd_mup_check(args) -> None:
         raise FLMConfigError(f"--widths: every width must be a multiple of --head-dim {args.head_dim}")
     result = coord_check(base, [int(w) for w in args.widths], args.steps, args.lr)
     path = plot(result, args.out)
-    console.print(f"logits scale, widest / narrowest width: μP {logit_growth(result, 'mup'):.2f}x, "
+    console().print(f"logits scale, widest / narrowest width: μP {logit_growth(result, 'mup'):.2f}x, "
                   f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
 
 
@@ -234,7 +242,7 @@ def cmd_consolidate(args) -> None:
     except CheckpointError as e:
         raise FLMConfigError(str(e)) from None
     out = consolidate(src, args.out)
-    console.print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
+    console().print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
 
 
 def cmd_data_prepare(args) -> None:
@@ -251,6 +259,7 @@ def cmd_data_prepare(args) -> None:
 
 def cmd_predict(args) -> None:
     import yaml
+    from rich.table import Table
 
     from flm.scaling import family_hparams, fit_runs, load_family, plot_prediction, train_widths
 
@@ -267,11 +276,11 @@ def cmd_predict(args) -> None:
     if args.tokens is not None:
         family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
     out = Path(args.out or flm_home() / "predict" / Path(args.family).stem)
-    console.print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
+    console().print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
                   f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
     runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
                         jobs=args.jobs, threads=args.threads,
-                        on_done=lambda i, r: console.print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
+                        on_done=lambda i, r: console().print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
                                                            f"({r['seconds']:.0f} s)"))
     law = fit_runs(runs)
     targets = []
@@ -286,14 +295,14 @@ def cmd_predict(args) -> None:
                       f"{float(law(r['non_embedding_params'])):.4f}")
     for t in targets:
         table.add_row(str(t["width"]), f"{t['n']:,}", "", f"{t['predicted']:.4f}", style="bold")
-    console.print(table)
+    console().print(table)
     (out / "prediction.json").write_text(json.dumps({"family": str(args.family), "hparams": hparams,
                                                      "tokens": family.tokens, "fit": law.model_dump(),
                                                      "runs": runs, "predictions": targets}, indent=2))
     (out / "fit.yaml").write_text(yaml.safe_dump({"fit": law.model_dump(), "predictions": targets}, sort_keys=False))
     title = f"{Path(args.family).name}: {family.model.n_layer} layers, {family.tokens:,} tokens per width"
     png = plot_prediction(runs, law, targets, out / "prediction.png", title)
-    console.print(f"wrote {out / 'prediction.json'} and {png}")
+    console().print(f"wrote {out / 'prediction.json'} and {png}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,6 +80,9 @@ def test_submit_jobs_status_cancel_resume(env, capsys, tmp_path):
     code, out, _ = run(capsys, "status", job_id)
     assert code == 0 and "0/256" in out and "0/524,288 tokens (0.0%)" in out
     assert run(capsys, "cancel", job_id)[1].strip() == f"{job_id}: STOPPED"
+    with pytest.raises(SystemExit) as stopped:  # the job's server-sent events, read to their `end`
+        main(["logs", job_id, "-f"])
+    assert stopped.value.code == 1 and f"{job_id}: STOPPED" in capsys.readouterr().out
     assert "QUEUED" in run(capsys, "resume", job_id)[1]
 
 
