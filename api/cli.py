@@ -40,13 +40,13 @@ def cmd_submit(args) -> None:
 
 
 def cmd_jobs(args) -> None:
-    from rich.table import Table
-
     params = {k: v for k, v in dict(state=args.state, kind=args.kind, limit=args.limit).items() if v}
     page = Client().request("GET", "/v1/jobs", params=params)
     if args.json:
         print(json.dumps(page, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title=f"{page['total']} jobs")
     for col in ("id", "kind", "state", "stage", "progress", "loss", "created", "error"):
         table.add_column(col)
