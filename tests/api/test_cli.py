@@ -136,7 +136,7 @@ def test_up_refuses_a_taken_port(env, capsys, server):
 @pytest.fixture
 def deployed(server, env, micro_data):
     """A RUNNING deployment of the key's owner: a random checkpoint of 32 tokens of context among the owner's files,
-    served by the real OpenAI routes (service/app.py, in process, tp = 1) under uvicorn: no Ray."""
+    served by the real OpenAI routes (service/routes.py, in process, tp = 1) under uvicorn: no Ray."""
     import torch
 
     from flm.checkpoint import save_checkpoint

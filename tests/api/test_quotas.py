@@ -191,7 +191,7 @@ def test_stream_cap_and_slots_given_back(tenant):
 @pytest.fixture
 def deployed(tenant, micro_data):
     """A RUNNING deployment of the tenant: a random 32-token-context checkpoint served by the real OpenAI routes
-    (service/app.py, in process, tp = 1) under uvicorn: no Ray."""
+    (service/routes.py, in process, tp = 1) under uvicorn: no Ray."""
     import torch
 
     from flm.checkpoint import save_checkpoint
