@@ -1,4 +1,9 @@
-"""`flm`: the command line. Every user error exits with code 2 and one line that names what to change."""
+"""`flm`: the command line. Every user error exits with code 2 and one line that names what to change.
+
+flm's own commands live here; the layers above add theirs through the `flm.cli` entry point (cluster/cli.py,
+service/cli.py, api/cli.py). Every command imports what is heavy (torch, rich, the data and model code) inside
+itself, so `flm --help` and the REST client's commands start in about a third of a second (benchmarks/startup.py);
+tests/test_imports.py checks that starting imports no torch, Ray or FastAPI."""
 
 from __future__ import annotations
 
