@@ -14,8 +14,7 @@ from pathlib import Path
 
 from api.client import Client, console, follow
 from api.settings import Limits
-from api.stack import STACK_FILE, start_stack, stop_processes
-from flm.config import FLMConfigError
+from flm.config import FLMConfigError, flm_home
 
 
 def load_request(path: str) -> dict:
@@ -33,7 +32,7 @@ def cmd_submit(args) -> None:
     body = load_request(args.file)
     if args.hold:
         body["hold"] = True
-    job = Client().request("POST", "/v1/jobs", json=body)
+    job = Client().request("POST", "/v1/jobs", body=body)
     if args.json:
         print(json.dumps(job, indent=2))
     else:
@@ -41,13 +40,13 @@ def cmd_submit(args) -> None:
 
 
 def cmd_jobs(args) -> None:
-    from rich.table import Table
-
     params = {k: v for k, v in dict(state=args.state, kind=args.kind, limit=args.limit).items() if v}
     page = Client().request("GET", "/v1/jobs", params=params)
     if args.json:
         print(json.dumps(page, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title=f"{page['total']} jobs")
     for col in ("id", "kind", "state", "stage", "progress", "loss", "created", "error"):
         table.add_column(col)
@@ -113,7 +112,7 @@ def cmd_deploy(args) -> None:
     if args.max_replicas:
         body["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
     client = Client()
-    dep = client.request("POST", "/v1/deployments", json=body)
+    dep = client.request("POST", "/v1/deployments", body=body)
     deadline = time.monotonic() + args.timeout
     with console().status(f"{dep['id']}: deploying (TP {args.tp}) ..."):
         while dep["state"] == "DEPLOYING" and not args.no_wait and time.monotonic() < deadline:
@@ -142,7 +141,7 @@ def cmd_generate(args) -> None:
             raise FLMConfigError("--model: nothing is deployed; flm deploy CHECKPOINT first")
         model = models[0]["id"]
     body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
-    out = client.request("POST", "/v1/completions", json=body)
+    out = client.request("POST", "/v1/completions", body=body)
     print(out["choices"][0]["text"])
 
 
@@ -224,7 +223,7 @@ def cmd_keys_limits(args) -> None:
 
 
 def cmd_up(args) -> None:
-    from api.settings import flm_home
+    from api.stack import STACK_FILE, start_stack
 
     stack = start_stack(flm_home(), args.port, args.ray_port, args.dashboard_port, args.serve_port, args.num_cpus)
     c = console()
@@ -246,7 +245,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_down(args) -> None:
-    from api.settings import flm_home
+    from api.stack import STACK_FILE, stop_processes
 
     path = flm_home() / STACK_FILE
     if not path.exists():

@@ -1,6 +1,10 @@
-"""The gateway's REST client, as `flm submit`, `flm jobs`, ... and `flm demo` use it: `Client` (httpx against
+"""The gateway's REST client, as `flm submit`, `flm jobs`, ... and `flm demo` use it: `Client` (HTTP against
 `FLM_URL` with `FLM_API_KEY`, every non-2xx answer a one-line FLMConfigError) and `follow` (a live progress bar
-from a job's server-sent events). Imports nothing heavy at module level."""
+from a job's server-sent events).
+
+Built on the standard library's http.client, not httpx: importing httpx and building its client (an SSL context
+with certifi's bundle, even for http://) cost ~0.3 s of CPU, more than all of `flm jobs` besides; a command makes
+one request or one stream and needs neither pooling nor HTTP/2."""
 
 from __future__ import annotations
 
@@ -13,61 +17,101 @@ from flm.config import FLMConfigError
 def console():
     from flm.cli import console
 
-    return console
+    return console()
 
 
 # --- the client --------------------------------------------------------------------------------------------
 class Client:
-    """httpx against FLM_URL with FLM_API_KEY; every non-2xx answer becomes a one-line FLMConfigError."""
+    """JSON over HTTP(S) against FLM_URL with FLM_API_KEY; every non-2xx answer becomes a one-line FLMConfigError.
+    `timeout`: seconds to connect and between bytes of an answer (a stream has none between events)."""
 
     def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 60.0):
-        import httpx
+        from urllib.parse import urlsplit
 
         from api.settings import DEFAULT_PORT
 
         self.url = (url or os.environ.get("FLM_URL") or f"http://127.0.0.1:{DEFAULT_PORT}").rstrip("/")
+        where = urlsplit(self.url)
+        if where.scheme not in ("http", "https") or not where.hostname:
+            raise FLMConfigError(f"FLM_URL: {self.url!r} is not an http(s)://host[:port] URL of the gateway")
         key = key if key is not None else os.environ.get("FLM_API_KEY")
         if not key:
             raise FLMConfigError("FLM_API_KEY: not set; create a key with `flm keys create --name NAME` on the "
                                  "gateway's machine and export it")
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+        self.where, self.timeout = where, timeout
+        self.headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
 
-    def request(self, method: str, path: str, **kwargs) -> dict:
-        import httpx
+    def _open(self, method: str, path: str, body: dict | None, params: dict | None, timeout: float | None,
+              accept: str | None = None):
+        """(connection, response) of one request; FLMConfigError if nothing answers."""
+        import http.client
+        from urllib.parse import urlencode
 
+        kind = http.client.HTTPSConnection if self.where.scheme == "https" else http.client.HTTPConnection
+        conn = kind(self.where.hostname, self.where.port, timeout=timeout)  # https: the default context verifies
+        target = self.where.path + path + (f"?{urlencode(params)}" if params else "")
+        headers = {**self.headers, **({"Accept": accept} if accept else {})}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            r = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
+            conn.request(method, target, body=data, headers=headers)
+            return conn, conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
             raise FLMConfigError(f"FLM_URL: nothing answers at {self.url} ({type(e).__name__}); start the stack "
                                  f"with `flm up` or set FLM_URL") from None
-        if r.status_code >= 400:
-            try:
-                message = r.json().get("error") or r.text
-            except ValueError:
-                message = r.text.strip() or r.reason_phrase
-            raise FLMConfigError(f"{r.status_code} from {method} {path}: {message}")
-        return r.json()
+
+    @staticmethod
+    def _refusal(status: int, method: str, path: str, text: str) -> FLMConfigError:
+        try:
+            message = json.loads(text).get("error") or text
+        except (ValueError, AttributeError):
+            message = text.strip() or "no message"
+        return FLMConfigError(f"{status} from {method} {path}: {message}")
+
+    def request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
+        """The JSON answer of `method path` (with `body` as JSON, `params` as the query)."""
+        import http.client
+
+        conn, r = self._open(method, path, body, params, self.timeout)
+        try:
+            text = r.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as e:
+            raise FLMConfigError(f"FLM_URL: the answer from {self.url} broke off ({type(e).__name__})") from None
+        finally:
+            conn.close()
+        if r.status >= 400:
+            raise self._refusal(r.status, method, path, text)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise FLMConfigError(f"FLM_URL: {self.url} answered {method} {path} with no JSON; is it the gateway?") \
+                from None
 
     def stream_events(self, path: str):
         """(event, data) pairs of a server-sent event stream."""
-        import httpx
+        import http.client
 
+        conn, r = self._open("GET", path, None, None, None, accept="text/event-stream")
         try:
-            with self.http.stream("GET", path, headers={"Accept": "text/event-stream"}, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise FLMConfigError(f"{r.status_code} from GET {path}: {r.json().get('error', r.text)}")
-                event, data = "message", []
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif not line and data:
-                        yield event, json.loads("\n".join(data))
-                        event, data = "message", []
-        except httpx.TransportError as e:
+            if r.status >= 400:
+                raise self._refusal(r.status, "GET", path, r.read().decode("utf-8", "replace"))
+            event, data = "message", []
+            for raw in r:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield event, json.loads("\n".join(data))
+                    event, data = "message", []
+        except (OSError, http.client.HTTPException) as e:
             raise FLMConfigError(f"FLM_URL: the stream from {self.url} broke ({type(e).__name__})") from None
+        finally:
+            conn.close()
 
 
 def follow(client: Client, job_id: str) -> str:

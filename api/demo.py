@@ -50,14 +50,14 @@ def run_demo(out: str, eval_items: int = 5, tp: int = 2, num_cpus: int = 2) -> d
                 f"Ray dashboard {stack['processes']['ray']['dashboard']}")
         key, _ = create_key(open_store(GatewaySettings(home=home).db_url), "demo")
         client = Client(gateway, key, timeout=120)
-        job = client.request("POST", "/v1/jobs", json=pipeline_request(eval_items, tp))
+        job = client.request("POST", "/v1/jobs", body=pipeline_request(eval_items, tp))
         c.print(f"[bold]submitted[/bold] {job['id']}: tiny plan -> Ray Train -> IQ suite -> Ray Serve (TP = {tp})")
         state = follow(client, job["id"])
         job = client.request("GET", f"/v1/jobs/{job['id']}")
         if state != "SUCCEEDED":
             raise RuntimeError(f"the pipeline ended {state}: {job.get('error')}; logs: flm logs {job['id']}")
         model = (job.get("results") or {}).get("deployment", {}).get("name", "tiny")
-        completion = client.request("POST", "/v1/completions", json={
+        completion = client.request("POST", "/v1/completions", body={
             "model": model, "prompt": PROMPT, "max_tokens": 32, "temperature": 0.0})
         summary = summarize(home, job, cost, completion)
         (home / "demo.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -13,16 +13,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-
-def service_request(checkpoint: str, settings: dict) -> dict:
-    """A `service.app.DeploymentRequest` from the gateway's DeploySettings (name, tp, replicas, autoscaling)."""
-    request = {"checkpoint": checkpoint, "name": settings["name"], "tp": settings["tp"],
-               "replicas": settings["replicas"]}
-    if settings.get("autoscaling"):
-        request["autoscaling"] = {k: v for k, v in settings["autoscaling"].items() if v is not None}
-    return request
+if TYPE_CHECKING:
+    from service.spec import DeploymentRequest
 
 
 def connect() -> None:
@@ -32,8 +27,9 @@ def connect() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
 
 
-def deploy_checkpoint(request: dict, serve_url: str) -> str:
-    """Deploy on the connected cluster; Serve's HTTP proxy on serve_url's host and port if it is not running."""
+def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
+    """Deploy `request` (a `service.spec.DeploymentRequest` or its JSON) on the connected cluster; Serve's HTTP
+    proxy on serve_url's host and port if it is not running."""
     from service.app import deploy
 
     connect()

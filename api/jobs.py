@@ -40,25 +40,46 @@ def submission_id(job_id: str, attempt: int) -> str:
     return job_id if attempt <= 1 else f"{job_id}.r{attempt}"
 
 
-def entrypoint(settings: GatewaySettings, job: Job) -> str:
-    """The shell command Ray runs for `job` (on the head node, with $FLM_HOME = the storage root)."""
+def train_args(plan_file: Path, name: str, home: Path, max_failures: int, backend: str | None) -> list[str]:
+    """`flm cluster train` of a job's plan; the run name is the job id, so every attempt resumes the same run."""
+    args = ["cluster", "train", str(plan_file), "--name", name, "--storage", str(home / "runs"), "--address", "auto",
+            "--max-failures", str(max_failures)]
+    return args + (["--backend", backend] if backend else [])
+
+
+def eval_args(checkpoint: str | Path, settings: dict, out: Path) -> list[str]:
+    """`flm eval` (the IQ suite) of a checkpoint with an EvalSettings' subtasks, seed and n_items."""
+    args = ["eval", str(checkpoint), "--subtasks", settings["subtasks"], "--seed", str(settings["seed"]),
+            "--out", str(out)]
+    return args + (["--n-items", str(settings["n_items"])] if settings.get("n_items") else [])
+
+
+def tune_args(search_file: Path, out: Path) -> list[str]:
+    """`flm tune` of a search on the cluster."""
+    return ["tune", str(search_file), "--out", str(out), "--address", "auto"]
+
+
+def entrypoint(settings: GatewaySettings, job: Job) -> list[str]:
+    """The command Ray runs for `job` as an argv (on the head node, with $FLM_HOME = the storage root); the
+    pipeline's steps run the same `flm` arguments (api/pipeline.py)."""
     spec, jd = job.spec, settings.job_dir(job.id)
-    py = shlex.quote(settings.job_python)
-    flm = f"{py} -m flm.cli"
+    flm = [settings.job_python, "-m", "flm.cli"]
     if job.kind == "train":
-        cmd = (f"{flm} cluster train {shlex.quote(str(jd / 'plan.yaml'))} --name {job.id} "
-               f"--storage {shlex.quote(str(settings.home / 'runs'))} --address auto "
-               f"--max-failures {spec['max_failures']}")
-        return cmd + (f" --backend {spec['backend']}" if spec.get("backend") else "")
+        return [*flm, *train_args(jd / "plan.yaml", job.id, settings.home, spec["max_failures"], spec.get("backend"))]
     if job.kind == "eval":
-        cmd = (f"{flm} eval {shlex.quote(spec['checkpoint_path'])} --subtasks {shlex.quote(spec['subtasks'])} "
-               f"--seed {spec['seed']} --out {shlex.quote(str(jd / 'eval'))}")
-        return cmd + (f" --n-items {spec['n_items']}" if spec.get("n_items") else "")
+        return [*flm, *eval_args(spec["checkpoint_path"], spec, jd / "eval")]
     if job.kind == "tune":
-        return f"{flm} tune {shlex.quote(str(jd / 'search.yaml'))} --out {shlex.quote(str(jd / 'tune'))} --address auto"
+        return [*flm, *tune_args(jd / "search.yaml", jd / "tune")]
     if job.kind == "pipeline":
-        return f"{py} -m api.pipeline {shlex.quote(str(jd / 'spec.json'))}"
+        return [settings.job_python, "-m", "api.pipeline", str(jd / "spec.json")]
     raise ValueError(f"unknown job kind {job.kind!r}")
+
+
+def deployment_entrypoint(settings: GatewaySettings, dep: Deployment) -> list[str]:
+    """The command of a deployment's operation: `api.deploy up` its spec.json (DEPLOYING) or `down` its name."""
+    if dep.state == "DEPLOYING":
+        return [settings.job_python, "-m", "api.deploy", "up", str(settings.deployment_dir(dep.id) / "spec.json")]
+    return [settings.job_python, "-m", "api.deploy", "down", dep.id]
 
 
 def error_from_logs(logs: str, fallback: str | None) -> str:
@@ -188,13 +209,13 @@ class JobRunner:
                              .values(updated_at=utcnow(), **values)).rowcount == 1
         return done
 
-    def _submit_ray(self, sid: str, command: str, ray_jobs: dict, **metadata: str) -> None:
-        """Submit `command` as Ray job `sid` unless Ray has it already (a gateway that died before recording
-        it submitted it). RuntimeError if Ray refuses it."""
+    def _submit_ray(self, sid: str, argv: list[str], ray_jobs: dict, **metadata: str) -> None:
+        """Submit `argv` as Ray job `sid` unless Ray has it already (a gateway that died before recording
+        it submitted it). RuntimeError if Ray refuses it. Ray takes one shell string: quoted here, once."""
         if sid in ray_jobs:
             return
         try:
-            self._call("submit_job", entrypoint=command, submission_id=sid,
+            self._call("submit_job", entrypoint=shlex.join(argv), submission_id=sid,
                        runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home),
                                                  "RAY_USAGE_STATS_ENABLED": "0"}},
                        metadata=metadata)
@@ -249,12 +270,9 @@ class JobRunner:
         if dep.ray_submission_id is None:
             attempt = dep.attempt + 1
             sid = f"{dep.id}.op{attempt}"
-            py = shlex.quote(self.settings.job_python)
-            spec = self.settings.home / "deployments" / dep.id / "spec.json"
-            command = (f"{py} -m api.deploy up {shlex.quote(str(spec))}" if dep.state == "DEPLOYING"
-                       else f"{py} -m api.deploy down {dep.id}")
             try:
-                self._submit_ray(sid, command, ray_jobs, flm_deployment=dep.id, owner=dep.owner)
+                self._submit_ray(sid, deployment_entrypoint(self.settings, dep), ray_jobs, flm_deployment=dep.id,
+                                 owner=dep.owner)
             except RuntimeError as e:
                 self.set_deployment(dep, dep.state, state="FAILED", error=f"Ray refused the submission: {e}")
                 return
@@ -267,7 +285,7 @@ class JobRunner:
             return
         status = str(details.status)
         if status == "SUCCEEDED" and dep.state == "DEPLOYING":
-            result = read_json(self.settings.home / "deployments" / dep.id / "result.json") or {}
+            result = read_json(self.settings.deployment_dir(dep.id) / "result.json") or {}
             self.set_deployment(dep, "DEPLOYING", state="RUNNING", url=result.get("url"), error=None)
         elif status == "SUCCEEDED":
             self.set_deployment(dep, "DELETING", state="DELETED", url=None)

@@ -15,6 +15,7 @@ resubmitted pipeline skips the steps that succeeded: training resumes from its c
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from api.jobs import write_json
+from api.jobs import eval_args, train_args, tune_args, write_json
 from api.runs import checkpoints, read_json
 
 STEPS = ("tune", "train", "eval", "deploy")
@@ -36,7 +37,7 @@ def run_flm(python: str, *args: str) -> None:
     """`flm ARGS` as a child process; its output is passed through, and its one-line user error (if it fails with
     one) becomes this step's error."""
     cmd = [python, "-m", "flm.cli", *args]
-    print(f"$ {' '.join(cmd)}", flush=True)
+    print(f"$ {shlex.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     error = None
     for line in proc.stderr:
@@ -58,7 +59,7 @@ def step_tune(spec: dict, job_dir: Path) -> dict:
     search = job_dir / "search.yaml"
     search.write_text(yaml.safe_dump(spec["tune"], sort_keys=False))
     out = job_dir / "tune"
-    run_flm(spec["python"], "tune", str(search), "--out", str(out), "--address", "auto")
+    run_flm(spec["python"], *tune_args(search, out))
     best = out / "best.yaml"
     if not best.is_file():
         raise StepFailed(f"flm tune wrote no {best}")
@@ -71,36 +72,31 @@ def step_train(spec: dict, job_dir: Path, results: dict) -> dict:
         plan["hparams_from"] = results["tune"]["path"]
     plan_file = job_dir / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
-    args = ["cluster", "train", str(plan_file), "--name", spec["id"], "--storage", str(Path(spec["home"]) / "runs"),
-            "--address", "auto", "--max-failures", str(spec["max_failures"])]
-    if spec.get("backend"):
-        args += ["--backend", spec["backend"]]
-    run_flm(spec["python"], *args)
+    run_flm(spec["python"], *train_args(plan_file, spec["id"], Path(spec["home"]), spec["max_failures"],
+                                        spec.get("backend")))
     return {"checkpoint": str(final_checkpoint(spec).relative_to(spec["home"]))}
 
 
 def step_eval(spec: dict, job_dir: Path) -> dict:
     ev, out = spec["eval"], job_dir / "eval"
-    args = ["eval", str(final_checkpoint(spec)), "--subtasks", ev["subtasks"], "--seed", str(ev["seed"]),
-            "--out", str(out)]
-    if ev.get("n_items"):
-        args += ["--n-items", str(ev["n_items"])]
-    run_flm(spec["python"], *args)
+    run_flm(spec["python"], *eval_args(final_checkpoint(spec), ev, out))
     result = read_json(out / "iq.json") or {}
     return {"categories": result.get("categories"), "path": str(out.relative_to(spec["home"]))}
 
 
 def step_deploy(spec: dict) -> dict:
-    from api.deploy import deploy_checkpoint, service_request
+    from api.deploy import deploy_checkpoint
+    from api.schemas import DeploySettings
     from flm.config import FLMConfigError
 
     checkpoint = final_checkpoint(spec)
-    settings = {**spec["deploy"], "name": spec["deploy"].get("name") or spec["id"]}
+    name = spec["deploy"].get("name") or spec["id"]
+    request = DeploySettings.model_validate(spec["deploy"]).request(str(checkpoint), name)
     try:
-        url = deploy_checkpoint(service_request(str(checkpoint), settings), spec["serve_url"])
+        url = deploy_checkpoint(request, spec["serve_url"])
     except FLMConfigError as e:
         raise StepFailed(str(e)) from None
-    return {"name": settings["name"], "url": url, "checkpoint": str(checkpoint.relative_to(spec["home"]))}
+    return {"name": name, "url": url, "checkpoint": str(checkpoint.relative_to(spec["home"]))}
 
 
 def run_pipeline(spec_path: Path) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster.search_spec import SearchConfig
 from flm.config import GrowthPlan
 from flm.plan import Hardware, PlanCost
+from service.spec import Autoscaling, DeploymentRequest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"  # a deployment name: also a Serve application name and a URL path segment
@@ -105,27 +106,19 @@ def searched_plan(data: dict) -> GrowthPlan:
 
 
 # --- requests -------------------------------------------------------------------------------------------------
-class Autoscaling(_Request):
-    """Ray Serve autoscaling of a deployment's replicas (each replica holds `tp` shards)."""
-
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float | None = Field(default=None, gt=0, description="requests in flight per "
-                                                                                 "replica; default: its max batch")
-
-    @model_validator(mode="after")
-    def _order(self):
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
-        return self
-
-
 class DeploySettings(_Request):
+    """What an owner chooses of a deployment (a `service.spec.DeploymentRequest`); the gateway sets the rest."""
+
     name: str | None = Field(default=None, pattern=NAME, description="model name in /v1/completions; "
                                                                     "default: the job id or a generated one")
     tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree: shards per replica")
     replicas: int = Field(default=1, ge=1, le=64, description="replicas when autoscaling is not given")
     autoscaling: Autoscaling | None = None
+
+    def request(self, checkpoint: str, name: str) -> DeploymentRequest:
+        """The service's spec of serving `checkpoint` as `name` with these settings."""
+        return DeploymentRequest(checkpoint=checkpoint, name=name, tp=self.tp, replicas=self.replicas,
+                                 autoscaling=self.autoscaling)
 
 
 class EvalSettings(_Request):
@@ -201,6 +194,7 @@ class PipelineJob(_Request):
 
 
 JobRequest = Annotated[TrainJob | TuneJob | EvalJob | PipelineJob, Field(discriminator="kind")]
+KINDS = get_args(JobKind)  # the `kind` tags of JobRequest
 
 
 def plan_text(value: Any) -> Any:
@@ -245,8 +239,9 @@ class PlanRequest(_Request):
         return value
 
 
-class DeploymentRequest(DeploySettings):
-    """Serve a checkpoint (a path inside the storage root) or a finished job's final checkpoint."""
+class NewDeployment(DeploySettings):
+    """The body of POST /v1/deployments: serve a checkpoint (a path inside the storage root) or a finished job's
+    final checkpoint."""
 
     checkpoint: str | None = Field(default=None, min_length=1)
     job_id: str | None = Field(default=None, min_length=1)

@@ -19,15 +19,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flm.config import FLMConfigError
+from flm.config import FLMConfigError, flm_home
 
 DEFAULT_PORT = 8080  # Ray Serve's HTTP proxy takes 8000 on the head node
 OWNER_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")  # an owner that can name a directory as is
-
-
-def flm_home() -> Path:
-    """$FLM_HOME (default ./runs) as an absolute path; the same rule as flm.train.flm_home, which imports torch."""
-    return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
 
 
 def env_int(name: str, default: int, least: int) -> int:
@@ -51,7 +46,7 @@ class Limits(BaseModel):
     override them field by field. Counts are of the key's owner: every key of an owner shares its jobs,
     deployments and streams; rates and streams are counted by each gateway process."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built at first use: `flm` starts sooner
 
     max_running_jobs: int | None = Field(default=8, ge=0, description="jobs QUEUED, PENDING, RUNNING or STOPPING "
                                                                       "(HELD, finished ones are free)")
@@ -93,7 +88,7 @@ class Limits(BaseModel):
 
 
 class GatewaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     home: Path = Field(default_factory=flm_home, description="storage root ($FLM_HOME)")
     database_url: str = Field(default="", description="SQLAlchemy URL ($FLM_DATABASE_URL); empty: home/gateway.db")
@@ -117,6 +112,10 @@ class GatewaySettings(BaseModel):
 
     def run_dir(self, job_id: str) -> Path:
         return self.home / "runs" / job_id
+
+    def deployment_dir(self, name: str) -> Path:
+        """A deployment's files: the spec.json its Ray job deploys, the result.json (its URL) that job writes."""
+        return self.home / "deployments" / name
 
     def owner_dir(self, owner: str) -> Path | None:
         """The owner's own directory; None for an owner whose name is no plain directory name ('..', 'a/b')."""

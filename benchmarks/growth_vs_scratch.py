@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 from common import floats, log  # benchmarks/common.py (the script's own folder)
 
-from flm.config import GrowthPlan, ModelConfig
+from flm.config import GrowthPlan, ModelConfig, flm_home
 from flm.data import TokenizerSpec, prepare_dataset
 from flm.model import GPT
-from flm.train import Trainer, flm_home
+from flm.train import Trainer
 
 ARMS = ("scratch", "msg", "stack")
 LABELS = {"scratch": "4x256", "msg": "MSG 2x128 > 4x128 > 4x256", "stack": "stacking 2x256 > 4x256"}

@@ -294,7 +294,8 @@ def batching_http(ck: Path, new_tokens: int, client_counts: list[int], per_clien
     import ray
     from ray import serve
 
-    from service.app import DeploymentRequest, deploy
+    from service.app import deploy
+    from service.spec import DeploymentRequest
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

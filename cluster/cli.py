@@ -10,15 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-
-from rich.console import Console
-from rich.table import Table
 
 from cluster.connect import connect
-from flm.config import FLMConfigError, load_plan
-
-console = Console(width=max(120, shutil.get_terminal_size().columns))
+from flm.cli import console
+from flm.config import FLMConfigError, flm_home, load_plan
 
 
 def workers(run) -> str:
@@ -29,12 +24,13 @@ def workers(run) -> str:
 
 
 def cmd_cluster_train(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     from cluster.train import StageRun, check_plan, check_storage, run_plan, stage_end
     from flm.storage import join
-    from flm.train import flm_home
 
     # everything that can be wrong with the input fails here, before a cluster starts
     plan = load_plan(args.plan)
@@ -51,7 +47,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
         if not args.json:
             s = run.summary or {}
             loss = f", loss {s['loss']:.4f}" if "loss" in s else ""
-            console.print(f"stage {run.stage}: {run.status} ({run.backend or '-'}, {workers(run)} workers, "
+            console().print(f"stage {run.stage}: {run.status} ({run.backend or '-'}, {workers(run)} workers, "
                           f"{run.seconds:.1f} s{loss}) -> {run.checkpoint}", soft_wrap=True)
 
     try:
@@ -72,14 +68,58 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
                       f"{s['params'] / 1e6:.2f}M" if "params" in s else "", str(s.get("steps", "")),
                       f"{s['loss']:.4f}" if "loss" in s else "", f"{s['val_loss']:.4f}" if "val_loss" in s else "",
                       f"{r.seconds:.1f}")
-    console.print(table)
+    console().print(table)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from cluster.tune import Trial, load_search, prepare, run_search, summarize
+
+    search = load_search(args.search)  # every input error fails here or in prepare(), before a cluster starts
+    if args.out:
+        search = search.model_copy(update={"out": args.out})
+    search = prepare(search)
+    import ray
+
+    started = connect(args.address)
+    total = search.samples if search.search == "random" else search.grid.size * search.samples
+    done = []
+
+    def show(t: Trial) -> None:
+        done.append(t)
+        if not args.json:
+            console().print(f"trial {len(done)}/{total}: lr {t.lr:g} init_std {t.init_std:g} output_mult "
+                          f"{t.output_mult:g} seed {t.seed}: {t.status}, val_loss {t.val_loss:.4f} "
+                          f"(step {t.step})", soft_wrap=True)
+
+    try:
+        result = run_search(search, on_trial=show)
+    finally:
+        if started:
+            ray.shutdown()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    table = Table(title=f"{search.name}: {search.search} search at width {search.search_width}, "
+                        f"{search.steps} steps per trial")
+    for col in ("lr", "init_std", "output_mult", "seeds", "final val loss", "status"):
+        table.add_column(col, justify="right")
+    best = (result.best.lr, result.best.init_std, result.best.output_mult)
+    for r in sorted(summarize(result.trials), key=lambda r: r["val_loss"]):
+        table.add_row(f"{r['lr']:g}", f"{r['init_std']:g}", f"{r['output_mult']:g}", str(r["seeds"]),
+                      f"{r['val_loss']:.4f}", r["status"],
+                      style="bold green" if (r["lr"], r["init_std"], r["output_mult"]) == best else None)
+    console().print(table)
+    out = result.out_dir
+    console().print(f"best: lr {result.best.lr:g}, init_std {result.best.init_std:g}, output_mult "
+                  f"{result.best.output_mult:g} (val loss {result.best.val_loss:.4f}); wrote {out / 'best.yaml'}, "
+                  f"{out / 'results.json'}, {out / 'heatmap.png'}", soft_wrap=True)
 
 
 def add_cluster_cli(subparsers) -> None:
     """Register `cluster train` and `tune` on the `flm` command's subparsers."""
-    from cluster.tune import add_tune_cli
-
-    add_tune_cli(subparsers)
     p = subparsers.add_parser("cluster", help="run on a Ray cluster (Ray Train)")
     sub = p.add_subparsers(dest="cluster_command", required=True)
     t = sub.add_parser("train", help="train a growth plan with Ray Train, one run per stage (resumes where it "
@@ -98,3 +138,12 @@ def add_cluster_cli(subparsers) -> None:
                    help="start even if the cluster has fewer CPUs/GPUs now than a stage needs (autoscaling)")
     t.add_argument("--json", action="store_true", help="print the stage results as JSON")
     t.set_defaults(func=cmd_cluster_train)
+
+    p = subparsers.add_parser("tune", help="μP proxy hyperparameter search with Ray Tune (lr x init_std x "
+                                           "output_mult) -> best.yaml for a plan's hparams_from")
+    p.add_argument("search", help="search YAML, e.g. configs/search.yaml")
+    p.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
+                                     "a local one")
+    p.add_argument("--out", help="results directory (default: the search's out or $FLM_HOME/tune/<name>)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_tune)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flm.config import ProxyFamily
+from flm.config import ProxyFamily, flm_home
 
 AXES = ("lr", "init_std", "output_mult")
 SEARCH_KINDS = ("grid", "random", "asha")
@@ -129,8 +129,6 @@ class SearchConfig(_Strict):
 
     @property
     def out_dir(self) -> Path:
-        from flm.train import flm_home  # torch: only where a search runs
-
         return Path(self.out) if self.out else flm_home() / "tune" / self.name
 
     def plan(self, point: dict, run_dir: str | Path):

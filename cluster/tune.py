@@ -23,10 +23,8 @@ search's spec (`SearchConfig`) is cluster/search_spec.py, importable without tor
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -305,65 +303,3 @@ def plot_heatmap(result: SearchResult, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-# --- the command -------------------------------------------------------------------------------------------------
-def cmd_tune(args: argparse.Namespace) -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(120, shutil.get_terminal_size().columns))
-    search = load_search(args.search)  # every input error fails here or in prepare(), before a cluster starts
-    if args.out:
-        search = search.model_copy(update={"out": args.out})
-    search = prepare(search)
-    import ray
-
-    from cluster.connect import connect
-
-    started = connect(args.address)
-    total = search.samples if search.search == "random" else search.grid.size * search.samples
-    done = []
-
-    def show(t: Trial) -> None:
-        done.append(t)
-        if not args.json:
-            console.print(f"trial {len(done)}/{total}: lr {t.lr:g} init_std {t.init_std:g} output_mult "
-                          f"{t.output_mult:g} seed {t.seed}: {t.status}, val_loss {t.val_loss:.4f} "
-                          f"(step {t.step})", soft_wrap=True)
-
-    try:
-        result = run_search(search, on_trial=show)
-    finally:
-        if started:
-            ray.shutdown()
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
-        return
-    table = Table(title=f"{search.name}: {search.search} search at width {search.search_width}, "
-                        f"{search.steps} steps per trial")
-    for col in ("lr", "init_std", "output_mult", "seeds", "final val loss", "status"):
-        table.add_column(col, justify="right")
-    best = (result.best.lr, result.best.init_std, result.best.output_mult)
-    for r in sorted(summarize(result.trials), key=lambda r: r["val_loss"]):
-        table.add_row(f"{r['lr']:g}", f"{r['init_std']:g}", f"{r['output_mult']:g}", str(r["seeds"]),
-                      f"{r['val_loss']:.4f}", r["status"],
-                      style="bold green" if (r["lr"], r["init_std"], r["output_mult"]) == best else None)
-    console.print(table)
-    out = result.out_dir
-    console.print(f"best: lr {result.best.lr:g}, init_std {result.best.init_std:g}, output_mult "
-                  f"{result.best.output_mult:g} (val loss {result.best.val_loss:.4f}); wrote {out / 'best.yaml'}, "
-                  f"{out / 'results.json'}, {out / 'heatmap.png'}", soft_wrap=True)
-
-
-def add_tune_cli(subparsers) -> None:
-    """Register `tune` on the `flm` command's subparsers."""
-    p = subparsers.add_parser("tune", help="μP proxy hyperparameter search with Ray Tune (lr x init_std x "
-                                           "output_mult) -> best.yaml for a plan's hparams_from")
-    p.add_argument("search", help="search YAML, e.g. configs/search.yaml")
-    p.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
-                                     "a local one")
-    p.add_argument("--out", help="results directory (default: the search's out or $FLM_HOME/tune/<name>)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=cmd_tune)

@@ -1,8 +1,14 @@
-"""`flm`: the command line. Every user error exits with code 2 and one line that names what to change."""
+"""`flm`: the command line. Every user error exits with code 2 and one line that names what to change.
+
+flm's own commands live here; the layers above add theirs through the `flm.cli` entry point (cluster/cli.py,
+service/cli.py, api/cli.py). Every command imports what is heavy (torch, rich, the data and model code) inside
+itself, so `flm --help` and the REST client's commands start in about a third of a second (benchmarks/startup.py);
+tests/test_imports.py checks that starting imports no torch, Ray or FastAPI."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -10,16 +16,27 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from flm.config import FLMConfigError, GrowthPlan, ModelConfig, ProxyFamily, load_plan, load_yaml, parse
-from flm.data import add_data_cli
+from flm.config import (
+    FLMConfigError,
+    GrowthPlan,
+    ModelConfig,
+    ProxyFamily,
+    SearchedHparams,
+    flm_home,
+    load_plan,
+    load_yaml,
+    parse,
+)
 from flm.flops import param_count
-from flm.plan import Hardware, plan_cost
-from flm.scaling import add_predict_cli
 
-console = Console(width=max(120, shutil.get_terminal_size().columns))
+
+@functools.cache
+def console():
+    """The rich console every command prints to, at least 120 columns wide (tables stay whole); made at first use,
+    so `flm --help` does not import rich."""
+    from rich.console import Console
+
+    return Console(width=max(120, shutil.get_terminal_size().columns))
 
 
 def _floats(text: str) -> list[float]:
@@ -29,7 +46,15 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def cmd_plan(args) -> None:
+    from rich.table import Table
+
+    from flm.plan import Hardware, plan_cost
+
     plan = load_plan(args.plan)
     hw = parse(Hardware, {k: v for k, v in dict(gpus=args.gpus, tflops_per_gpu=args.tflops_per_gpu, mfu=args.mfu,
                                                   peak_tflops=args.peak_tflops,
@@ -66,8 +91,8 @@ def cmd_plan(args) -> None:
     table.add_row("from scratch", f"{last.params / 1e9:.2f}B", f"{cost.total_tokens / 1e9:.2f}B",
                   f"{cost.scratch_flops:.3e}", str(last.gpus), f"{last.tflops_per_gpu:.0f}",
                   f"{cost.scratch_days:.2f}", "", f"{cost.scratch_dollars:,.0f}")
-    console.print(table)
-    console.print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
+    console().print(table)
+    console().print(f"time saved by growth: [bold]{cost.time_saving:.1%}[/bold] ({cost.speedup:.2f}x faster)")
     title = f"memory per GPU (GiB) under backend fsdp, against {args.gpu_mem:g} GiB" + \
         (": sharded states measured by the dry run" if args.dry_run else "")
     table = Table(title=title)
@@ -84,8 +109,8 @@ def cmd_plan(args) -> None:
         if args.dry_run:
             row += [f"{m.measured_states / GIB:.2f}", f"{m.states_error:.2%}"]
         table.add_row(*row, "yes" if m.fits else "[bold red]NO[/bold red]")
-    console.print(table)
-    console.print(f"serving the final model ({param_count(final) / 1e9:.2f}B) at TP {serving.tp}, bf16, on "
+    console().print(table)
+    console().print(f"serving the final model ({param_count(final) / 1e9:.2f}B) at TP {serving.tp}, bf16, on "
                   f"{args.gpu_mem:g} GiB GPUs: {serving.weight_bytes / GIB:.2f} GiB of weights per rank, "
                   f"{serving.kv_bytes_per_token / 2**20:.2f} MiB of KV cache per token, "
                   f"{serving.kv_tokens:,} KV tokens fit beside them (10% kept free)"
@@ -97,15 +122,16 @@ def cmd_check(args) -> None:
     data = load_yaml(args.file)
     kind = ProxyFamily if "widths" in data else GrowthPlan
     obj = load_plan(args.file) if kind is GrowthPlan else parse(kind, data, args.file)  # load_plan: hparams_from
-    console.print(f"{args.file}: valid {kind.__name__}")
+    console().print(f"{args.file}: valid {kind.__name__}")
     if isinstance(obj, GrowthPlan):
         for k, cfg in enumerate(obj.model_configs()):
-            console.print(f"  stage {k}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, "
+            console().print(f"  stage {k}: {cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, "
                           f"ffn {cfg.d_ffn}, {obj.steps(k)} steps")
 
 
 def cmd_train(args) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
     from flm.train import Trainer
 
@@ -115,7 +141,7 @@ def cmd_train(args) -> None:
         plan = parse(GrowthPlan, {**plan.model_dump(), "train": {**plan.train.model_dump(), **overrides}}, args.plan)
     total = plan.stage_starts()[-1]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console()) as progress:
         task = progress.add_task("preparing", total=total)
 
         def show(record: dict) -> None:
@@ -132,9 +158,9 @@ def cmd_train(args) -> None:
     for s in summaries:
         table.add_row(s["name"], f"{s['params'] / 1e6:.2f}M", str(s["steps"]), f"{s['tokens']:,}",
                       f"{s['flops']:.3e}", f"{s['loss']:.4f}", f"{s['val_loss']:.4f}", f"{s['seconds']:.1f}")
-    console.print(table)
+    console().print(table)
     if (trainer.run_dir / "tensorboard").is_dir():
-        console.print(f"curves: tensorboard --logdir {trainer.run_dir / 'tensorboard'}")
+        console().print(f"curves: tensorboard --logdir {trainer.run_dir / 'tensorboard'}")
 
 
 def _data_files(pairs: list[str]) -> dict[str, str]:
@@ -155,7 +181,7 @@ def cmd_eval(args) -> None:
         path = os.path.join(args.out, "perplexity.json")
         with open(path, "w") as f:
             f.write(result.model_dump_json(indent=2) + "\n")
-        console.print(f"{result.split} perplexity [bold]{result.ppl:.3f}[/bold] (NLL {result.nll:.4f} nats/token) "
+        console().print(f"{result.split} perplexity [bold]{result.ppl:.3f}[/bold] (NLL {result.nll:.4f} nats/token) "
                       f"over {result.tokens:,} tokens, {result.windows} windows of {result.seq_len} "
                       f"(stride {result.stride}), {result.seconds:.1f} s; wrote {path}")
         return
@@ -168,9 +194,9 @@ def cmd_eval(args) -> None:
     subtasks = args.subtasks.split(",") if "," in args.subtasks else args.subtasks
     backend = backend_for(args.model, os.environ.get("FLM_API_KEY"), args.model_name)
     result = run_suite(backend, subtasks, seed=args.seed, n_items=args.n_items, data_files=data_files)
-    print_result(result, console)
+    print_result(result, console())
     json_path, png_path = save_result(result, args.out)
-    console.print(f"wrote {json_path} and {png_path}")
+    console().print(f"wrote {json_path} and {png_path}")
 
 
 def cmd_lm_eval(args) -> None:
@@ -191,7 +217,7 @@ def cmd_lm_eval(args) -> None:
 def cmd_export_hf(args) -> None:
     from flm.export import export_hf
 
-    console.print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
+    console().print(f"wrote {export_hf(args.checkpoint, args.out)} (GPTNeoXForCausalLM)")
 
 
 def cmd_mup_check(args) -> None:
@@ -203,7 +229,7 @@ def cmd_mup_check(args) -> None:
         raise FLMConfigError(f"--widths: every width must be a multiple of --head-dim {args.head_dim}")
     result = coord_check(base, [int(w) for w in args.widths], args.steps, args.lr)
     path = plot(result, args.out)
-    console.print(f"logits scale, widest / narrowest width: μP {logit_growth(result, 'mup'):.2f}x, "
+    console().print(f"logits scale, widest / narrowest width: μP {logit_growth(result, 'mup'):.2f}x, "
                   f"standard {logit_growth(result, 'sp'):.2f}x; wrote {path} and {path.with_suffix('.json')}")
 
 
@@ -221,7 +247,67 @@ def cmd_consolidate(args) -> None:
     except CheckpointError as e:
         raise FLMConfigError(str(e)) from None
     out = consolidate(src, args.out)
-    console.print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
+    console().print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
+
+
+def cmd_data_prepare(args) -> None:
+    from flm.data import TokenizerSpec, prepare_dataset
+
+    spec = TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size)
+    m = prepare_dataset(args.source, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
+                        max_docs=args.max_docs, seq_len=args.seq_len)
+    train, val = m.splits["train"], m.splits["val"]
+    how = "; one document: val is its last lines" if m.split_by == "text" else ""
+    print(f"{args.out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
+          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
+
+
+def cmd_predict(args) -> None:
+    import yaml
+    from rich.table import Table
+
+    from flm.scaling import family_hparams, fit_runs, load_family, plot_prediction, train_widths
+
+    family = load_family(args.family)
+    best = parse(SearchedHparams, load_yaml(args.hparams), str(args.hparams)) if args.hparams else None
+    hparams = family_hparams(family, best)
+    widths = sorted(args.widths or family.widths)
+    at = sorted(args.at or [2 * widths[-1]])
+    for w in [*widths, *at]:
+        if w <= 0 or w % family.model.head_dim:
+            raise FLMConfigError(f"widths: {w} is not a positive multiple of head_dim={family.model.head_dim}")
+    if len(widths) < 3:
+        raise FLMConfigError(f"--widths: the fit needs at least 3 widths, got {widths}")
+    if args.tokens is not None:
+        family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
+    out = Path(args.out or flm_home() / "predict" / Path(args.family).stem)
+    console().print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
+                  f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
+    runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
+                        jobs=args.jobs, threads=args.threads,
+                        on_done=lambda i, r: console().print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
+                                                           f"({r['seconds']:.0f} s)"))
+    law = fit_runs(runs)
+    targets = []
+    for w in at:
+        n = param_count(family.at_width(w), embeddings=False)
+        targets.append({"width": w, "n": n, "params": param_count(family.at_width(w)), "predicted": float(law(n))})
+    table = Table(title=f"L(N) = {law.a:.4g}·N^{law.b:.4f} + {law.c:.4f}  (N: non-embedding parameters)")
+    for col in ("width", "N", "val loss", "fit"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(str(r["width"]), f"{r['non_embedding_params']:,}", f"{r['val_loss']:.4f}",
+                      f"{float(law(r['non_embedding_params'])):.4f}")
+    for t in targets:
+        table.add_row(str(t["width"]), f"{t['n']:,}", "", f"{t['predicted']:.4f}", style="bold")
+    console().print(table)
+    (out / "prediction.json").write_text(json.dumps({"family": str(args.family), "hparams": hparams,
+                                                     "tokens": family.tokens, "fit": law.model_dump(),
+                                                     "runs": runs, "predictions": targets}, indent=2))
+    (out / "fit.yaml").write_text(yaml.safe_dump({"fit": law.model_dump(), "predictions": targets}, sort_keys=False))
+    title = f"{Path(args.family).name}: {family.model.n_layer} layers, {family.tokens:,} tokens per width"
+    png = plot_prediction(runs, law, targets, out / "prediction.png", title)
+    console().print(f"wrote {out / 'prediction.json'} and {png}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,8 +340,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_check)
 
-    add_data_cli(sub)
-    add_predict_cli(sub)
+    p = sub.add_parser("data", help="prepare token datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="tokenize a corpus into train/val shards")
+    p.add_argument("source", help="a .txt/.jsonl/.parquet file or folder, 'shakespeare', or hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
+    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size (default: flm.data.DEFAULT_BPE_VOCAB, 2048)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
+    p.add_argument("--seq-len", type=int, default=1,
+                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("predict", help="train a μP proxy family at several widths, fit L(N) = a·N^b + c and "
+                                       "predict the loss of wider models")
+    p.add_argument("family", help="proxy family YAML (configs/proxy.yaml) or a search YAML with a proxy:")
+    p.add_argument("--hparams", help="best.yaml of `flm tune` (default: the family's lr, init_std, output_mult)")
+    p.add_argument("--widths", type=_ints, help="comma list of widths to train and fit (default: the family's)")
+    p.add_argument("--at", type=_ints, help="comma list of widths to predict (default: 2x the widest fitted)")
+    p.add_argument("--tokens", type=int, help="training tokens per width (default: the family's)")
+    p.add_argument("--data", default="shakespeare", help="prepared dataset dir or a source to prepare")
+    p.add_argument("--eval-batches", type=int, default=16, help="fixed validation batches of 8 sequences")
+    p.add_argument("--jobs", type=int, default=1, help="widths trained at once, one process each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out", help="output directory (default: $FLM_HOME/predict/<family file name>)")
+    p.set_defaults(func=cmd_predict)
+
     for plugin in entry_points(group="flm.cli"):  # commands of the layers above flm/ (cluster, ...)
         plugin.load()(sub)
 

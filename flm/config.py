@@ -7,10 +7,10 @@ field, never a silently ignored key. `GrowthPlan.resolve()` turns stages given a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GROWTH_DIMS = ("n_layer", "d_model", "n_head", "d_ffn")
@@ -22,8 +22,16 @@ class FLMConfigError(ValueError):
     """A configuration a user wrote is invalid; the message names the field and what to change."""
 
 
+def flm_home() -> Path:
+    """$FLM_HOME: where runs, prepared data, searches and the gateway's storage root live unless a path is given
+    (default ./runs), absolute, since Ray jobs and workers run in other working directories. The one place that
+    reads the variable, importable without torch."""
+    return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validators are built at a model's first use, not on import: `flm --help` starts ~150 ms sooner
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class ModelConfig(_Strict):
@@ -152,7 +160,7 @@ class GrowthStage(_Strict):
     growth: Literal["offline", "online"] = Field(
         default="offline", description="offline: checkpoint -> grow -> reload (FLM-101B); online: grow in memory (MSG)")
     operator_order: tuple[Operator, ...] = DEFAULT_OPERATOR_ORDER
-    layout: ParallelLayout = ParallelLayout()
+    layout: ParallelLayout = Field(default_factory=ParallelLayout)
 
     @model_validator(mode="after")
     def _one_shape(self):
@@ -192,7 +200,7 @@ class TrainSettings(_Strict):
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] | None = Field(
         default=None, description="experiment trackers (flm/loggers.py), jsonl always; None: jsonl + tensorboard "
         "where installed")
-    optim: OptimConfig = OptimConfig()
+    optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
 class SearchedHparams(_Strict):
@@ -224,7 +232,7 @@ class GrowthPlan(_Strict):
     seed: int = 0
     min_lr: float = Field(default=6e-6, ge=0, description="end of the one cosine schedule across stages")
     stages: list[GrowthStage] = Field(min_length=1)
-    train: TrainSettings = TrainSettings()
+    train: TrainSettings = Field(default_factory=TrainSettings)
 
     @model_validator(mode="after")
     def _check_stages(self):
@@ -335,6 +343,8 @@ def _first_error(e: ValidationError) -> str:
 
 
 def load_yaml(path: str | Path) -> dict:
+    import yaml  # here: `flm --help` and the gateway's client commands start without it (~60 ms)
+
     p = Path(path)
     if not p.is_file():
         raise FLMConfigError(f"{p}: no such file")

@@ -592,35 +592,3 @@ class TokenDataset:
             buf[row] = self.shards[shard][start:start + seq_len + 1]
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def cmd_data_prepare(args) -> None:
-    spec = TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size)
-    m = prepare_dataset(args.source, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
-                        max_docs=args.max_docs, seq_len=args.seq_len)
-    train, val = m.splits["train"], m.splits["val"]
-    how = "; one document: val is its last lines" if m.split_by == "text" else ""
-    print(f"{args.out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
-          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
-
-
-def add_data_cli(subparsers) -> None:
-    """Register `data prepare` on the `flm` command's subparsers."""
-    data = subparsers.add_parser("data", help="prepare token datasets")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    p = sub.add_parser("prepare", help="tokenize a corpus into train/val shards")
-    p.add_argument("source", help="a .txt/.jsonl/.parquet file or folder, 'shakespeare', or hf:NAME[:CONFIG]")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
-    p.add_argument("--vocab-size", type=int, help=f"bpe vocabulary size (default {DEFAULT_BPE_VOCAB})")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
-    p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
-    p.add_argument("--seq-len", type=int, default=1,
-                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
-    p.set_defaults(func=cmd_data_prepare)

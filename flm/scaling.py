@@ -25,7 +25,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 
 from flm.config import FLMConfigError, GrowthPlan, ProxyFamily, SearchedHparams, load_yaml, parse
 from flm.flops import flops_per_token, param_count
-from flm.train import Trainer, flm_home, resolve_dataset
+from flm.train import Trainer, resolve_dataset
 
 
 class PowerLaw(BaseModel):
@@ -239,73 +239,3 @@ def plot_prediction(fitted: list[dict], law: PowerLaw, targets: list[dict], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def cmd_predict(args) -> None:
-    import json
-
-    import yaml
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    family = load_family(args.family)
-    best = parse(SearchedHparams, load_yaml(args.hparams), str(args.hparams)) if args.hparams else None
-    hparams = family_hparams(family, best)
-    widths = sorted(args.widths or family.widths)
-    at = sorted(args.at or [2 * widths[-1]])
-    for w in [*widths, *at]:
-        if w <= 0 or w % family.model.head_dim:
-            raise FLMConfigError(f"widths: {w} is not a positive multiple of head_dim={family.model.head_dim}")
-    if len(widths) < 3:
-        raise FLMConfigError(f"--widths: the fit needs at least 3 widths, got {widths}")
-    if args.tokens is not None:
-        family = parse(ProxyFamily, {**family.model_dump(), "tokens": args.tokens}, "--tokens")
-    out = Path(args.out or flm_home() / "predict" / Path(args.family).stem)
-    console.print(f"training widths {widths} on {family.tokens:,} tokens each: lr {hparams['lr']:g}, init_std "
-                  f"{hparams['init_std']:g}, output_mult {hparams['output_mult']:g}")
-    runs = train_widths(family, widths, out / "runs", hparams, data=args.data, eval_batches=args.eval_batches,
-                        jobs=args.jobs, threads=args.threads,
-                        on_done=lambda i, r: console.print(f"  width {widths[i]}: val loss {r['val_loss']:.4f} "
-                                                           f"({r['seconds']:.0f} s)"))
-    law = fit_runs(runs)
-    targets = []
-    for w in at:
-        n = param_count(family.at_width(w), embeddings=False)
-        targets.append({"width": w, "n": n, "params": param_count(family.at_width(w)), "predicted": float(law(n))})
-    table = Table(title=f"L(N) = {law.a:.4g}·N^{law.b:.4f} + {law.c:.4f}  (N: non-embedding parameters)")
-    for col in ("width", "N", "val loss", "fit"):
-        table.add_column(col, justify="right")
-    for r in runs:
-        table.add_row(str(r["width"]), f"{r['non_embedding_params']:,}", f"{r['val_loss']:.4f}",
-                      f"{float(law(r['non_embedding_params'])):.4f}")
-    for t in targets:
-        table.add_row(str(t["width"]), f"{t['n']:,}", "", f"{t['predicted']:.4f}", style="bold")
-    console.print(table)
-    (out / "prediction.json").write_text(json.dumps({"family": str(args.family), "hparams": hparams,
-                                                     "tokens": family.tokens, "fit": law.model_dump(),
-                                                     "runs": runs, "predictions": targets}, indent=2))
-    (out / "fit.yaml").write_text(yaml.safe_dump({"fit": law.model_dump(), "predictions": targets}, sort_keys=False))
-    title = f"{Path(args.family).name}: {family.model.n_layer} layers, {family.tokens:,} tokens per width"
-    png = plot_prediction(runs, law, targets, out / "prediction.png", title)
-    console.print(f"wrote {out / 'prediction.json'} and {png}")
-
-
-def add_predict_cli(subparsers) -> None:
-    """Register `predict` on the `flm` command's subparsers."""
-    def ints(text: str) -> list[int]:
-        return [int(v) for v in text.split(",") if v.strip()]
-
-    p = subparsers.add_parser("predict", help="train a μP proxy family at several widths, fit L(N) = a·N^b + c and "
-                                              "predict the loss of wider models")
-    p.add_argument("family", help="proxy family YAML (configs/proxy.yaml) or a search YAML with a proxy:")
-    p.add_argument("--hparams", help="best.yaml of `flm tune` (default: the family's lr, init_std, output_mult)")
-    p.add_argument("--widths", type=ints, help="comma list of widths to train and fit (default: the family's)")
-    p.add_argument("--at", type=ints, help="comma list of widths to predict (default: 2x the widest fitted)")
-    p.add_argument("--tokens", type=int, help="training tokens per width (default: the family's)")
-    p.add_argument("--data", default="shakespeare", help="prepared dataset dir or a source to prepare")
-    p.add_argument("--eval-batches", type=int, default=16, help="fixed validation batches of 8 sequences")
-    p.add_argument("--jobs", type=int, default=1, help="widths trained at once, one process each")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", help="output directory (default: $FLM_HOME/predict/<family file name>)")
-    p.set_defaults(func=cmd_predict)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from flm.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from flm.config import FLMConfigError, GrowthPlan, ModelConfig
+from flm.config import FLMConfigError, GrowthPlan, ModelConfig, flm_home
 from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
 from flm.flops import flops_per_token, param_count
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
@@ -48,10 +47,6 @@ from flm.storage import RunStorage, is_uri, join, staging_dir
 
 GrowFn = Callable[..., GPT]
 METRICS_PUSH_S = 30.0  # a run on an object store uploads its metric stream at checkpoints and at most this often
-
-
-def flm_home() -> Path:
-    return Path(os.environ.get("FLM_HOME", "runs"))
 
 
 @dataclass

@@ -26,7 +26,7 @@ def _port_free(host: str, port: int) -> bool:
 def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flm.config import FLMConfigError, parse
-    from service.app import DeploymentRequest, check_request
+    from service.spec import DeploymentRequest, check_request
 
     fields = dict(checkpoint=args.checkpoint, name=args.name, tp=args.tp, replicas=args.replicas,
                   max_batch=args.max_batch, cpus_per_shard=args.cpus_per_shard, gpus_per_shard=args.gpus_per_shard,

@@ -5,7 +5,9 @@ from a real gateway process:
 - no import cycles among our modules (a cycle hidden inside a function is still one: it ties the two modules'
   refactors together and breaks when either import moves to module level);
 - the gateway (`create_app`, serving train, tune, pipeline and eval requests, its reconciler polling Ray) imports
-  neither torch nor Ray Train."""
+  neither torch nor Ray Train;
+- the `flm` command starts without torch, Ray or FastAPI (`--help`, `flm jobs`, `flm status`): every command imports
+  its heavy modules inside itself, so starting takes a fraction of a second (README, "Layout")."""
 
 import ast
 import os
@@ -63,8 +65,8 @@ def internal(name: str) -> str | None:
 
 def test_the_walk_sees_every_module_and_function_level_imports():
     assert {"flm.config", "cluster.tune", "service.app", "api.app", "api.migrations.env"} <= set(MODULES)
-    # api/app.py imports from api.schemas at module level; cluster/tune.py imports ray inside its functions
-    assert "api.schemas" in {internal(n) for n, _ in imports("api.app")}
+    # api/routes.py imports from api.schemas at module level; cluster/tune.py imports ray inside its functions
+    assert "api.schemas" in {internal(n) for n, _ in imports("api.routes")}
     assert "ray" in {n.split(".")[0] for n, _ in imports("cluster.tune")}
 
 
@@ -160,3 +162,30 @@ def test_the_gateway_process_imports_neither_torch_nor_ray_train():
     heavy = {m for m in loaded if m.split(".")[0] in ("torch", "deepspeed") or m.startswith(("ray.train", "ray.tune",
                                                                                              "ray.serve"))}
     assert not heavy, sorted(heavy)
+
+
+CLI = """
+import contextlib, io, sys
+from flm.cli import main
+
+for argv in (["--help"], ["jobs", "--help"], ["jobs"], ["status", "job-0000000000"]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    assert code == (0 if "--help" in argv else 2), (argv, code, err.getvalue())
+    assert "--help" in argv or "nothing answers" in err.getvalue(), err.getvalue()
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "fastapi", "deepspeed"))))
+"""
+
+
+def test_the_cli_starts_without_torch_ray_or_fastapi():
+    """`flm --help` builds every subcommand's parser (plugins of cluster/, service/, api/ included), and `flm jobs` /
+    `flm status` run against a gateway that does not answer (exit 2, one line): none imports torch, Ray or FastAPI."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLM_URL": "http://127.0.0.1:9", "FLM_API_KEY": "flm-none"}
+    out = subprocess.run([sys.executable, "-c", CLI], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == []
+

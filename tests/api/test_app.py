@@ -1,7 +1,7 @@
-"""api/app.py in process (FastAPI's TestClient, a temporary SQLite store, no Ray: jobs stay QUEUED or HELD): every
-route refuses bad input with a 4xx whose JSON body names the problem, never a 500; ownership, pagination,
-cancel/resume state rules; the OpenAPI schema documents every route and every error it returns. One test runs the
-main routes on a real PostgreSQL store (tests/conftest.py's `postgres`)."""
+"""The gateway (api/app.py, routes.py, gateway.py, errors.py) in process (FastAPI's TestClient, a temporary SQLite
+store, no Ray: jobs stay QUEUED or HELD): every route refuses bad input with a 4xx whose JSON body names the problem,
+never a 500; ownership, pagination, cancel/resume state rules; the OpenAPI schema documents every route and every
+error it returns. One test runs the main routes on a real PostgreSQL store (tests/conftest.py's `postgres`)."""
 
 import json
 import logging
@@ -12,10 +12,12 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from api.app import MODEL_ROUTES, create_app
+from api.app import create_app
+from api.errors import MODEL_ROUTES
 from api.schemas import CONFIGS
 from api.settings import GatewaySettings, Limits
 from api.store import Job, create_key, revoke_key, set_key_limits, utcnow
+from service.spec import DeploymentRequest
 
 UNREACHABLE_RAY = "http://127.0.0.1:9"  # the discard port: nothing answers, so nothing is ever submitted
 LIMIT = 64 * 1024
@@ -629,14 +631,14 @@ def test_two_gateways_on_one_store_share_the_caps(db, request, tmp_path, monkeyp
     """Two gateway processes on one store (two apps here: each its own engine and thread lock) taking one owner's
     submissions at once: the cap of running jobs holds across them (api.store.owner_lock), where each counted
     below it and added. The count is made slow (0.3 s), so that without the lock both would always pass it."""
-    import api.app
+    import api.gateway
 
     def slow_count(*args, **kwargs):
         check_running_jobs(*args, **kwargs)
         time.sleep(0.3)
 
-    check_running_jobs = api.app.check_running_jobs
-    monkeypatch.setattr(api.app, "check_running_jobs", slow_count)
+    check_running_jobs = api.gateway.check_running_jobs
+    monkeypatch.setattr(api.gateway, "check_running_jobs", slow_count)
     url = f"sqlite:///{tmp_path / 'gateway.db'}" if db == "sqlite" else request.getfixturevalue("postgres")()
     settings = GatewaySettings(home=tmp_path, ray_address=UNREACHABLE_RAY, database_url=url,
                                limits=Limits(max_running_jobs=1))
@@ -707,8 +709,8 @@ def test_deployment_lifecycle_without_ray(gw):
     dep = r.json()
     assert (dep["id"], dep["state"], dep["checkpoint"], dep["spec"]["tp"]) == ("tiny", "DEPLOYING", ckpt, 2)
     spec = json.loads((gw.root / "deployments" / "tiny" / "spec.json").read_text())
-    assert spec["request"] == {"checkpoint": str((gw.root / ckpt).resolve()), "name": "tiny", "tp": 2,
-                               "replicas": 1}
+    assert DeploymentRequest.model_validate(spec["request"]) == DeploymentRequest(
+        checkpoint=str((gw.root / ckpt).resolve()), name="tiny", tp=2)
     assert_error(gw.post("/v1/deployments", json={"checkpoint": ckpt, "name": "tiny"}, headers=auth(gw)),
                  409, "DEPLOYING")
     assert_error(gw.get("/v1/deployments/tiny", headers=auth(gw, "bob")), 403, "another owner")

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from api.app import MODEL_ROUTES, create_app
+from api.app import create_app
+from api.errors import MODEL_ROUTES
 from api.settings import GatewaySettings, Limits
 from api.store import create_key
 

@@ -80,6 +80,9 @@ def test_submit_jobs_status_cancel_resume(env, capsys, tmp_path):
     code, out, _ = run(capsys, "status", job_id)
     assert code == 0 and "0/256" in out and "0/524,288 tokens (0.0%)" in out
     assert run(capsys, "cancel", job_id)[1].strip() == f"{job_id}: STOPPED"
+    with pytest.raises(SystemExit) as stopped:  # the job's server-sent events, read to their `end`
+        main(["logs", job_id, "-f"])
+    assert stopped.value.code == 1 and f"{job_id}: STOPPED" in capsys.readouterr().out
     assert "QUEUED" in run(capsys, "resume", job_id)[1]
 
 
@@ -133,13 +136,14 @@ def test_up_refuses_a_taken_port(env, capsys, server):
 @pytest.fixture
 def deployed(server, env, micro_data):
     """A RUNNING deployment of the key's owner: a random checkpoint of 32 tokens of context among the owner's files,
-    served by the real OpenAI routes (service/app.py, in process, tp = 1) under uvicorn: no Ray."""
+    served by the real OpenAI routes (service/routes.py, in process, tp = 1) under uvicorn: no Ray."""
     import torch
 
     from flm.checkpoint import save_checkpoint
     from flm.config import ModelConfig
     from flm.model import GPT
-    from service.app import DeploymentRequest, OpenAIServer, build_api
+    from service.routes import OpenAIServer, build_api
+    from service.spec import DeploymentRequest
 
     home, _ = server
     cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=32, base_width=32, output_mult=8.0,

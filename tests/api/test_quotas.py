@@ -191,13 +191,14 @@ def test_stream_cap_and_slots_given_back(tenant):
 @pytest.fixture
 def deployed(tenant, micro_data):
     """A RUNNING deployment of the tenant: a random 32-token-context checkpoint served by the real OpenAI routes
-    (service/app.py, in process, tp = 1) under uvicorn: no Ray."""
+    (service/routes.py, in process, tp = 1) under uvicorn: no Ray."""
     import torch
 
     from flm.checkpoint import save_checkpoint
     from flm.config import ModelConfig
     from flm.model import GPT
-    from service.app import DeploymentRequest, OpenAIServer, build_api
+    from service.routes import OpenAIServer, build_api
+    from service.spec import DeploymentRequest
 
     cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=320, seq_len=32, base_width=32, output_mult=8.0,
                       init_std=0.1)

@@ -14,9 +14,9 @@ import yaml
 from cluster.train import run_plan
 from flm.checkpoint import MANIFEST, load_checkpoint
 from flm.cli import main
-from flm.config import GrowthPlan
+from flm.config import GrowthPlan, flm_home
 from flm.storage import staging_dir
-from flm.train import Trainer, flm_home, read_metrics
+from flm.train import Trainer, read_metrics
 from tests.cluster.test_train import LOSS_ATOL, MODEL_RTOL, rel_diff
 from tests.conftest import local_ray, micro_plan, moto_s3
 

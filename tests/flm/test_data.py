@@ -1,6 +1,5 @@
 """The data pipeline: sources, tokenizers, byte-identical shards, and position-addressed batches."""
 
-import argparse
 import hashlib
 import json
 import random
@@ -20,7 +19,6 @@ from flm.data import (
     TokenDataset,
     Tokenizer,
     TokenizerSpec,
-    add_data_cli,
     load_documents,
     prepare_dataset,
     shakespeare_dir,
@@ -337,12 +335,9 @@ def test_an_epoch_visits_every_window_once(tmp_path, docs):
 
 
 def test_cli_prepare(tmp_path, docs, capsys):
-    parser = argparse.ArgumentParser()
-    add_data_cli(parser.add_subparsers(dest="command", required=True))
     corpus = write_corpus(tmp_path / "c", docs)
-    args = parser.parse_args(["data", "prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "bpe",
-                              "--vocab-size", "300", "--val-fraction", "0.2", "--seed", "7"])
-    args.func(args)
+    assert main(["data", "prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", "bpe",
+                 "--vocab-size", "300", "--val-fraction", "0.2", "--seed", "7"]) == 0
     m = Manifest.load(tmp_path / "out")
     assert (m.seed, m.val_fraction, m.tokenizer.vocab_size) == (7, 0.2, 300)
     out = capsys.readouterr().out

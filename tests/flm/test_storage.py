@@ -10,8 +10,9 @@ import yaml
 
 from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.cli import main
+from flm.config import flm_home
 from flm.storage import staging_dir
-from flm.train import Trainer, flm_home
+from flm.train import Trainer
 from tests.conftest import micro_plan, moto_s3
 from tests.flm.test_train import TIMING, stream
 

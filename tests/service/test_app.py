@@ -1,6 +1,7 @@
-"""service/app.py: the OpenAI routes. In-process (tp = 1, no Ray) for the response formats and every bad input;
-through Ray Serve (tp = 2 replica on the local cluster, real HTTP) with the official `openai` client; a killed
-shard actor gets its replica replaced and later requests succeed."""
+"""service/app.py (the Serve application) with service/routes.py (the OpenAI routes) and service/spec.py. In-process
+(tp = 1, no Ray) for the response formats and every bad input; through Ray Serve (tp = 2 replica on the local
+cluster, real HTTP) with the official `openai` client; a killed shard actor gets its replica replaced and later
+requests succeed."""
 
 import json
 import socket
@@ -18,17 +19,10 @@ from flm.checkpoint import load_model
 from flm.cli import main
 from flm.config import FLMConfigError
 from flm.generate import SamplingParams, generate
-from service.app import (
-    DeploymentRequest,
-    FLMDeployment,
-    OpenAIServer,
-    build_api,
-    deploy,
-    deployment_options,
-    deployment_status,
-    undeploy,
-)
+from service.app import FLMDeployment, deploy, deployment_options, undeploy
 from service.protocol import CHAT_STOP, ChatMessage, render_chat
+from service.routes import OpenAIServer, build_api
+from service.spec import DeploymentRequest
 from tests.conftest import uvicorn_server
 
 NAME = "micro"
@@ -412,7 +406,7 @@ def test_a_killed_shard_actor_gets_its_replica_replaced(served, reference):
     deadline, after = time.monotonic() + 150, before
     while time.monotonic() < deadline:  # Serve's health check fails, the replica and its shards are replaced
         after = shard_actors()
-        if len(after) == 2 and not set(after) & set(before) and deployment_status(NAME) == "RUNNING":
+        if len(after) == 2 and not set(after) & set(before) and serve.status().applications[NAME].status == "RUNNING":
             break
         time.sleep(1)
     assert len(after) == 2 and not set(after) & set(before)

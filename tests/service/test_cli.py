@@ -17,7 +17,7 @@ def test_serve_is_a_subcommand_of_flm():
     (["--tp", "3"], "--tp: 3 must divide the head count (4)"),
     (["--replicas", "0"], "replicas"),
     (["--dtype", "int8"], "dtype"),
-    (["--min-replicas", "3", "--max-replicas", "2"], "max_replicas 2 < min_replicas 3"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "min_replicas 3 is above max_replicas 2"),
 ])
 def test_bad_arguments_exit_2_with_one_line(grown, capsys, extra, message):
     assert main(["serve", str(grown["final"]), *extra]) == 2
