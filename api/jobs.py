@@ -9,7 +9,9 @@ The reconciler is one thread: every `poll_s` it submits QUEUED jobs and copies R
 others (one `list_jobs` call per tick). It is also what makes a gateway restart lose nothing: the store holds
 every job, Ray holds the truth about the ones it runs, and the first tick after start brings them together; a
 job submitted by a gateway that died before recording it is recognised by its submission id. A job Ray no
-longer knows (the cluster was restarted) becomes FAILED with a message saying that a resume continues it.
+longer knows (the cluster was restarted) becomes FAILED with a message saying that a resume continues it. Every
+`serve_check_s` it also asks Serve (the dashboard's REST API) which applications it runs: a RUNNING deployment that
+Serve no longer has (the head was lost and started again) becomes FAILED, saying so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import shlex
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -102,8 +105,9 @@ class JobRunner:
 
     def __init__(self, settings: GatewaySettings, sessions: sessionmaker[Session]):
         self.settings, self.sessions = settings, sessions
-        self._client = None
+        self._client = self._serve_client = None
         self._client_lock = threading.Lock()
+        self._next_serve_check = 0.0  # time.monotonic() of the next check of RUNNING deployments
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -121,16 +125,30 @@ class JobRunner:
                                          f"({type(e).__name__}); start it (flm up) or set FLM_RAY_ADDRESS") from None
             return self._client
 
-    def _call(self, method: str, *args, **kwargs):
-        """A JobSubmissionClient call; a connection failure drops the client (reconnect next time)."""
-        client = self.client()
+    def serve_client(self):
+        """Serve's REST client on the same dashboard (the gateway stays a plain HTTP client of Ray)."""
+        with self._client_lock:
+            if self._serve_client is None:
+                from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+                try:
+                    self._serve_client = ServeSubmissionClient(self.settings.ray_address)
+                except Exception as e:
+                    raise RayUnavailable(f"the Ray dashboard at {self.settings.ray_address} does not answer "
+                                         f"({type(e).__name__})") from None
+            return self._serve_client
+
+    def _call(self, method: str, *args, serve: bool = False, **kwargs):
+        """A JobSubmissionClient call (ServeSubmissionClient's with `serve`); a connection failure drops both
+        clients (reconnect next time)."""
+        client = self.serve_client() if serve else self.client()
         try:
             return getattr(client, method)(*args, **kwargs)
         except RuntimeError:
             raise  # the job server answered with an error (unknown id, ...)
         except Exception as e:
             with self._client_lock:
-                self._client = None
+                self._client = self._serve_client = None
             raise RayUnavailable(f"the Ray job server at {self.settings.ray_address} does not answer "
                                  f"({type(e).__name__})") from None
 
@@ -190,8 +208,10 @@ class JobRunner:
         with self.sessions() as s:
             jobs = list(s.scalars(select(Job).where(Job.state.in_(("QUEUED", "PENDING", "RUNNING", "STOPPING")))))
             deps = list(s.scalars(select(Deployment).where(Deployment.state.in_(("DEPLOYING", "DELETING")))))
+            running = list(s.scalars(select(Deployment).where(Deployment.state == "RUNNING")))
+        checked = self._check_serving(running)
         if not jobs and not deps:
-            return False
+            return checked
         ray_jobs = {d.submission_id: d for d in self._call("list_jobs")}
         for job in jobs:
             if job.state == "QUEUED":
@@ -291,6 +311,21 @@ class JobRunner:
             self.set_deployment(dep, "DELETING", state="DELETED", url=None)
         elif status in ("FAILED", "STOPPED"):
             self.set_deployment(dep, dep.state, state="FAILED", error=self._failure(dep.ray_submission_id, details))
+
+    def _check_serving(self, running: list[Deployment]) -> bool:
+        """Every serve_check_s: a RUNNING deployment whose Serve application is gone becomes FAILED (compare-and-
+        set: a DELETE meanwhile wins). True if it asked Serve."""
+        if not running or time.monotonic() < self._next_serve_check:
+            return False
+        self._next_serve_check = time.monotonic() + self.settings.serve_check_s
+        apps = (self._call("get_serve_details", serve=True) or {}).get("applications") or {}
+        for dep in running:
+            if dep.id not in apps:
+                self.set_deployment(dep, "RUNNING", state="FAILED", url=None,
+                                    error=f"Serve has no application {dep.id} (the Ray cluster was restarted?); "
+                                          f"POST /v1/deployments deploys the checkpoint again")
+                log.warning("deployment %s: Serve no longer has it", dep.id)
+        return True
 
     def _register_deployment(self, job: Job) -> None:
         """A pipeline's deploy step (run inside its Ray job) becomes a deployment of the job's owner."""

@@ -102,6 +102,8 @@ class GatewaySettings(BaseModel):
                                 description="larger request bodies get 413 ($FLM_MAX_BODY_BYTES)")
     limits: Limits = Field(default_factory=Limits.from_env, description="each key's caps unless the key has its own")
     poll_s: float = Field(default=1.0, gt=0, description="how often job states are reconciled with Ray")
+    serve_check_s: float = Field(default=10.0, gt=0, description="how often RUNNING deployments are checked against "
+                                 "Serve's applications (a restarted Ray cluster has none), seconds")
 
     @property
     def db_url(self) -> str:

@@ -9,12 +9,15 @@ while the pipeline runs and a new one on the same store catches up; the official
 of the deployed model through the gateway, equal to the checkpoint's own greedy decoding. Then the console: a wrong
 key and another owner's key see no job; the finished pipeline's curves show its two growth markers; the Deploy
 button deploys it; the playground streams a completion; the long job is resumed and cancelled from its page; the
-plan page prices a preset. Finally stopping the stack as `flm down` does leaves no process of it behind.
+plan page prices a preset. Then chaos: the Ray head is SIGKILLed with everything under it while the long job trains
+and the model serves; on a new head the gateway reports both lost, the job resumes from its last checkpoint and
+the model is deployed again. Finally stopping the stack as `flm down` does leaves no process of it behind.
 
 Screenshots of the console go to the test's temporary directory; with FLM_CONSOLE_SCREENSHOTS=DIR (docs/ for the
 README's) they are copied there too.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -465,6 +468,62 @@ def test_console_plan_page_prices_a_preset_and_names_a_bad_field(page, stack, sh
     page.get_by_role("button", name="Compute the cost").click()
     page.wait_for_selector("#plan-out .error:has-text('plan.stages.0')")
     assert not page.errors, page.errors
+
+
+def test_a_lost_ray_head_fails_what_it_ran_and_both_come_back(stack, pipeline, single):
+    """Chaos: the whole Ray head (`ray start` and every process under it: GCS, raylet, workers, Serve) is SIGKILLed
+    while the long job trains and the pipeline's model is deployed; a new head comes up on the same ports and token,
+    as `flm up` would start it. The gateway keeps answering throughout; then the job Ray no longer knows is FAILED
+    and the deployment Serve no longer has is FAILED, each saying why and what to do; a resume continues the job
+    from its last checkpoint and the deployment is deployed again under its name."""
+    grown = pipeline[0]
+    stopped = stack.get(f"/v1/jobs/{single}")
+    assert stopped["state"] == "STOPPED" and stack.get(f"/v1/deployments/{grown}")["state"] == "RUNNING"
+    assert stack.http.post(f"/v1/jobs/{single}/resume").status_code == 202
+    job = stack.wait(single, lambda j: j["state"] == "RUNNING" and len(j["checkpoints"]) > len(stopped["checkpoints"]),
+                     240)  # training, with a checkpoint of this attempt
+    head = psutil.Process(stack.ray["pid"])
+    for p in [head, *head.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    stack.ray_proc.wait()
+    t0 = time.perf_counter()
+    assert stack.get(f"/v1/jobs/{single}")["state"] == "RUNNING"  # the gateway answers; Ray cannot say otherwise
+    while stack.http.get("/health").json()["ray"] == "ok":
+        assert time.perf_counter() - t0 < 60
+        time.sleep(0.5)
+
+    ray_port, dashboard_port = (int(a.rsplit(":", 1)[1]) for a in (stack.ray["address"], stack.ray["dashboard"]))
+    stack.ray_proc, stack.ray = start_ray(stack.home, ray_port, dashboard_port, num_cpus=2, env=stack.env)
+    stack.ray_tree = {p.pid for p in psutil.Process(stack.ray["pid"]).children(recursive=True)}
+    deadline = time.monotonic() + 120
+    while (lost := stack.get(f"/v1/jobs/{single}"))["state"] != "FAILED" or \
+            (dep := stack.get(f"/v1/deployments/{grown}"))["state"] != "FAILED":
+        assert time.monotonic() < deadline, (lost, stack.get(f"/v1/deployments/{grown}"))
+        time.sleep(1)
+    print(f"\nhead lost: the job and the deployment FAILED {time.perf_counter() - t0:.1f} s after the kill")
+    assert "Ray has no record" in lost["error"] and f"/v1/jobs/{single}/resume" in lost["error"]
+    assert f"Serve has no application {grown}" in dep["error"] and dep["url"] is None
+
+    last = job["checkpoints"][-1]
+    last_step = int(last.rsplit("_", 1)[1])
+    assert stack.http.post(f"/v1/jobs/{single}/resume").status_code == 202
+    r = stack.http.post("/v1/deployments", json={"job_id": grown, "tp": 2})
+    assert r.status_code == 201, r.text
+    resumed = stack.wait(single, lambda j: j["state"] == "RUNNING" and j["progress"]["step"] > last_step + 5, 240)
+    assert resumed["attempt"] == job["attempt"] + 1
+    steps = [m["step"] for m in stack.get(f"/v1/jobs/{single}/metrics")["records"] if "loss" in m]
+    assert steps == list(range(5, steps[-1] + 1, 5))  # once each: continued from step {last_step}, not from 0
+    assert stack.http.delete(f"/v1/jobs/{single}").status_code == 202
+    deadline = time.monotonic() + 300
+    while (dep := stack.get(f"/v1/deployments/{grown}"))["state"] != "RUNNING":
+        assert dep["state"] == "DEPLOYING" and time.monotonic() < deadline, dep
+        time.sleep(1)
+    out = stack.http.post("/v1/completions", json={"model": grown, "prompt": "ROMEO:", "max_tokens": 3})
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+    while stack.get(f"/v1/jobs/{single}")["state"] != "STOPPED":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
 
 
 def test_down_stops_exactly_the_stack(stack):
