@@ -75,8 +75,25 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def cmd_cluster_data_prepare(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from cluster.data import prepare_dataset_ray
+    from flm.data import prepare_options, summary
+
+    options = prepare_options(args)
+    started = connect(args.address)
+    try:
+        m = prepare_dataset_ray(args.source, args.out, **options)
+    finally:
+        if started:
+            ray.shutdown()
+    print(summary(args.out, m))
+
+
 def add_cluster_cli(subparsers) -> None:
-    """Register `cluster train` and `tune` on the `flm` command's subparsers."""
+    """Register `cluster train`, `cluster data prepare` and `tune` on the `flm` command's subparsers."""
     from cluster.tune import add_tune_cli
 
     add_tune_cli(subparsers)
@@ -98,3 +115,14 @@ def add_cluster_cli(subparsers) -> None:
                    help="start even if the cluster has fewer CPUs/GPUs now than a stage needs (autoscaling)")
     t.add_argument("--json", action="store_true", help="print the stage results as JSON")
     t.set_defaults(func=cmd_cluster_train)
+
+    from flm.data import add_prepare_arguments
+
+    d = sub.add_parser("data", help="token datasets with Ray Data")
+    dsub = d.add_subparsers(dest="cluster_data_command", required=True)
+    prep = dsub.add_parser("prepare", help="`flm data prepare` with Ray Data reading (local paths or s3://) and "
+                                           "tokenizing across the cluster; the same output byte for byte")
+    add_prepare_arguments(prep)
+    prep.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
+                                        "a local one. On several nodes --out's parent must be a shared mount")
+    prep.set_defaults(func=cmd_cluster_data_prepare)

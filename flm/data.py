@@ -26,11 +26,10 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import tiktoken
-import torch
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from tiktoken.load import load_tiktoken_bpe
@@ -38,6 +37,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from flm.config import FLMConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT,)
@@ -685,12 +687,19 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-class TokenizeSplit(Protocol):
-    """How a split's documents become shards: `tokenize_split` (one machine, `num_proc` processes) or Ray Data
-    across a cluster (cluster/data.py). Either writes the same bytes."""
+class TokenizeSplits(Protocol):
+    """How the splits' documents become shards: `tokenize_splits` (one machine, `num_proc` processes) or Ray Data
+    across a cluster (cluster/data.py). Either writes the same bytes: per split, the documents of `docs` at the
+    indices of its order, each followed by `<|endoftext|>`, cut into shards of `shard_tokens`."""
 
-    def __call__(self, docs: Path, order: np.ndarray, tokenizer_dir: Path, dtype: str, out: Path, split: str,
-                 shard_tokens: int, work: Path) -> list[Shard]: ...
+    def __call__(self, docs: Path, orders: dict[str, np.ndarray], tokenizer_dir: Path, dtype: str, out: Path,
+                 shard_tokens: int, work: Path) -> dict[str, list[Shard]]: ...
+
+
+def tokenize_splits(docs: Path, orders: dict[str, np.ndarray], tokenizer_dir: Path, dtype: str, out: Path,
+                    shard_tokens: int, work: Path, num_proc: int = 1) -> dict[str, list[Shard]]:
+    return {name: tokenize_split(docs, order, tokenizer_dir, dtype, out, name, shard_tokens, work, num_proc)
+            for name, order in orders.items()}
 
 
 class CorpusReader(Protocol):
@@ -705,7 +714,7 @@ def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec |
                     max_docs: int | None = None, seq_len: int = 1,
                     tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS, text_field: str = "text",
                     num_proc: int = 1, read: CorpusReader = corpus_batches,
-                    tokenize: TokenizeSplit | None = None) -> Manifest:
+                    tokenize: TokenizeSplits | None = None) -> Manifest:
     """Tokenize `source` into `out_dir`: train/val shards, `tokenizer/` and `manifest.json`.
 
     Deterministic: the same input, tokenizer spec and seed give byte-identical files, whatever `num_proc` (or the
@@ -728,7 +737,7 @@ def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec |
             raise FLMConfigError(f"{name} must be >= 1, got {value}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise FLMConfigError(f"refusing to overwrite {out}: it exists and is not a prepared dataset")
-    tokenize = tokenize or functools.partial(tokenize_split, num_proc=num_proc)
+    tokenize = tokenize or functools.partial(tokenize_splits, num_proc=num_proc)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
@@ -757,8 +766,7 @@ def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec |
                 tok = Tokenizer.pretrained(tokenizer.kind)
             dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
             tok.save(tmp / "tokenizer")
-            written = {name: tokenize(docs, orders[name], tmp / "tokenizer", dtype, tmp, name, shard_tokens, work)
-                       for name in SPLITS}
+            written = tokenize(docs, {k: orders[k] for k in SPLITS}, tmp / "tokenizer", dtype, tmp, shard_tokens, work)
         splits = {k: Split(documents=len(orders[k]), tokens=sum(s.tokens for s in v), shards=v)
                   for k, v in written.items()}
         _check_split_sizes({k: v.tokens for k, v in splits.items()}, seq_len, val_fraction)
@@ -827,6 +835,8 @@ class TokenDataset:
             shard = int(np.searchsorted(ends, w, side="right"))
             start = (w - (int(ends[shard - 1]) if shard else 0)) * seq_len
             buf[row] = self.shards[shard][start:start + seq_len + 1]
+        import torch  # here: preparing data (and Ray's tokenizing workers) needs no torch
+
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
