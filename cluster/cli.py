@@ -1,5 +1,6 @@
-"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage; `flm tune
-SEARCH.yaml`: the μP proxy search with Ray Tune (cluster/tune.py).
+"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage; `flm cluster data
+prepare SOURCE`: `flm data prepare` with Ray Data (cluster/data.py); `flm tune SEARCH.yaml`: the μP proxy search with
+Ray Tune (cluster/tune.py).
 
 Wired into `flm` by `flm/cli.py` through `add_cluster_cli(subparsers)`; user errors raise FLMConfigError, which the
 `flm` command prints as one line and exits with code 2.

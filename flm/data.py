@@ -6,6 +6,12 @@ line break), trains or loads a tokenizer, and writes flat token shards (raw nump
 `<|endoftext|>`) plus a `manifest.json`. The same input and seed give byte-identical files, so a dataset is named by
 its manifest.
 
+It streams: documents come from `datasets.load_dataset` (its `json` and `parquet` builders; hub datasets with
+`streaming=True`) a batch at a time into an Arrow file next to the output, which the seeded shuffle reads
+memory-mapped; `datasets`' batched `map` tokenizes over `num_proc` processes and tokens go to the shards as they come.
+Memory is bounded by batch sizes and the BPE's training sample, not by the corpus. cluster/data.py swaps the reading
+and tokenizing for Ray Data and writes the same bytes.
+
 `TokenDataset.batch_at(position, ...)` is a pure function of the sample position: training that resumes at a
 position sees exactly the batches it would have seen, and batch size may change between growth stages.
 """
