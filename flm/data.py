@@ -575,7 +575,7 @@ class ShardWriter:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tokenizer(directory: str) -> Tokenizer:
+def cached_tokenizer(directory: str) -> Tokenizer:
     """A saved tokenizer, loaded once per process (a tokenizing worker is handed its directory, not the object)."""
     return Tokenizer.load(directory)
 
@@ -602,7 +602,7 @@ def encode_documents(texts: list[str], tok: Tokenizer, dtype: str) -> list[np.nd
 
 
 def _encode_rows(batch: dict, tokenizer_dir: str, dtype: str) -> dict:
-    return {"ids": encode_documents(batch["text"], _load_tokenizer(tokenizer_dir), dtype)}
+    return {"ids": encode_documents(batch["text"], cached_tokenizer(tokenizer_dir), dtype)}
 
 
 @contextlib.contextmanager
