@@ -1,5 +1,6 @@
-"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage; `flm tune
-SEARCH.yaml`: the μP proxy search with Ray Tune (cluster/tune.py).
+"""`flm cluster train PLAN.yaml`: the growth plan on a Ray cluster, one Ray Train run per stage; `flm cluster data
+prepare SOURCE`: `flm data prepare` with Ray Data (cluster/data.py); `flm tune SEARCH.yaml`: the μP proxy search with
+Ray Tune (cluster/tune.py).
 
 Wired into `flm` by `flm/cli.py` through `add_cluster_cli(subparsers)`; user errors raise FLMConfigError, which the
 `flm` command prints as one line and exits with code 2.
@@ -118,8 +119,25 @@ def cmd_tune(args: argparse.Namespace) -> None:
                   f"{out / 'results.json'}, {out / 'heatmap.png'}", soft_wrap=True)
 
 
+def cmd_cluster_data_prepare(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from cluster.data import prepare_dataset_ray
+    from flm.cli import prepare_options, prepare_summary
+
+    options = prepare_options(args)
+    started = connect(args.address)
+    try:
+        m = prepare_dataset_ray(args.source, args.out, **options)
+    finally:
+        if started:
+            ray.shutdown()
+    print(prepare_summary(args.out, m))
+
+
 def add_cluster_cli(subparsers) -> None:
-    """Register `cluster train` and `tune` on the `flm` command's subparsers."""
+    """Register `cluster train`, `cluster data prepare` and `tune` on the `flm` command's subparsers."""
     p = subparsers.add_parser("cluster", help="run on a Ray cluster (Ray Train)")
     sub = p.add_subparsers(dest="cluster_command", required=True)
     t = sub.add_parser("train", help="train a growth plan with Ray Train, one run per stage (resumes where it "
@@ -138,6 +156,17 @@ def add_cluster_cli(subparsers) -> None:
                    help="start even if the cluster has fewer CPUs/GPUs now than a stage needs (autoscaling)")
     t.add_argument("--json", action="store_true", help="print the stage results as JSON")
     t.set_defaults(func=cmd_cluster_train)
+
+    from flm.cli import add_prepare_arguments
+
+    d = sub.add_parser("data", help="token datasets with Ray Data")
+    dsub = d.add_subparsers(dest="cluster_data_command", required=True)
+    prep = dsub.add_parser("prepare", help="`flm data prepare` with Ray Data reading (local paths or s3://) and "
+                                           "tokenizing across the cluster; the same output byte for byte")
+    add_prepare_arguments(prep)
+    prep.add_argument("--address", help="Ray cluster to join ('auto', host:6379, ray://host:10001); default: start "
+                                        "a local one. On several nodes --out's parent must be a shared mount")
+    prep.set_defaults(func=cmd_cluster_data_prepare)
 
     p = subparsers.add_parser("tune", help="μP proxy hyperparameter search with Ray Tune (lr x init_std x "
                                            "output_mult) -> best.yaml for a plan's hparams_from")

@@ -250,16 +250,45 @@ def cmd_consolidate(args) -> None:
     console().print(f"wrote {out} (single-file: model.safetensors, optimizer.pt)")
 
 
-def cmd_data_prepare(args) -> None:
-    from flm.data import TokenizerSpec, prepare_dataset
+def prepare_options(args) -> dict:
+    """`prepare_dataset`'s keyword arguments from the options `add_prepare_arguments` defines."""
+    from flm.data import TokenizerSpec
 
-    spec = TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size)
-    m = prepare_dataset(args.source, args.out, spec, val_fraction=args.val_fraction, seed=args.seed,
-                        max_docs=args.max_docs, seq_len=args.seq_len)
+    return dict(tokenizer=TokenizerSpec(kind=args.tokenizer, vocab_size=args.vocab_size),
+                val_fraction=args.val_fraction, seed=args.seed, max_docs=args.max_docs, seq_len=args.seq_len,
+                text_field=args.text_field)
+
+
+def prepare_summary(out: str, m) -> str:
+    """The one line `data prepare` (and `cluster data prepare`) prints of a prepared dataset's flm.data.Manifest."""
     train, val = m.splits["train"], m.splits["val"]
     how = "; one document: val is its last lines" if m.split_by == "text" else ""
-    print(f"{args.out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
-          f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
+    return (f"{out}: {train.tokens:,} train tokens ({train.documents} docs), {val.tokens:,} val tokens "
+            f"({val.documents} docs); {m.tokenizer.kind} vocab {m.vocab_size}, {m.dtype}{how}")
+
+
+def cmd_data_prepare(args) -> None:
+    from flm.data import prepare_dataset
+
+    m = prepare_dataset(args.source, args.out, num_proc=args.num_proc, **prepare_options(args))
+    print(prepare_summary(args.out, m))
+
+
+def add_prepare_arguments(p) -> None:
+    """The options of `flm data prepare`, shared with `flm cluster data prepare` (Ray Data)."""
+    p.add_argument("source", help="a .txt/.jsonl/.parquet file or folder, 'shakespeare', or hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
+    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size (default: flm.data.DEFAULT_BPE_VOCAB, 2048)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
+    p.add_argument("--seq-len", type=int, default=1,
+                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
+    p.add_argument("--text-field", default="text",
+                   help="the column holding each document's text in .jsonl/.parquet files and hf: datasets "
+                        "(default text)")
 
 
 def cmd_predict(args) -> None:
@@ -343,16 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare token datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="tokenize a corpus into train/val shards")
-    p.add_argument("source", help="a .txt/.jsonl/.parquet file or folder, 'shakespeare', or hf:NAME[:CONFIG]")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", choices=["bpe", "cl100k", "gpt2"], default="bpe")
-    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size (default: flm.data.DEFAULT_BPE_VOCAB, 2048)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out (default 0.05); of its text for a one-document corpus")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of batch order")
-    p.add_argument("--max-docs", type=int, help="read at most this many documents (for hf: streams)")
-    p.add_argument("--seq-len", type=int, default=1,
-                   help="the longest context it will train at: each split must hold one window of seq_len + 1 tokens")
+    add_prepare_arguments(p)
+    p.add_argument("--num-proc", type=int, default=1,
+                   help="tokenizing processes (datasets' map); the output is the same whatever the number")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("predict", help="train a μP proxy family at several widths, fit L(N) = a·N^b + c and "

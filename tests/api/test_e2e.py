@@ -480,8 +480,8 @@ def test_a_lost_ray_head_fails_what_it_ran_and_both_come_back(stack, pipeline, s
     stopped = stack.get(f"/v1/jobs/{single}")
     assert stopped["state"] == "STOPPED" and stack.get(f"/v1/deployments/{grown}")["state"] == "RUNNING"
     assert stack.http.post(f"/v1/jobs/{single}/resume").status_code == 202
-    job = stack.wait(single, lambda j: j["state"] == "RUNNING" and len(j["checkpoints"]) > len(stopped["checkpoints"]),
-                     240)  # training, with a checkpoint of this attempt
+    job = stack.wait(single, lambda j: j["state"] == "RUNNING" and j["checkpoints"][-1] != stopped["checkpoints"][-1],
+                     240)  # training, with a checkpoint of this attempt (the run keeps the newest two)
     head = psutil.Process(stack.ray["pid"])
     for p in [head, *head.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -393,3 +393,87 @@ def test_hf_source_streams_the_text_column(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"body": "x"}]))
     with pytest.raises(FLMConfigError, match="hf:org/corpus has no 'text' column"):
         load_documents("hf:org/corpus")
+
+
+def mixed_corpus(directory, docs):
+    """Documents in all three file types: .txt (one document each), .jsonl and .parquet, with blank and null rows."""
+    write_corpus(directory / "txt", docs[:4])
+    lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[4:8])]
+    (directory / "b.jsonl").write_text("\n".join(lines[:2] + [json.dumps({"text": "  \n"})] + lines[2:]) + "\n")
+    pq.write_table(pa.table({"text": docs[8:] + [None]}), directory / "c.parquet")
+    return directory
+
+
+def test_num_proc_writes_the_same_bytes(tmp_path, docs):
+    """datasets' map over 1 or 3 processes: the same shards, tokenizer and manifest, byte for byte."""
+    corpus = mixed_corpus(tmp_path / "c", docs)
+    kwargs = dict(tokenizer=TokenizerSpec(vocab_size=300), val_fraction=0.25, seed=2, shard_tokens=700)
+    m1 = prepare_dataset(str(corpus), tmp_path / "p1", num_proc=1, **kwargs)
+    m3 = prepare_dataset(str(corpus), tmp_path / "p3", num_proc=3, **kwargs)
+    assert m1 == m3 and len(m1.splits["train"].shards) >= 3
+    assert file_hashes(tmp_path / "p1") == file_hashes(tmp_path / "p3")
+    assert sorted(split_docs(tmp_path / "p3", "train") + split_docs(tmp_path / "p3", "val")) == sorted(docs)
+    assert [i.name for i in m1.inputs] == ["b.jsonl", "c.parquet", *(f"txt/doc_{i:02d}.txt" for i in range(4))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no work files left behind"
+
+
+def test_text_field_names_the_column(tmp_path, docs, capsys):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d, "text": 1}) + "\n" for d in docs[:3]))
+    pq.write_table(pa.table({"body": docs[3:6], "text": [1, 2, 3]}), tmp_path / "b.parquet")
+    assert load_documents(str(tmp_path), text_field="body")[1] == docs[:6]
+    out = tmp_path / "out"
+    args = ["data", "prepare", str(tmp_path), "--out", str(out), "--vocab-size", "300", "--text-field", "body",
+            "--num-proc", "2"]
+    assert main(args) == 0
+    assert sorted(split_docs(out, "train") + split_docs(out, "val")) == sorted(docs[:6])
+    assert main(["data", "prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o2")]) == 2
+    assert "a.jsonl:1: expected a JSON object with a string 'text' field" in capsys.readouterr().err
+    assert main(["data", "prepare", str(tmp_path / "b.parquet"), "--out", str(tmp_path / "o2"), "--text-field",
+                 "title"]) == 2
+    assert "b.parquet has no string 'title' column (columns: body: string, text: int64)" in capsys.readouterr().err
+
+
+def test_prepare_streams_documents_through_a_bounded_batch(tmp_path, docs, monkeypatch):
+    """Documents reach the Arrow file DOC_BATCH at a time, never as a whole list in memory."""
+    import flm.data
+
+    monkeypatch.setattr(flm.data, "DOC_BATCH", 5)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    inputs, batches = flm.data.corpus_batches(str(tmp_path / "a.jsonl"))
+    assert [len(b) for b in batches] == [5, 5, 2]
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_rank_reads_only_the_shards_of_its_samples(tmp_path):
+    """TokenDataset memory-maps its shards: opening 8 GiB of shards (sparse files) costs nothing resident, and a
+    batch faults in pages of the shards its samples lie in only, so a rank needs the memory of the sample index,
+    not of the dataset."""
+    shards, tokens = 8, 1 << 29  # 8 shards of 512 Mi uint16 tokens
+    for k in range(shards):
+        with open(tmp_path / f"train_{k:03d}.bin", "wb") as f:
+            f.truncate(2 * tokens)
+    m = Manifest(source="sparse", inputs=[], tokenizer=TokenizerSpec(), vocab_size=2048, eot_id=0, dtype="uint16",
+                 seed=0, val_fraction=0.0, splits={"train": {"documents": 1, "tokens": shards * tokens, "shards": [
+                     {"file": f"train_{k:03d}.bin", "tokens": tokens} for k in range(shards)]}})
+    (tmp_path / "manifest.json").write_text(m.to_json())
+    ds = TokenDataset(tmp_path, "train")
+    assert sum(_mapped_kib(tmp_path / f"train_{k:03d}.bin") for k in range(shards)) == 0
+    seq_len, position = 4096, 12345
+    x, _ = ds.batch_at(position, 2, seq_len)
+    assert x.shape == (2, seq_len) and int(x.sum()) == 0
+    ends = np.cumsum(ds._windows_per_shard(seq_len))
+    used = {int(np.searchsorted(ends, int(ds._perm(seq_len, 0)[i]), side="right")) for i in (position, position + 1)}
+    resident = {k: _mapped_kib(tmp_path / f"train_{k:03d}.bin") for k in range(shards)}
+    assert all(resident[k] == 0 for k in range(shards) if k not in used), resident
+    assert 0 < sum(resident.values()) < 2 * 1024, "a few pages per sample, not the shards"
