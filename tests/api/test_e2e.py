@@ -2,16 +2,17 @@
 real uvicorn gateway, driven over HTTP and through the web console in a real headless browser (Debian's chromium
 driven by Playwright). One stack for the module: starting Ray and Serve costs most of a minute each here.
 
-Two jobs run side by side on the 2-CPU cluster: a pipeline (the micro plan's three stages, two growths -> the IQ
-suite -> a TP = 2 deployment) and a long one-stage training job. The second is cancelled (its Ray job, controller
-and workers stop), resumed (the same run continues from its checkpoint) and cancelled again; the gateway is killed
-while the pipeline runs and a new one on the same store catches up; the official `openai` client gets completions
-of the deployed model through the gateway, equal to the checkpoint's own greedy decoding. Then the console: a wrong
-key and another owner's key see no job; the finished pipeline's curves show its two growth markers; the Deploy
-button deploys it; the playground streams a completion; the long job is resumed and cancelled from its page; the
-plan page prices a preset. Then chaos: the Ray head is SIGKILLed with everything under it while the long job trains
-and the model serves; on a new head the gateway reports both lost, the job resumes from its last checkpoint and
-the model is deployed again. Finally stopping the stack as `flm down` does leaves no process of it behind.
+Two jobs run side by side on the cluster (4 logical CPUs on 2 cores): a pipeline (the micro plan's three stages, two
+growths -> the IQ suite -> a TP = 2 deployment) and a long one-stage training job. The second is cancelled (its Ray
+job, controller and workers stop), resumed (the same run continues from its checkpoint) and cancelled again; the
+gateway is killed while the pipeline runs and a new one on the same store catches up; the official `openai` client
+gets completions of the deployed model through the gateway, equal to the checkpoint's own greedy decoding. Then the
+console: a wrong key and another owner's key see no job; the finished pipeline's curves show its two growth markers;
+the Deploy button deploys it; the playground streams a completion; the long job is resumed and cancelled from its
+page; the plan page prices a preset. Then chaos: the Ray head is SIGKILLed with everything under it while the long
+job trains and the model serves; on a new head the gateway reports both lost, the job resumes from its last
+checkpoint and the model is deployed again. Finally stopping the stack as `flm down` does leaves no process of it
+behind.
 
 Screenshots of the console go to the test's temporary directory; with FLM_CONSOLE_SCREENSHOTS=DIR (docs/ for the
 README's) they are copied there too.
@@ -46,6 +47,7 @@ WAIT_MS = 300_000  # the browser's longest wait for Ray (a loaded machine)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TRAIN_ACTORS = ("TrainController", "RayTrainWorker")
 LONG = 5000  # steps of the job that is cancelled, resumed and cancelled again
+CPUS = 4  # the head's logical CPUs (see Stack)
 
 
 class Stack:
@@ -54,7 +56,10 @@ class Stack:
     def __init__(self, home, env):
         self.home, self.env = home, env
         self.serve_url = f"http://127.0.0.1:{free_port()}"
-        self.ray_proc, self.ray = start_ray(home, free_port(), free_port(), num_cpus=2, env=env)
+        # 4 logical CPUs on the 2 cores: a TP = 2 deployment holds one per shard and a training job needs one more;
+        # with 3, the chaos test's resumed job waited for its worker for minutes (a cancelled attempt's placement
+        # group still held its CPU)
+        self.ray_proc, self.ray = start_ray(home, free_port(), free_port(), num_cpus=CPUS, env=env)
         self.ray_tree = {p.pid for p in psutil.Process(self.ray["pid"]).children(recursive=True)}
         self.start_gateway()
         key, _ = create_key(open_store(GatewaySettings(home=home).db_url), "e2e")
@@ -81,6 +86,16 @@ class Stack:
             assert job["state"] not in TERMINAL, job
             time.sleep(1)
         raise AssertionError(f"{job_id} did not get there in {timeout_s} s: {job}")
+
+    def placement_groups(self):
+        """(name, state, bundles) of the cluster's placement groups (the state API, with the stack's token)."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        headers = {"Authorization": f"Bearer {Path(self.ray['auth_token_path']).read_text()}"}
+        groups = StateApiClient(self.ray["dashboard"], headers=headers).list(
+            StateResource.PLACEMENT_GROUPS, ListApiOptions(detail=True), raise_on_missing_output=False)
+        return [(g.name, g.state, g.bundles) for g in groups]
 
     def ray_actors(self, submission_id):
         """(class, pid, state) of the actors of one Ray job, from the cluster's state API. With the stack's token
@@ -480,8 +495,11 @@ def test_a_lost_ray_head_fails_what_it_ran_and_both_come_back(stack, pipeline, s
     stopped = stack.get(f"/v1/jobs/{single}")
     assert stopped["state"] == "STOPPED" and stack.get(f"/v1/deployments/{grown}")["state"] == "RUNNING"
     assert stack.http.post(f"/v1/jobs/{single}/resume").status_code == 202
-    job = stack.wait(single, lambda j: j["state"] == "RUNNING" and j["checkpoints"][-1] != stopped["checkpoints"][-1],
-                     240)  # training, with a checkpoint of this attempt (the run keeps the newest two)
+    before = stopped["checkpoints"][-1]
+    try:  # training, with a checkpoint of this attempt (the run keeps the newest two)
+        job = stack.wait(single, lambda j: j["state"] == "RUNNING" and j["checkpoints"][-1] != before, 240)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; placement groups: {stack.placement_groups()}") from None
     head = psutil.Process(stack.ray["pid"])
     for p in [head, *head.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -494,7 +512,7 @@ def test_a_lost_ray_head_fails_what_it_ran_and_both_come_back(stack, pipeline, s
         time.sleep(0.5)
 
     ray_port, dashboard_port = (int(a.rsplit(":", 1)[1]) for a in (stack.ray["address"], stack.ray["dashboard"]))
-    stack.ray_proc, stack.ray = start_ray(stack.home, ray_port, dashboard_port, num_cpus=2, env=stack.env)
+    stack.ray_proc, stack.ray = start_ray(stack.home, ray_port, dashboard_port, num_cpus=CPUS, env=stack.env)
     stack.ray_tree = {p.pid for p in psutil.Process(stack.ray["pid"]).children(recursive=True)}
     deadline = time.monotonic() + 120
     while (lost := stack.get(f"/v1/jobs/{single}"))["state"] != "FAILED" or \

@@ -88,7 +88,7 @@ def autoscaling_cluster():
     with open(temp / "head.log", "w") as log:
         head = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
-             "--num-gpus=0", f"--dashboard-port={free_port()}", f"--autoscaling-config={temp / 'autoscaler.json'}"],
+             "--num-gpus=0", "--include-dashboard=false", f"--autoscaling-config={temp / 'autoscaler.json'}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     mp = pytest.MonkeyPatch()
     for k, v in RAY_TEST_ENV.items():
