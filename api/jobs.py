@@ -105,7 +105,7 @@ class JobRunner:
 
     def __init__(self, settings: GatewaySettings, sessions: sessionmaker[Session]):
         self.settings, self.sessions = settings, sessions
-        self._client = self._serve_client = None
+        self._clients: dict[str, object] = {}  # "jobs", "serve": made on first use, dropped when Ray is gone
         self._client_lock = threading.Lock()
         self._next_serve_check = 0.0  # time.monotonic() of the next check of RUNNING deployments
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -113,42 +113,32 @@ class JobRunner:
         self.last_error: str | None = None
 
     # --- Ray ------------------------------------------------------------------------------------------------------
-    def client(self):
+    def client(self, kind: str = "jobs"):
+        """The dashboard's REST client of `kind`: "jobs" (Ray Jobs) or "serve" (Serve's applications); the gateway
+        stays a plain HTTP client of Ray."""
         with self._client_lock:
-            if self._client is None:
-                from ray.job_submission import JobSubmissionClient
-
+            if kind not in self._clients:
+                if kind == "jobs":
+                    from ray.job_submission import JobSubmissionClient as make
+                else:
+                    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient as make
                 try:
-                    self._client = JobSubmissionClient(self.settings.ray_address)
+                    self._clients[kind] = make(self.settings.ray_address)
                 except Exception as e:  # ConnectionError, requests' errors, a version check failing
                     raise RayUnavailable(f"the Ray job server at {self.settings.ray_address} does not answer "
                                          f"({type(e).__name__}); start it (flm up) or set FLM_RAY_ADDRESS") from None
-            return self._client
+            return self._clients[kind]
 
-    def serve_client(self):
-        """Serve's REST client on the same dashboard (the gateway stays a plain HTTP client of Ray)."""
-        with self._client_lock:
-            if self._serve_client is None:
-                from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-                try:
-                    self._serve_client = ServeSubmissionClient(self.settings.ray_address)
-                except Exception as e:
-                    raise RayUnavailable(f"the Ray dashboard at {self.settings.ray_address} does not answer "
-                                         f"({type(e).__name__})") from None
-            return self._serve_client
-
-    def _call(self, method: str, *args, serve: bool = False, **kwargs):
-        """A JobSubmissionClient call (ServeSubmissionClient's with `serve`); a connection failure drops both
-        clients (reconnect next time)."""
-        client = self.serve_client() if serve else self.client()
+    def _call(self, method: str, *args, kind: str = "jobs", **kwargs):
+        """A call of the `kind` client; a connection failure drops every client (reconnect next time)."""
+        client = self.client(kind)
         try:
             return getattr(client, method)(*args, **kwargs)
         except RuntimeError:
             raise  # the job server answered with an error (unknown id, ...)
         except Exception as e:
             with self._client_lock:
-                self._client = self._serve_client = None
+                self._clients.clear()
             raise RayUnavailable(f"the Ray job server at {self.settings.ray_address} does not answer "
                                  f"({type(e).__name__})") from None
 
@@ -318,7 +308,7 @@ class JobRunner:
         if not running or time.monotonic() < self._next_serve_check:
             return False
         self._next_serve_check = time.monotonic() + self.settings.serve_check_s
-        apps = (self._call("get_serve_details", serve=True) or {}).get("applications") or {}
+        apps = (self._call("get_serve_details", kind="serve") or {}).get("applications") or {}
         for dep in running:
             if dep.id not in apps:
                 self.set_deployment(dep, "RUNNING", state="FAILED", url=None,

@@ -21,10 +21,10 @@ from flm.data import TokenizerSpec, prepare_dataset
 
 # --- parallel runs -----------------------------------------------------------------------------------------------
 # `make test` runs the suite on 2 xdist workers (`-n 2`, scheduled by pytest_xdist_make_scheduler below). The
-# modules below start a Ray cluster (or a whole stack): two Ray clusters on one host at once interfere (Ray's
+# modules below start a Ray cluster (or a whole stack): two local Ray clusters on one host at once interfere (Ray's
 # `ray_current_cluster` file, the autoscaler's fake nodes, raylets' 30 s registration on a busy machine), so they
-# form one unit that runs on one worker, one module after another, while the other worker takes the tests that
-# need no Ray. One list, checked by `local_ray`.
+# form one unit that runs on one worker, one module after another, while the other worker takes the end-to-end
+# stack (OWN_HEAD, its own unit) and the tests that need no Ray. One list, checked by `local_ray`.
 RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "tests/cluster/test_data.py",
                "tests/cluster/test_fault.py", "tests/cluster/test_storage.py", "tests/cluster/test_train.py",
                "tests/cluster/test_tune.py", "tests/service/test_app.py", "tests/service/test_tp.py")
@@ -70,9 +70,8 @@ def pytest_configure(config):
 
 def _check_ray_module() -> None:
     """A test that starts Ray must be in RAY_MODULES (see above)."""
-    current = os.environ.get("PYTEST_CURRENT_TEST", "")
-    if current and current.split("::")[0] not in RAY_MODULES:
-        module = current.split("::")[0]
+    module = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+    if module and module not in RAY_MODULES:
         raise AssertionError(f"{module} starts a Ray cluster: add it to RAY_MODULES in tests/conftest.py")
 
 

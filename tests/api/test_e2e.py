@@ -87,28 +87,30 @@ class Stack:
             time.sleep(1)
         raise AssertionError(f"{job_id} did not get there in {timeout_s} s: {job}")
 
-    def placement_groups(self):
-        """(name, state, bundles) of the cluster's placement groups (the state API, with the stack's token)."""
+    def ray_headers(self) -> dict:
+        """The stack's token, given explicitly: Ray keeps the first auth mode a process saw (auth off, in the
+        suite's earlier tests)."""
+        return {"Authorization": f"Bearer {Path(self.ray['auth_token_path']).read_text()}"}
+
+    def ray_state(self, resource: str, filters=()) -> list:
+        """The cluster's state API: every `resource` ("actors", "placement_groups") matching `filters`, detailed."""
         from ray.util.state.api import StateApiClient
         from ray.util.state.common import ListApiOptions, StateResource
 
-        headers = {"Authorization": f"Bearer {Path(self.ray['auth_token_path']).read_text()}"}
-        groups = StateApiClient(self.ray["dashboard"], headers=headers).list(
-            StateResource.PLACEMENT_GROUPS, ListApiOptions(detail=True), raise_on_missing_output=False)
-        return [(g.name, g.state, g.bundles) for g in groups]
+        return StateApiClient(self.ray["dashboard"], headers=self.ray_headers()).list(
+            StateResource(resource), ListApiOptions(filters=list(filters), detail=True), raise_on_missing_output=False)
+
+    def placement_groups(self):
+        """(name, state, bundles) of the cluster's placement groups."""
+        return [(g.name, g.state, g.bundles) for g in self.ray_state("placement_groups")]
 
     def ray_actors(self, submission_id):
-        """(class, pid, state) of the actors of one Ray job, from the cluster's state API. With the stack's token
-        given explicitly: Ray keeps the first auth mode a process saw (auth off, in the suite's earlier tests)."""
+        """(class, pid, state) of the actors of one Ray job."""
         from ray.job_submission import JobSubmissionClient
-        from ray.util.state.api import StateApiClient
-        from ray.util.state.common import ListApiOptions, StateResource
 
-        headers = {"Authorization": f"Bearer {Path(self.ray['auth_token_path']).read_text()}"}
-        ray_job = JobSubmissionClient(self.ray["dashboard"], headers=headers).get_job_info(submission_id).job_id
-        actors = StateApiClient(self.ray["dashboard"], headers=headers).list(
-            StateResource.ACTORS, ListApiOptions(filters=[("job_id", "=", ray_job)], detail=True),
-            raise_on_missing_output=False)
+        ray_job = JobSubmissionClient(self.ray["dashboard"], headers=self.ray_headers()).get_job_info(
+            submission_id).job_id
+        actors = self.ray_state("actors", [("job_id", "=", ray_job)])
         return [(a.class_name, a.pid, a.state) for a in actors]
 
 
