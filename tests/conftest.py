@@ -121,26 +121,51 @@ def ray_test_env(**env: str):
         yield mp
 
 
+_kept = contextlib.ExitStack()  # the local cluster `local_ray` keeps for the next module that asks for the same one
+_kept_key: list = []
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2, **env: str):
-    """A local Ray cluster of `num_cpus` CPUs (for a module-scoped fixture), with RAY_TEST_ENV and `env` set while
-    it runs; yields its resources. Stops only the cluster it started (never `ray stop`)."""
+    """A local Ray cluster of `num_cpus` CPUs (for a module- or package-scoped fixture), with RAY_TEST_ENV and `env`
+    set while it runs; yields its resources. Never `ray stop`: it stops only the cluster it started.
+
+    The cluster outlives the fixture: the next module of this worker that asks for the same CPUs in the same
+    environment (the Ray modules run one after another on one worker) gets it as it is, since starting and stopping
+    Ray costs ~15 s here each time. Any other request, a module that starts a cluster of its own
+    (`release_local_ray` first) or the end of the session stops it."""
     import ray
 
     _check_ray_module()
-    with ray_test_env(**env):
-        for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
-            try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception as e:
-                ray.shutdown()
-                if attempt == 2 or "timed out during startup" not in str(e):
-                    raise
+    key = (num_cpus, sorted({**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+                             **RAY_TEST_ENV, **env}.items()))
+    if _kept_key == [key] and ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    release_local_ray()
+    _kept.enter_context(ray_test_env(**env))
+    _kept.callback(ray.shutdown)
+    _kept_key.append(key)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
         try:
-            yield ray.cluster_resources()
-        finally:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:
             ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                release_local_ray()
+                raise
+    yield ray.cluster_resources()
+
+
+def release_local_ray() -> None:
+    """Stop the cluster `local_ray` kept, if any, and undo its environment."""
+    _kept.close()
+    _kept_key.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    release_local_ray()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from cluster.train import cluster_capacity, run_plan
 from flm.config import GrowthPlan
 from flm.train import Trainer, read_metrics
 from tests.cluster.test_train import LOSS_ATOL
-from tests.conftest import RAY_TEST_ENV, micro_plan
+from tests.conftest import RAY_TEST_ENV, micro_plan, release_local_ray
 
 IDLE_TIMEOUT_MIN = 0.1  # 6 s
 
@@ -79,6 +79,7 @@ def _kill_tree(head: subprocess.Popen, marker: str) -> None:
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster():
+    release_local_ray()  # a module before this one may have left its local cluster running
     temp = Path(tempfile.mkdtemp(prefix="flm-as-"))  # short: Ray's socket paths live under it
     port = free_port()
     config = autoscaling_config(f"{ray._private.services.get_node_ip_address()}:{port}")

@@ -32,7 +32,7 @@ from cluster.train import ATTEMPTS, StageTrainer, run_plan
 from flm.checkpoint import load_checkpoint
 from flm.config import GrowthPlan
 from flm.train import read_metrics
-from tests.conftest import micro_plan, ray_test_env
+from tests.conftest import micro_plan, ray_test_env, release_local_ray
 
 TIMING = ("tokens_per_s", "mfu")
 # The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s). Only the
@@ -87,6 +87,7 @@ def reference(micro_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def multinode():
     """A head node (1 CPU; the driver and Ray Train's controller live there) and 2 worker nodes of 1 CPU."""
+    release_local_ray()  # a module before this one may have left its local cluster running
     with ray_test_env():
         cluster = Cluster(initialize_head=True, connect=False,
                           head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": GCS_CONFIG})

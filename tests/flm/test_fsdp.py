@@ -156,24 +156,18 @@ def test_sharded_growth_equals_in_memory_growth(micro_data, tp2xdp2, tmp_path):
     assert reader._reader.reads == 1
 
 
-def test_consolidate_cli(tp2xdp2, tmp_path):
+def test_consolidate_cli(tp2xdp2, tmp_path, capsys):
     """`flm checkpoint consolidate` writes the single-file format; evaluation reads the sharded one directly."""
-    import subprocess
-    import sys
-
     from flm.checkpoint import load_model
+    from flm.cli import main
 
     src = tp2xdp2 / "checkpoints" / "step_00000020"
     out = tmp_path / "single"
-    done = subprocess.run([sys.executable, "-m", "flm.cli", "checkpoint", "consolidate", str(src), str(out)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert main(["checkpoint", "consolidate", str(src), str(out)]) == 0, capsys.readouterr().err
     model, tokenizer = load_model(out)
     direct, _ = load_model(src)
     assert tokenizer is not None and not (out / "sharded").exists()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), direct.state_dict().values(),
                                                  strict=True))
-    bad = subprocess.run([sys.executable, "-m", "flm.cli", "checkpoint", "consolidate", str(out), str(tmp_path / "x")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "not a sharded checkpoint" in bad.stderr
-
+    assert main(["checkpoint", "consolidate", str(out), str(tmp_path / "x")]) == 2
+    assert "not a sharded checkpoint" in capsys.readouterr().err
