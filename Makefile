@@ -33,23 +33,21 @@ postgresql:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
 	  echo "apt-get could not install postgresql: the PostgreSQL tests of tests/api/ will be skipped"; fi
 
-# torch==$(TORCH_VERSION) into the venv whose bin/ is $(1), from TORCH_INDEX (see above).
-define install_torch
-	@index="$(TORCH_INDEX)"; \
+# torch==$(TORCH_VERSION) into the venv whose bin/ is $(1) (a shell word), from TORCH_INDEX (see above)
+install_torch = index="$(TORCH_INDEX)"; \
 	if [ -z "$$index" ]; then \
 	  if $(1)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=3)" 2>/dev/null; \
 	  then index=$(TORCH_CPU_INDEX); \
 	  else echo "torch: $(TORCH_CPU_INDEX) does not answer; torch==$(TORCH_VERSION) as pip's configuration says"; fi; fi; \
 	echo "$(1)/pip install torch==$(TORCH_VERSION)$${index:+ --index-url $$index}"; \
 	$(1)/pip install --quiet torch==$(TORCH_VERSION) $${index:+--index-url $$index}
-endef
 
 # torch first, pinned (above). deepspeed ships as an sdist whose setup.py imports torch: build it against that torch
 # (no isolation). dev brings every extra the suite exercises (pyproject.toml).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(call install_torch,$(BIN))
+	@$(call install_torch,$(BIN))
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install --quiet -e ".[dev]" torch==$(TORCH_VERSION)
 	touch $(STAMP)
@@ -89,7 +87,7 @@ check-py:
 	@set -e; $(CHECK_PY) --version; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	$(CHECK_PY) -m venv "$$dir/venv"; bin="$$dir/venv/bin"; \
 	$$bin/pip install --quiet --upgrade pip setuptools wheel; \
-	$(MAKE) --no-print-directory install-torch BIN=$$bin; \
+	$(call install_torch,$$bin); \
 	DS_BUILD_OPS=0 $$bin/pip install --quiet --no-build-isolation "deepspeed>=0.15"; \
 	$$bin/pip install --quiet -e ".[train,serve,dev]" torch==$(TORCH_VERSION); \
 	$$bin/python -c "import flm.cli, flm.train, cluster.train, service.app, api.app, sys; print('imported on', sys.version)"; \
@@ -98,10 +96,6 @@ check-py:
 
 check-py312:
 	$(MAKE) check-py CHECK_PY=python3.12
-
-# used by check-py (its venv's bin/ as BIN=)
-install-torch:
-	$(call install_torch,$(BIN))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
