@@ -96,7 +96,7 @@ def gateway(tmp_path_factory):
             with sessions.begin() as s:
                 s.add(Deployment(id="served", owner="me", checkpoint="owners/me/ck", spec={}, state="RUNNING",
                                  url=model_url, attempt=0, created_at=utcnow(), updated_at=utcnow()))
-            yield {"FLM_URL": url, "FLM_API_KEY": key, "FLM_HOME": str(home)}, ck
+            yield {"FLM_URL": url, "FLM_API_KEY": key, "FLM_HOME": str(home)}, ck, model_url
     finally:
         model.engine.close()
 
@@ -104,7 +104,9 @@ def gateway(tmp_path_factory):
 def test_the_client_commands_run_without_the_other_extras(gateway, tmp_path):
     """submit, jobs, status, logs, cancel, resume, generate and undeploy against the gateway, none of torch, Ray,
     DeepSpeed, datasets, FastAPI, ... importable (the child asserts none got into sys.modules)."""
-    env, _ = gateway
+    import httpx
+
+    env, _, model_url = gateway
     (tmp_path / "job.yaml").write_text("kind: train\nplan: tiny\n")
     (submitted,) = run_client(env, ["submit", str(tmp_path / "job.yaml"), "--hold", "--json"])
     assert submitted[0] == 0, submitted[2]
@@ -116,12 +118,14 @@ def test_the_client_commands_run_without_the_other_extras(gateway, tmp_path):
     assert all(code == 0 for code, _, _ in results), results
     assert job in jobs[1] and f"{job} train HELD" in status[1] and logs[2] == ""
     assert cancel[1].strip() == f"{job}: STOPPED" and "QUEUED" in resume[1]
-    assert generate[1].strip() and undeploy[1].startswith("served: ")
+    body = {"model": "served", "prompt": "To be", "max_tokens": 4, "temperature": 0.0}  # flm generate's default: 0
+    direct = httpx.post(f"{model_url}/v1/completions", json=body).json()["choices"][0]["text"]
+    assert generate[1] == direct + "\n" and undeploy[1].startswith("served: ")
 
 
 def test_a_command_whose_extra_is_missing_names_it(gateway):
     """Exit 2 and one line naming the missing package and the extra to install, no traceback."""
-    env, ck = gateway
+    env, ck, _ = gateway
     results = run_client(env, ["train", "configs/tiny.yaml"], ["cluster", "train", "configs/tiny.yaml"],
                          ["serve", str(ck), "--address", "127.0.0.1:9"])
     assert [(code, err.strip()) for code, _, err in results] == [
