@@ -63,7 +63,7 @@ test: setup lint
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/flm demo
 
-# What `pip install 'flm[client]'` gives, in a throwaway venv (from PyPI, a minute): the wheel a user gets, no torch,
+# What `pip install 'flm[client]'` gives, in a throwaway venv (downloads from PyPI; 3 min here): the wheel, no torch,
 # Ray or DeepSpeed, and the REST commands start; `flm train` names the extra it needs (exit 2). Not part of `make test`.
 check-client:
 	@set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
@@ -82,7 +82,7 @@ check-client:
 
 # The package on another Python (CHECK_PY, default python3.12; CI keeps 3.11): a throwaway venv with
 # .[train,serve,dev] and torch==$(TORCH_VERSION), which imports every package and runs the fast tests. Downloads several
-# GB from PyPI where only the CUDA build of torch is at hand (minutes). Not part of `make test`.
+# GB from PyPI where only the CUDA build of torch is at hand (28 min here). Not part of `make test`.
 check-py:
 	@set -e; $(CHECK_PY) --version; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	$(CHECK_PY) -m venv "$$dir/venv"; bin="$$dir/venv/bin"; \
