@@ -29,7 +29,7 @@ COPY cluster ./cluster
 COPY service ./service
 COPY api ./api
 COPY configs ./configs
-RUN python -m pip install --no-cache-dir ".[hf,cloud]" torch==2.13.0
+RUN python -m pip install --no-cache-dir ".[train,serve,cloud,hf]" torch==2.13.0
 # every role runs as this user, not root; /data (a new volume takes its owner from here) is its own
 RUN useradd --create-home --uid 1000 --shell /bin/bash flm && mkdir -p /data && chown flm:flm /data
 USER flm

@@ -4,7 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean chromium postgresql
+# torch comes from TORCH_INDEX when given (GPUs: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu130, the
+# index of your CUDA version), else from the PyTorch CPU index when it answers within 3 s (on Linux a plain
+# `pip install torch` pulls the multi-GB CUDA build), else as this machine's pip configuration says (`pip config list`).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+CHECK_PY ?= python3.12
+
+.PHONY: setup test lint demo clean chromium postgresql check-client check-py check-py312
 
 setup: $(STAMP) chromium postgresql
 
@@ -25,14 +33,23 @@ postgresql:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
 	  echo "apt-get could not install postgresql: the PostgreSQL tests of tests/api/ will be skipped"; fi
 
-# torch first, pinned to the local CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
-# deepspeed ships as an sdist whose setup.py imports torch: build it against that torch (no isolation).
+# torch==$(TORCH_VERSION) into the venv whose bin/ is $(1) (a shell word), from TORCH_INDEX (see above)
+install_torch = index="$(TORCH_INDEX)"; \
+	if [ -z "$$index" ]; then \
+	  if $(1)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=3)" 2>/dev/null; \
+	  then index=$(TORCH_CPU_INDEX); \
+	  else echo "torch: $(TORCH_CPU_INDEX) does not answer; torch==$(TORCH_VERSION) as pip's configuration says"; fi; fi; \
+	echo "$(1)/pip install torch==$(TORCH_VERSION)$${index:+ --index-url $$index}"; \
+	$(1)/pip install --quiet torch==$(TORCH_VERSION) $${index:+--index-url $$index}
+
+# torch first, pinned (above). deepspeed ships as an sdist whose setup.py imports torch: build it against that torch
+# (no isolation). dev brings every extra the suite exercises (pyproject.toml).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet torch==2.13.0
+	@$(call install_torch,$(BIN))
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.15"
-	$(BIN)/pip install --quiet -e ".[dev,hf,eval]" torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]" torch==$(TORCH_VERSION)
 	touch $(STAMP)
 
 lint: setup
@@ -45,6 +62,40 @@ test: setup lint
 
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/flm demo
+
+# What `pip install 'flm[client]'` gives, in a throwaway venv (downloads from PyPI; 3 min here): the wheel, no torch,
+# Ray or DeepSpeed, and the REST commands start; `flm train` names the extra it needs (exit 2). Not part of `make test`.
+check-client:
+	@set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	$(PY) -m venv "$$dir/venv"; bin="$$dir/venv/bin"; \
+	mkdir "$$dir/src"; git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$$dir/src"; \
+	echo "$$bin/pip install '.[client]' (a copy of the working tree)"; $$bin/pip install --quiet "$$dir/src[client]"; \
+	cd "$$dir"; \
+	for m in torch ray deepspeed datasets fastapi; do \
+	  if $$bin/python -c "import $$m" 2>/dev/null; then echo "flm[client] installed $$m"; exit 1; fi; done; \
+	$$bin/flm --help >/dev/null; \
+	for c in submit jobs status logs cancel resume deploy undeploy generate; do $$bin/flm $$c --help >/dev/null; done; \
+	FLM_URL=http://127.0.0.1:9 FLM_API_KEY=flm-none $$bin/flm jobs 2>&1 | grep -q "nothing answers"; \
+	code=0; $$bin/flm train $(CURDIR)/configs/tiny.yaml >train.txt 2>&1 || code=$$?; \
+	if [ $$code != 2 ] || ! grep -q "pip install 'flm\[train\]'" train.txt; then cat train.txt; exit 1; fi; \
+	echo "check-client: flm[client] has no torch, ray, deepspeed, datasets or fastapi; flm --help, the REST commands' --help and flm jobs run; flm train asks for flm[train]"
+
+# The package on another Python (CHECK_PY, default python3.12; CI keeps 3.11): a throwaway venv with
+# .[train,serve,dev] and torch==$(TORCH_VERSION), which imports every package and runs the fast tests. Downloads several
+# GB from PyPI where only the CUDA build of torch is at hand (28 min here). Not part of `make test`.
+check-py:
+	@set -e; $(CHECK_PY) --version; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	$(CHECK_PY) -m venv "$$dir/venv"; bin="$$dir/venv/bin"; \
+	$$bin/pip install --quiet --upgrade pip setuptools wheel; \
+	$(call install_torch,$$bin); \
+	DS_BUILD_OPS=0 $$bin/pip install --quiet --no-build-isolation "deepspeed>=0.15"; \
+	$$bin/pip install --quiet -e ".[train,serve,dev]" torch==$(TORCH_VERSION); \
+	$$bin/python -c "import flm.cli, flm.train, cluster.train, service.app, api.app, sys; print('imported on', sys.version)"; \
+	RAY_USAGE_STATS_ENABLED=0 $$bin/python -m pytest -q -p no:cacheprovider tests/flm/test_model.py tests/flm/test_config.py \
+	  tests/test_imports.py tests/test_packaging.py
+
+check-py312:
+	$(MAKE) check-py CHECK_PY=python3.12
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import secrets
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (
@@ -47,7 +47,7 @@ OWNER_LOCKS = 0x464C4D  # the first key of `owner_lock`'s two-key advisory locks
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)  # stored naive, always UTC (SQLite has no time zones)
+    return datetime.now(timezone.utc).replace(tzinfo=None)  # stored naive, always UTC (SQLite has no time zones)
 
 
 class Message(TypeDecorator):

@@ -29,6 +29,26 @@ from flm.config import (
 )
 from flm.flops import param_count
 
+# The extra of pyproject.toml that brings each optional top-level module: a command whose import of one fails exits 2
+# naming the extra to install, not with a traceback (`pip install 'flm[client]'` has no torch or Ray). torch, Ray and
+# the tokenizers are in both train and serve: the command's package picks (service/ and api/ serve models).
+EXTRAS = {
+    **dict.fromkeys(("deepspeed", "datasets", "huggingface_hub", "pyarrow", "scipy", "matplotlib"), "train"),
+    **dict.fromkeys(("torch", "ray", "safetensors", "numpy", "tokenizers", "tiktoken"), "train/serve"),
+    **dict.fromkeys(("fastapi", "starlette", "uvicorn", "httpx", "sqlalchemy", "alembic"), "serve"),
+    "rich": "client", "psycopg": "cloud", "boto3": "cloud", "transformers": "hf", "lm_eval": "eval", "tqdm": "eval",
+    "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow",
+}
+
+
+def missing_extra(error: ModuleNotFoundError, command) -> str | None:
+    """The extra that would bring the module `error` says is missing, for the command function `command`; None
+    when the module is none of ours to name (then the error is a bug and keeps its traceback)."""
+    extra = EXTRAS.get((error.name or "").split(".")[0])
+    if extra == "train/serve":
+        return "serve" if command.__module__.split(".")[0] in ("service", "api") else "train"
+    return extra
+
 
 @functools.cache
 def console():
@@ -452,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FLMConfigError as e:
         print(f"flm: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e, args.func)
+        if extra is None:
+            raise
+        print(f"flm: error: flm {args.command} needs {e.name.split('.')[0]}, which is not installed: "
+              f"pip install 'flm[{extra}]'", file=sys.stderr)
         return 2
     return 0
 
