@@ -25,8 +25,14 @@ class FLMConfigError(ValueError):
 def flm_home() -> Path:
     """$FLM_HOME: where runs, prepared data, searches and the gateway's storage root live unless a path is given
     (default ./runs), absolute, since Ray jobs and workers run in other working directories. The one place that
-    reads the variable, importable without torch."""
+    reads the variable (with `cache_dir`), importable without torch."""
     return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora and vocabularies live: `$FLM_HOME/cache`, else `~/.cache/flm` (not flm_home()'s
+    default ./runs: a download serves every working directory)."""
+    return flm_home() / "cache" if os.environ.get("FLM_HOME") else Path("~/.cache/flm").expanduser()
 
 
 class _Strict(BaseModel):
