@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +19,14 @@ if TYPE_CHECKING:
     from service.spec import DeploymentRequest
 
 
-def connect() -> None:
+def _connect() -> None:
+    """Join the job's cluster ($RAY_ADDRESS, set by Ray for a job's driver), its workers' output kept out of the
+    job's log."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    from flm.connect import connect
+
+    connect(ray, log_to_driver=False)
 
 
 def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
@@ -32,7 +34,7 @@ def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
     proxy on serve_url's host and port if it is not running."""
     from service.app import deploy
 
-    connect()
+    _connect()
     where = urlparse(serve_url)
     return deploy(request, host=where.hostname or "127.0.0.1", port=where.port or 8000)
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from service.app import undeploy
 
-            connect()
+            _connect()
             undeploy(args.target)
             print(f"deleted {args.target}")
     except FLMConfigError as e:
