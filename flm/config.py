@@ -41,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Shape and parametrisation of the GPT-3 style decoder (DESIGN §2).
+    """Shape and parametrisation of the GPT-3 style decoder (flm/model.py).
 
     The attention width `n_head * head_dim` may differ from `d_model`: MSG grows the residual width and the
     head count independently (head_dim stays fixed). Presets keep them equal, as GPT-3 and FLM-101B do.
@@ -178,7 +178,7 @@ class GrowthStage(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW as in FLM-101B (DESIGN §4)."""
+    """AdamW as in FLM-101B."""
 
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
