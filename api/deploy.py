@@ -39,31 +39,31 @@ def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
     return deploy(request, host=where.hostname or "127.0.0.1", port=where.port or 8000)
 
 
+def run(op: str, target: str) -> None:
+    if op == "up":
+        spec = json.loads(Path(target).read_text())
+        url = deploy_checkpoint(spec["request"], spec["serve_url"])
+        tmp = Path(spec["result"]).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": url}))
+        tmp.replace(spec["result"])
+        print(f"deployed {spec['request']['name']} at {url}")
+    else:
+        from service.app import undeploy
+
+        _connect()
+        undeploy(target)
+        print(f"deleted {target}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from flm.config import FLMConfigError
+    """Exit 2 for a bad request, 1 for anything else, the error in $FLM_ERROR_FILE either way (flm/error_file.py)."""
+    from flm.error_file import exit_code_of
 
     p = argparse.ArgumentParser(prog="python -m api.deploy")
     p.add_argument("op", choices=("up", "down"))
     p.add_argument("target", help="up: the spec.json the gateway wrote; down: the deployment name")
     args = p.parse_args(argv)
-    try:
-        if args.op == "up":
-            spec = json.loads(Path(args.target).read_text())
-            url = deploy_checkpoint(spec["request"], spec["serve_url"])
-            tmp = Path(spec["result"]).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": url}))
-            tmp.replace(spec["result"])
-            print(f"deployed {spec['request']['name']} at {url}")
-        else:
-            from service.app import undeploy
-
-            _connect()
-            undeploy(args.target)
-            print(f"deleted {args.target}")
-    except FLMConfigError as e:
-        print(f"flm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(args.op, args.target))
 
 
 if __name__ == "__main__":

@@ -447,13 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: exit 2 with one line for a user error, 1 with the traceback for anything else; either way the
+    error also goes to $FLM_ERROR_FILE when it is set (flm/error_file.py: how a job tells the gateway)."""
+    from flm.error_file import exit_code_of
+
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except FLMConfigError as e:
-        print(f"flm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: args.func(args))
 
 
 if __name__ == "__main__":
