@@ -40,6 +40,7 @@ def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
 
 
 def run(op: str, target: str) -> None:
+    """up: deploy the spec.json `target` and write the URL to its result file; down: delete deployment `target`."""
     if op == "up":
         spec = json.loads(Path(target).read_text())
         url = deploy_checkpoint(spec["request"], spec["serve_url"])
