@@ -6,8 +6,10 @@
 - Unreachable: a host:port where nothing listens fails in seconds (not after Ray's minutes of retries), and so
   does a refused connection: FLMConfigError, i.e. one line and exit 2 from a command.
 - Token auth: Ray reads the token itself (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-  ~/.ray/auth_token); a cluster that refuses this process's token is an FLMConfigError saying where to set it. No
-  token is guessed: sending `flm up`'s token to another cluster would give it away.
+  ~/.ray/auth_token). A missing or wrong token is no error of its own in Ray 2.60: its GCS client logs
+  "Unauthenticated" and `ray.init` raises ConnectionError after ~20 s of retries (measured against a token-auth
+  head), so the FLMConfigError of a refused connection says how to give the token. No token is guessed: sending
+  `flm up`'s token to another cluster would give it away.
 
 Why here, taking the caller's `ray` module: cluster/ and service/ both connect and may not import each other, and
 flm/ is the one package below both; flm imports no Ray (tests/test_imports.py: it installs and imports without
@@ -54,11 +56,9 @@ def connect(ray: ModuleType, address: str | None = None, *, log_to_driver: bool 
     check_reachable(where, what=what)
     try:
         ray.init(address=where, log_to_driver=log_to_driver, **options)
-    except ray.exceptions.AuthenticationError as e:
-        raise FLMConfigError(f"{what}: the Ray cluster at {where} refused this process's token ({e.message}); "
-                             f"set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file (flm up "
-                             f"keeps its own in $FLM_HOME/stack/ray_auth_token)") from None
     except ConnectionError as e:
-        raise FLMConfigError(f"{what}: cannot connect to a Ray cluster at {where} ({e}); start one "
-                             f"(ray start --head, flm up) or fix the address") from None
+        raise FLMConfigError(f"{what}: cannot connect to a Ray cluster at {where} ({e}); start one (ray start --head, "
+                             f"flm up), fix the address, or, if the cluster uses token auth (flm up's does), give "
+                             f"this process its token: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<its token file> "
+                             f"(flm up's: $FLM_HOME/stack/ray_auth_token)") from None
     return True
