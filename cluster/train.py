@@ -351,7 +351,7 @@ def _env_default(name: str, value: str):
 def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None = None, *,
              backend: str | None = None, max_failures: int = 3, check_cluster: bool = True,
              on_stage=None) -> list[StageRun]:
-    """Train `plan` stage by stage on the connected Ray cluster (ray.init first); returns one StageRun per stage.
+    """Train `plan` stage by stage on the connected Ray cluster (flm.connect.connect first); one StageRun per stage.
 
     `name` (default: the plan's) names the run directory `storage_path/name` and the Ray Train runs
     `name-stage<k>`; launching the same name again continues that run. `backend` overrides every stage's
