@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +19,14 @@ if TYPE_CHECKING:
     from service.spec import DeploymentRequest
 
 
-def connect() -> None:
+def _connect() -> None:
+    """Join the job's cluster ($RAY_ADDRESS, set by Ray for a job's driver), its workers' output kept out of the
+    job's log."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    from flm.connect import connect
+
+    connect(ray, log_to_driver=False)
 
 
 def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
@@ -32,36 +34,37 @@ def deploy_checkpoint(request: DeploymentRequest | dict, serve_url: str) -> str:
     proxy on serve_url's host and port if it is not running."""
     from service.app import deploy
 
-    connect()
+    _connect()
     where = urlparse(serve_url)
     return deploy(request, host=where.hostname or "127.0.0.1", port=where.port or 8000)
 
 
+def run(op: str, target: str) -> None:
+    """up: deploy the spec.json `target` and write the URL to its result file; down: delete deployment `target`."""
+    if op == "up":
+        spec = json.loads(Path(target).read_text())
+        url = deploy_checkpoint(spec["request"], spec["serve_url"])
+        tmp = Path(spec["result"]).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": url}))
+        tmp.replace(spec["result"])
+        print(f"deployed {spec['request']['name']} at {url}")
+    else:
+        from service.app import undeploy
+
+        _connect()
+        undeploy(target)
+        print(f"deleted {target}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from flm.config import FLMConfigError
+    """Exit 2 for a bad request, 1 for anything else, the error in $FLM_ERROR_FILE either way (flm/error_file.py)."""
+    from flm.error_file import exit_code_of
 
     p = argparse.ArgumentParser(prog="python -m api.deploy")
     p.add_argument("op", choices=("up", "down"))
     p.add_argument("target", help="up: the spec.json the gateway wrote; down: the deployment name")
     args = p.parse_args(argv)
-    try:
-        if args.op == "up":
-            spec = json.loads(Path(args.target).read_text())
-            url = deploy_checkpoint(spec["request"], spec["serve_url"])
-            tmp = Path(spec["result"]).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": url}))
-            tmp.replace(spec["result"])
-            print(f"deployed {spec['request']['name']} at {url}")
-        else:
-            from service.app import undeploy
-
-            connect()
-            undeploy(args.target)
-            print(f"deleted {args.target}")
-    except FLMConfigError as e:
-        print(f"flm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(args.op, args.target))
 
 
 if __name__ == "__main__":

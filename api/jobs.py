@@ -12,10 +12,16 @@ job submitted by a gateway that died before recording it is recognised by its su
 longer knows (the cluster was restarted) becomes FAILED with a message saying that a resume continues it. Every
 `serve_check_s` it also asks Serve (the dashboard's REST API) which applications it runs: a RUNNING deployment that
 Serve no longer has (the head was lost and started again) becomes FAILED, saying so.
+
+Why a job failed comes from its error file (flm/error_file.py): every submission runs with $FLM_ERROR_FILE set to
+`errors/<submission id>.json` in its job's (or deployment's) directory, which the gateway reads when Ray says FAILED.
+Jobs run on the head node, where the gateway runs, under the same $FLM_HOME; a job that left no file (killed, or
+run where the gateway cannot read its files) gets Ray's message and the last lines of its log, saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
@@ -30,6 +36,7 @@ from api.runs import read_json
 from api.schemas import TERMINAL
 from api.settings import GatewaySettings
 from api.store import Deployment, Job, utcnow
+from flm.error_file import ERROR_FILE_ENV, read_error
 
 log = logging.getLogger("flm.gateway")
 RAY_STATES = {"PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"}
@@ -85,18 +92,26 @@ def deployment_entrypoint(settings: GatewaySettings, dep: Deployment) -> list[st
     return [settings.job_python, "-m", "api.deploy", "down", dep.id]
 
 
-def error_from_logs(logs: str, fallback: str | None) -> str:
-    """The line that says why a job failed: the `flm: error:` line of a user error, else the last line of a
-    traceback, else Ray's message."""
+def error_file(directory: Path, sid: str) -> Path:
+    """Where submission `sid` of the job or deployment whose files are in `directory` reports its error."""
+    return directory / "errors" / f"{sid}.json"
+
+
+def job_env(settings: GatewaySettings, error_path: Path) -> dict[str, str]:
+    """The environment of every job the gateway submits."""
+    return {"FLM_HOME": str(settings.home), "RAY_USAGE_STATS_ENABLED": "0", ERROR_FILE_ENV: str(error_path)}
+
+
+def failure_message(error_path: Path, logs: str, ray_message: str | None) -> str:
+    """Why a job failed: its error file's message (after the pipeline step that failed); without one, Ray's message
+    and the last lines of the log, saying so."""
+    report = read_error(error_path)
+    if report is not None:
+        return f"pipeline step {report.step}: {report.message}" if report.step else report.message
     lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if line.startswith("flm: error:"):
-            return line.removeprefix("flm: error:").strip()
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("Traceback"):
-            tail = [ln for ln in lines[i + 1:] if not ln.startswith(("File ", "^", "~"))]
-            return tail[-1] if tail else lines[-1]
-    return fallback or (lines[-1] if lines else "the job failed without output")
+    first = (ray_message or "the job failed").splitlines()[0].split(", last available logs")[0]  # we quote them
+    tail = f"; its log ends: {' | '.join(lines[-3:])}" if lines else ""
+    return f"{first} (it left no error file{tail})"
 
 
 class JobRunner:
@@ -219,15 +234,15 @@ class JobRunner:
                              .values(updated_at=utcnow(), **values)).rowcount == 1
         return done
 
-    def _submit_ray(self, sid: str, argv: list[str], ray_jobs: dict, **metadata: str) -> None:
+    def _submit_ray(self, sid: str, argv: list[str], directory: Path, ray_jobs: dict, **metadata: str) -> None:
         """Submit `argv` as Ray job `sid` unless Ray has it already (a gateway that died before recording
-        it submitted it). RuntimeError if Ray refuses it. Ray takes one shell string: quoted here, once."""
+        it submitted it); its error file goes to `directory`. RuntimeError if Ray refuses it. Ray takes one shell
+        string: quoted here, once."""
         if sid in ray_jobs:
             return
         try:
             self._call("submit_job", entrypoint=shlex.join(argv), submission_id=sid,
-                       runtime_env={"env_vars": {"FLM_HOME": str(self.settings.home),
-                                                 "RAY_USAGE_STATS_ENABLED": "0"}},
+                       runtime_env={"env_vars": job_env(self.settings, error_file(directory, sid))},
                        metadata=metadata)
         except RuntimeError as refused:
             try:  # submitted meanwhile (by a second gateway on the same store): not an error
@@ -239,8 +254,8 @@ class JobRunner:
         attempt = job.attempt + 1
         sid = submission_id(job.id, attempt)
         try:
-            self._submit_ray(sid, entrypoint(self.settings, job), ray_jobs, flm_job=job.id, owner=job.owner,
-                             kind=job.kind)
+            self._submit_ray(sid, entrypoint(self.settings, job), self.settings.job_dir(job.id), ray_jobs,
+                             flm_job=job.id, owner=job.owner, kind=job.kind)
         except RuntimeError as e:
             self.set_state(job, "QUEUED", state="FAILED", error=f"Ray refused the submission: {e}")
             return
@@ -258,15 +273,18 @@ class JobRunner:
         status = str(details.status)
         if status == job.state or (job.state == "STOPPING" and status not in TERMINAL):
             return
-        error = self._failure(job.ray_submission_id, details) if status == "FAILED" else None
+        error = None
+        if status == "FAILED":
+            error = self._failure(self.settings.job_dir(job.id), job.ray_submission_id, details)
         self.set_state(job, job.state, state=status, error=error)
 
-    def _failure(self, sid: str, details) -> str:
-        try:
-            logs = self._call("get_job_logs", sid)
-        except (RuntimeError, RayUnavailable):
-            logs = ""
-        return error_from_logs(logs, details.message)
+    def _failure(self, directory: Path, sid: str, details) -> str:
+        path = error_file(directory, sid)
+        logs = ""
+        if not path.is_file():  # the log is the fallback only: fetching it costs a call to Ray
+            with contextlib.suppress(RuntimeError, RayUnavailable):
+                logs = self._call("get_job_logs", sid)
+        return failure_message(path, logs, details.message)
 
     # --- deployments ------------------------------------------------------------------------------------------------
     def set_deployment(self, dep: Deployment, expected: str, **values) -> bool:
@@ -281,8 +299,8 @@ class JobRunner:
             attempt = dep.attempt + 1
             sid = f"{dep.id}.op{attempt}"
             try:
-                self._submit_ray(sid, deployment_entrypoint(self.settings, dep), ray_jobs, flm_deployment=dep.id,
-                                 owner=dep.owner)
+                self._submit_ray(sid, deployment_entrypoint(self.settings, dep), self.settings.deployment_dir(dep.id),
+                                 ray_jobs, flm_deployment=dep.id, owner=dep.owner)
             except RuntimeError as e:
                 self.set_deployment(dep, dep.state, state="FAILED", error=f"Ray refused the submission: {e}")
                 return
@@ -300,7 +318,8 @@ class JobRunner:
         elif status == "SUCCEEDED":
             self.set_deployment(dep, "DELETING", state="DELETED", url=None)
         elif status in ("FAILED", "STOPPED"):
-            self.set_deployment(dep, dep.state, state="FAILED", error=self._failure(dep.ray_submission_id, details))
+            error = self._failure(self.settings.deployment_dir(dep.id), dep.ray_submission_id, details)
+            self.set_deployment(dep, dep.state, state="FAILED", error=error)
 
     def _check_serving(self, running: list[Deployment]) -> bool:
         """Every serve_check_s: a RUNNING deployment whose Serve application is gone becomes FAILED (compare-and-

@@ -3,7 +3,9 @@
 Each step but deploy runs the `flm` command that does it alone (`flm tune`, `flm cluster train`, `flm eval`), as a
 child process whose output goes to the job's log; deploy calls service/'s Python API. The steps' states and
 results are written to `pipeline.json` beside the spec after every change (the gateway shows them), and a
-resubmitted pipeline skips the steps that succeeded: training resumes from its checkpoints (same run name).
+resubmitted pipeline skips the steps that succeeded: training resumes from its checkpoints (same run name). A step
+that fails ends the pipeline with its exit code (2: a user error) and its error file (flm/error_file.py), naming the
+step: each `flm` child writes its own error file, which the pipeline reads.
 
     jobs/<id>/spec.json       the request, as the gateway validated it (plus id, home, python, serve_url)
     jobs/<id>/pipeline.json   {"steps": [{"name", "state", "seconds", "result"}, ...]}
@@ -15,9 +17,11 @@ resubmitted pipeline skips the steps that succeeded: training resumes from its c
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,27 +29,32 @@ import yaml
 
 from api.jobs import eval_args, train_args, tune_args, write_json
 from api.runs import checkpoints, read_json
+from flm.error_file import ERROR_FILE_ENV, ErrorReport, read_error, write_error
 
 STEPS = ("tune", "train", "eval", "deploy")
 
 
 class StepFailed(RuntimeError):
-    pass
+    """A step failed: `report` says how (its message is this exception's)."""
+
+    def __init__(self, message: str, exit_code: int = 1, kind: str = "StepFailed"):
+        super().__init__(message)
+        self.report = ErrorReport(exit_code=exit_code, type=kind, message=message)
 
 
 def run_flm(python: str, *args: str) -> None:
-    """`flm ARGS` as a child process; its output is passed through, and its one-line user error (if it fails with
-    one) becomes this step's error."""
+    """`flm ARGS` as a child process writing to the job's log; if it fails, its error file's report (or its exit
+    code, if it died before writing one) becomes this step's error."""
     cmd = [python, "-m", "flm.cli", *args]
     print(f"$ {shlex.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
-    error = None
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        if line.startswith("flm: error:"):
-            error = line.removeprefix("flm: error:").strip()
-    if proc.wait() != 0:
-        raise StepFailed(error or f"`flm {args[0]}` exited with code {proc.returncode}")
+    with tempfile.TemporaryDirectory() as tmp:
+        error_file = Path(tmp) / "error.json"
+        code = subprocess.run(cmd, env={**os.environ, ERROR_FILE_ENV: str(error_file)}).returncode
+        if code != 0:
+            report = read_error(error_file)
+            if report is None:
+                raise StepFailed(f"`flm {args[0]}` exited with code {code}")
+            raise StepFailed(report.message, report.exit_code, report.type)
 
 
 def final_checkpoint(spec: dict) -> Path:
@@ -95,7 +104,7 @@ def step_deploy(spec: dict) -> dict:
     try:
         url = deploy_checkpoint(request, spec["serve_url"])
     except FLMConfigError as e:
-        raise StepFailed(str(e)) from None
+        raise StepFailed(str(e), 2, type(e).__name__) from None
     return {"name": name, "url": url, "checkpoint": str(checkpoint.relative_to(spec["home"]))}
 
 
@@ -122,11 +131,15 @@ def run_pipeline(spec_path: Path) -> int:
                 result = step_eval(spec, job_dir)
             else:
                 result = step_deploy(spec)
-        except StepFailed as e:
+        except Exception as e:
             step["state"], step["seconds"] = "FAILED", round(time.perf_counter() - t0, 1)
             write_json(state_path, state)
+            report = e.report if isinstance(e, StepFailed) else ErrorReport.of(e, 1)
+            write_error(report.model_copy(update={"step": step["name"]}))
+            if not isinstance(e, StepFailed):
+                raise  # a bug of ours: its traceback goes to the job's log
             print(f"flm: error: pipeline step {step['name']}: {e}", file=sys.stderr, flush=True)
-            return 1
+            return report.exit_code
         step["state"], step["result"] = "SUCCEEDED", result
         step["seconds"] = round(time.perf_counter() - t0, 1)
         results[step["name"]] = result

@@ -108,9 +108,10 @@ def measure(corpus: str, out: str, mode: str, num_proc: int) -> dict:
         import ray
 
         from cluster.data import ray_corpus, ray_tokenize
+        from flm.connect import connect
 
         t = time.perf_counter()
-        ray.init(address="local", num_cpus=num_proc, include_dashboard=False, log_to_driver=False)
+        connect(ray, "local", num_cpus=num_proc, include_dashboard=False, log_to_driver=False)
         ray_start_s = time.perf_counter() - t
         kwargs = dict(read=ray_corpus, tokenize=timing(ray_tokenize))
     else:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flm.checkpoint import list_checkpoints, save_checkpoint  # noqa: E402
 from flm.config import GrowthPlan, ModelConfig, load_plan, parse  # noqa: E402
+from flm.connect import connect  # noqa: E402
 from flm.data import Tokenizer  # noqa: E402
 from flm.generate import SamplingParams  # noqa: E402
 from flm.model import GPT  # noqa: E402
@@ -302,7 +303,7 @@ def batching_http(ck: Path, new_tokens: int, client_counts: list[int], per_clien
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(ray, "local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         request = DeploymentRequest(checkpoint=str(ck), name="bench", tp=tp, max_batch=max(client_counts),
                                     cpus_per_shard=round(1.6 / tp, 2), replica_cpus=0.2)

@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 
-from cluster.connect import connect
 from flm.cli import console
 from flm.config import FLMConfigError, flm_home, load_plan
+from flm.connect import connect
 
 
 def workers(run) -> str:
@@ -42,7 +42,7 @@ def cmd_cluster_train(args: argparse.Namespace) -> None:
 
     name = args.name or plan.name
     finished = all(stage_end(join(storage, name), k) for k in range(len(plan.stages)))
-    started = not finished and connect(args.address)  # a finished run needs no cluster
+    started = not finished and connect(ray, args.address)  # a finished run needs no cluster
 
     def show(run: StageRun) -> None:
         if not args.json:
@@ -84,7 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     search = prepare(search)
     import ray
 
-    started = connect(args.address)
+    started = connect(ray, args.address)
     total = search.samples if search.search == "random" else search.grid.size * search.samples
     done = []
 
@@ -127,7 +127,7 @@ def cmd_cluster_data_prepare(args: argparse.Namespace) -> None:
     from flm.cli import prepare_options, prepare_summary
 
     options = prepare_options(args)
-    started = connect(args.address)
+    started = connect(ray, args.address)
     try:
         m = prepare_dataset_ray(args.source, args.out, **options)
     finally:

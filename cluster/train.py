@@ -7,8 +7,9 @@ fault tolerant.
       <name>-stage1/ ...
 
 Stage k is the Ray Train run `<name>-stage<k>` with the stage's own `ScalingConfig` (layout.workers: a count, or
-(min, max) for an elastic run; use_gpu; cpus_per_worker). Every worker runs `StageTrainer(plan, dist).fit(stages=[k])`
-(flm/train.py's loop): the trainer resumes from the newest checkpoint in the run directory, so
+(min, max) for an elastic run; use_gpu; cpus_per_worker). Every worker runs flm/train.py's loop,
+`Trainer(plan, dist, hooks=StageHooks(launch)).fit(stages=[k])`: the trainer resumes from the newest checkpoint in the
+run directory, so
 
 - growth between stages happens offline, as in FLM-101B: stage k starts from stage k-1's stage-end checkpoint,
   grows it and trains on its own layout (the world size may change between stages);
@@ -73,7 +74,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from flm.checkpoint import MANIFEST, list_checkpoints
 from flm.config import FLMConfigError, GrowthPlan, GrowthStage
 from flm.storage import RunStorage, check_writable, filesystem, is_uri, join
-from flm.train import Trainer, batch_split
+from flm.train import Trainer, TrainerHooks, batch_split
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 ATTEMPTS = "attempts.jsonl"
@@ -253,56 +254,37 @@ def stage_end(run_dir: Path | str, k: int) -> tuple[Path | str, dict] | None:
 
 
 # --- one Ray Train run per stage ------------------------------------------------------------------------------
-class _CountingData:
-    """A TokenDataset that counts the tokens it serves (inputs of the training batches)."""
+class StageHooks(TrainerHooks):
+    """What a cluster run adds to flm/train.py's loop: each worker-group start (`fit`) appends its world size and
+    batch split to the run directory's attempts.jsonl, and each training record carries the attempt's world size
+    and the tokens all workers fed into that optimizer step (counted as read, summed over the workers)."""
 
-    def __init__(self, data):
-        self._data, self.tokens = data, 0
-
-    def batch_at(self, position: int, batch_size: int, seq_len: int):
-        x, y = self._data.batch_at(position, batch_size, seq_len)
-        self.tokens += x.numel()
-        return x, y
-
-    def __getattr__(self, name):
-        return getattr(self._data, name)
-
-
-class StageTrainer(Trainer):
-    """The training loop of flm/train.py inside a Ray Train worker, plus what a cluster run must show: each training
-    record carries the attempt's world size and the tokens all workers fed into that optimizer step, and each
-    worker-group start (`fit`) appends its world size and batch split to the run directory's attempts.jsonl."""
-
-    def __init__(self, plan: GrowthPlan, dist=None, launch: str = "", **kwargs):
-        super().__init__(plan, dist, **kwargs)
+    def __init__(self, launch: str = ""):
         self.launch = launch
-        self.train_data = _CountingData(self.train_data)
-        self._step_tokens = 0
+        self.world_size, self.step_tokens = 1, 0
 
-    def _restore(self, first_stage: int) -> None:
-        super()._restore(first_stage)
-        if self.dist.is_main:
-            micro, accum, _ = batch_split(self.plan, self.stage, self.dist.data_world)
-            line = {"launch": self.launch, "stage": self.stage, "step": self.step,
-                    "world_size": self.dist.world_size, "micro_batch": micro, "accum": accum, "time": time.time()}
-            if self.storage:  # this node's copy may lag the URI's (a restart on another node wrote since)
-                self.storage.pull_file(ATTEMPTS)
-            with open(self.run_dir / ATTEMPTS, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            if self.storage:
-                self.storage.push_file(ATTEMPTS)
+    def on_start(self, trainer: Trainer) -> None:
+        self.world_size = trainer.dist.world_size
+        if not trainer.dist.is_main:
+            return
+        micro, accum, _ = batch_split(trainer.plan, trainer.stage, trainer.dist.data_world)
+        line = {"launch": self.launch, "stage": trainer.stage, "step": trainer.step, "world_size": self.world_size,
+                "micro_batch": micro, "accum": accum, "time": time.time()}
+        if trainer.storage:  # this node's copy may lag the URI's (a restart on another node wrote since)
+            trainer.storage.pull_file(ATTEMPTS)
+        with open(trainer.run_dir / ATTEMPTS, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if trainer.storage:
+            trainer.storage.push_file(ATTEMPTS)
 
-    def _step(self, cfg, micro: int, accum: int) -> float:
-        before = self.train_data.tokens
-        loss = super()._step(cfg, micro, accum)
-        fed = torch.tensor(self.train_data.tokens - before, dtype=torch.int64, device=self.dist.device)
-        self._step_tokens = int(self.dist.all_reduce_sum(fed).item())
-        return loss
+    def on_step(self, trainer: Trainer, tokens: int) -> None:
+        fed = torch.tensor(tokens, dtype=torch.int64, device=trainer.dist.device)
+        self.step_tokens = int(trainer.dist.all_reduce_sum(fed).item())
 
-    def _record(self, record: dict) -> None:
+    def on_record(self, record: dict) -> dict:
         if "loss" in record and "event" not in record:
-            record = {**record, "world_size": self.dist.world_size, "step_tokens": self._step_tokens}
-        super()._record(record)
+            return {**record, "world_size": self.world_size, "step_tokens": self.step_tokens}
+        return record
 
 
 def read_attempts(run_dir: str | os.PathLike, launch: str | None = None) -> list[dict]:
@@ -333,7 +315,7 @@ def _train_worker(config: dict) -> dict:
         micro, accum, _ = batch_split(plan, k, ray.train.get_context().get_world_size())
         dist = ZeroDist.from_context(plan.train.device, zero_stage=int(backend[-1]), micro_batch=micro,
                                      accum=accum, grad_clip=plan.train.optim.grad_clip)
-    trainer = StageTrainer(plan, dist, config.get("launch", ""), on_record=dist.observe)  # on_record: rank 0
+    trainer = Trainer(plan, dist, on_record=dist.observe, hooks=StageHooks(config.get("launch", "")))
     return {"summaries": trainer.fit(stages=[k]), "world_size": dist.world_size}
 
 
@@ -369,7 +351,7 @@ def _env_default(name: str, value: str):
 def run_plan(plan: GrowthPlan, storage_path: str | os.PathLike, name: str | None = None, *,
              backend: str | None = None, max_failures: int = 3, check_cluster: bool = True,
              on_stage=None) -> list[StageRun]:
-    """Train `plan` stage by stage on the connected Ray cluster (ray.init first); returns one StageRun per stage.
+    """Train `plan` stage by stage on the connected Ray cluster (flm.connect.connect first); one StageRun per stage.
 
     `name` (default: the plan's) names the run directory `storage_path/name` and the Ray Train runs
     `name-stage<k>`; launching the same name again continues that run. `backend` overrides every stage's

@@ -137,7 +137,7 @@ def param_space(search: SearchConfig) -> tuple[dict, int]:
 
 def run_search(search: SearchConfig, objective: Objective = train_point,
                on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
-    """Run `search` on the connected Ray cluster (ray.init first) and write best.yaml, results.json and
+    """Run `search` on the connected Ray cluster (flm.connect.connect first) and write best.yaml, results.json and
     heatmap.png into its out directory, replacing an earlier search there. `on_trial(Trial)` follows progress."""
     import ray
     from ray import tune

@@ -1,4 +1,4 @@
-"""The one checkpoint format (DESIGN §1): a directory that is both a resumable training state and a servable model.
+"""The one checkpoint format: a directory that is both a resumable training state and a servable model.
 
     config.json          the ModelConfig
     model.safetensors    weights, and the growth masks while a ramp is in progress

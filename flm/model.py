@@ -1,4 +1,4 @@
-"""The FLM decoder (DESIGN §2): GPT-3 style, pre-LayerNorm, xPos or RoPE rotary positions, μP multipliers,
+"""The FLM-101B decoder: GPT-3 style, pre-LayerNorm, xPos or RoPE rotary positions, μP multipliers,
 tied embeddings, SDPA attention, a KV cache, and the MSG growth masks.
 
 Growth masks are buffers that exist only while a growth is being ramped in (`flm.growth` installs them, `MaskRamp`

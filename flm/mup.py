@@ -1,4 +1,4 @@
-"""μP as the FLM authors implement it (DESIGN §2), in one place.
+"""μP as the FLM-101B authors implement it, in one place.
 
 With width multiplier w = d_model / base_width:
 - matrix-like weights (the ones whose fan-in grows with width) are initialised N(0, σ²/w), residual output
@@ -11,7 +11,7 @@ Precisely, the w of a matrix-like weight is its own fan-in multiplier (`fan_in_m
 weight's fan-in in the base model, GPT-3's shape at d_model = base_width (attention width base_width, FFN
 4·base_width; the proxy family's shape). For q, k, v and mlp.fc the fan-in is d_model, so this is d_model /
 base_width; for attn.proj it is n_head·head_dim and for mlp.proj d_ffn. In the GPT-3 shapes every preset uses the
-three are equal. They differ after MSG grows the FFN or the heads without the width (DESIGN §3): then mlp.proj /
+three are equal. They differ after MSG grows the FFN or the heads without the width (flm/growth.py): then mlp.proj /
 attn.proj get the init and LR of their larger fan-in, as microsoft/mup's per-parameter width multipliers would.
 
 Weight decay (AdamW's, decoupled: p ← p·(1 − lr·wd) each step) of a matrix-like weight is wd·w, as microsoft/mup's

@@ -1,4 +1,4 @@
-"""Run directories on object stores (DESIGN §1): `train.out` may be a URI (s3://bucket/run, gs://..., any scheme
+"""Run directories on object stores: `train.out` may be a URI (s3://bucket/run, gs://..., any scheme
 `pyarrow.fs` knows) instead of a path.
 
 The trainer still works on files: in a local staging directory ($FLM_HOME/cache/runs/<the URI as a name>) that

@@ -10,7 +10,8 @@ end of the *whole plan*; the next stage restarts at its own `lr` on a cosine ove
 
 Everything a run needs to continue lives in its checkpoints (model with masks, optimizer, ramp, data position,
 RNG, counters, metric-stream length), so a killed run resumes bit-identically: same losses to the last digit.
-The loop knows nothing of Ray: a `Dist` object carries rank, world size, device and the few collective hooks.
+The loop knows nothing of Ray: a `Dist` object carries rank, world size, device and the few collective hooks, and
+a `TrainerHooks` object what a caller adds around the loop (cluster/train.py's attempt log and token counts).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from flm.checkpoint import (
 )
 from flm.config import FLMConfigError, GrowthPlan, ModelConfig, flm_home
 from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
-from flm.flops import flops_per_token, param_count
+from flm.flops import flops_per_token, mfu, param_count
 from flm.growth import MaskRamp, check_preservation, grow_model, transfer_adamw_state
 from flm.loggers import Trackers
 from flm.model import GPT
@@ -135,6 +136,25 @@ class Dist:
         return model.state_dict(), optimizer.state_dict()
 
 
+class TrainerHooks:
+    """What a caller adds around the loop without changing it (cluster/train.py: the attempts log and the per-step
+    token count of a Ray Train run). Each method is called at one point of `Trainer.fit`, on the ranks named; the
+    defaults do nothing. A hook reads the trainer's public state (stage, step, run_dir, storage, dist, plan)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """On every rank, once `fit` has restored the run directory's newest checkpoint (or started fresh):
+        trainer.stage and trainer.step say where this launch starts."""
+
+    def on_step(self, trainer: Trainer, tokens: int) -> None:
+        """On every rank after each optimizer step, with the tokens this rank fed into it (its micro batches'
+        inputs). Every rank calls it at the same step, so it may run collectives (trainer.dist.all_reduce_sum)."""
+
+    def on_record(self, record: dict) -> dict:
+        """On rank 0, with each metric record before it is written to metrics.jsonl and the trackers; returns the
+        record to write (extended, say)."""
+        return record
+
+
 def lr_at(plan: GrowthPlan, step: int) -> float:
     """Base learning rate (before μP scaling) at global optimizer step `step`."""
     starts = plan.stage_starts()
@@ -187,11 +207,13 @@ class Trainer:
     """Runs a growth plan (or some of its stages) to the end, resuming from the run directory's checkpoints."""
 
     def __init__(self, plan: GrowthPlan, dist: Dist | None = None, on_record: Callable[[dict], None] | None = None,
-                 grow_fn: GrowFn = grow_model):
+                 grow_fn: GrowFn = grow_model, hooks: TrainerHooks | None = None):
         """`grow_fn(model, new_config, operator_order, depth_placement, generator) -> GPT` is MSG by default;
-        benchmarks swap in baselines (e.g. depth stacking by copying layers) without touching the loop."""
+        benchmarks swap in baselines (e.g. depth stacking by copying layers) without touching the loop.
+        `on_record(record)` sees every metric record once written (rank 0); `hooks` extend the loop (TrainerHooks)."""
         self.plan, self.settings = plan, plan.train
         self.grow_fn = grow_fn
+        self.hooks = hooks or TrainerHooks()
         self.dist = dist or Dist(device=_default_device(plan.train.device))
         self.configs = plan.model_configs()
         self.starts = plan.stage_starts()
@@ -222,6 +244,7 @@ class Trainer:
         interruption). Returns one summary per stage trained."""
         wanted = list(range(len(self.plan.stages))) if stages is None else stages
         self._restore(first_stage=wanted[0])
+        self.hooks.on_start(self)
         summaries = []
         while self.stage in wanted:
             summary = self._train_stage(max_steps)
@@ -367,7 +390,8 @@ class Trainer:
             lr = lr_at(self.plan, self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            loss = self._step(cfg, micro, accum)
+            loss, fed = self._step(cfg, micro, accum)
+            self.hooks.on_step(self, fed)
             self.step += 1
             self.position += stage.batch_size
             self.tokens += stage.batch_size * cfg.seq_len
@@ -376,8 +400,10 @@ class Trainer:
             do_eval = self.step % s.eval_every == 0 or last
             if self.step % s.log_every == 0 or do_eval:
                 tps = (self.tokens - tokens_log) / max(time.perf_counter() - t_log, 1e-9)
+                peak = s.peak_tflops and s.peak_tflops * 1e12 * self.dist.world_size  # FLOP/s of all ranks
                 record = {"step": self.step, "stage": k, "tokens": self.tokens, "flops": self.flops,
-                          "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": self._mfu(per_token, tps)}
+                          "loss": loss, "lr": lr, "tokens_per_s": tps,
+                          "mfu": None if peak is None else mfu(cfg, tps, peak)}
                 if do_eval:
                     record["val_loss"] = val_loss = self.evaluate()
                 self._record(record)
@@ -389,17 +415,19 @@ class Trainer:
                 "tokens": self.tokens, "flops": self.flops, "loss": loss, "val_loss": val_loss,
                 "seconds": time.perf_counter() - t_start}
 
-    def _step(self, cfg: ModelConfig, micro: int, accum: int) -> float:
-        total = torch.zeros((), device=self.dist.device)
+    def _step(self, cfg: ModelConfig, micro: int, accum: int) -> tuple[float, int]:
+        """One optimizer step: (the mean loss over every rank's micro batches, the tokens this rank fed)."""
+        total, fed = torch.zeros((), device=self.dist.device), 0
         for i in range(accum):
             start = self.position + (self.dist.data_rank * accum + i) * micro
             x, y = (t.to(self.dist.device) for t in self.train_data.batch_at(start, micro, cfg.seq_len))
+            fed += x.numel()
             with self.dist.forward_context(self.model, last=i == accum - 1), self._autocast():
                 _, loss = self.model(x, y)
             self.dist.backward(loss / accum)
             total += loss.detach()
         self.dist.step(self.optimizer, self.raw, self.settings.optim.grad_clip)
-        return (self.dist.all_reduce_sum(total) / (accum * self.dist.world_size)).item()
+        return (self.dist.all_reduce_sum(total) / (accum * self.dist.world_size)).item(), fed
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -430,10 +458,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.autocast)
 
-    def _mfu(self, per_token: float, tps: float) -> float | None:
-        peak = self.settings.peak_tflops
-        return None if peak is None else per_token * tps / (peak * 1e12 * self.dist.world_size)
-
     # --- files ----------------------------------------------------------------------------------------------------
     def _checkpoint(self, stage_end: bool) -> None:
         path = step_dir(self.run_dir, self.step)
@@ -455,6 +479,7 @@ class Trainer:
     def _record(self, record: dict) -> None:
         if not self.dist.is_main:
             return
+        record = self.hooks.on_record(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._metrics_lines += 1
@@ -497,7 +522,7 @@ def growth_record(step: int, stage: int, mode: str, params: int, ramp_steps: int
                   masked: tuple[float, float]) -> dict:
     """The metric record of a growth event. `live` and `masked` are (max |Δlogits|, |Δloss|) on a validation batch
     between the old model and the grown one: `live` as the grown model trains from this step, `masked` with every
-    growth mask at 0 (the operators' exactness, DESIGN §3).
+    growth mask at 0 (the operators' exactness, flm/growth.py).
 
     They differ when `ramp_steps` is 0: the masks are then removed at once and the new weights train at full scale
     from the first step (`mask` 1.0), so the function is not preserved and `dloss` says by how much. With a ramp

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from flm.config import parse
+from flm.connect import connect
 from service.routes import OpenAIServer, build_api
 from service.spec import DeploymentRequest, check_request
 from service.tp import ShardGroup
@@ -98,8 +99,8 @@ def deploy(request: DeploymentRequest | dict, host: str = "127.0.0.1", port: int
     """Deploy a checkpoint as the Serve application `request.name` and return its URL once every replica is
     ready; OpenAI clients use `url + "/v1"` as their base_url, and `request.name` as the model.
 
-    For the REST gateway: call it from a process connected to the Ray cluster (`ray.init(address=...)`; without a
-    connection Ray's default applies: an existing local cluster, else a new one). The checkpoint path must be
+    For the REST gateway: call it from a process connected to the Ray cluster (`flm.connect.connect`; a process
+    that is not connected joins $RAY_ADDRESS, else starts a local cluster). The checkpoint path must be
     readable on every node. Serve's HTTP proxy is started on `host:port` if it is not running yet (a running one
     keeps its address). Redeploying a name updates that application in place. Raises FLMConfigError for a bad
     request (missing checkpoint or tokenizer, a TP degree that does not divide the heads, invalid fields) before
@@ -109,8 +110,7 @@ def deploy(request: DeploymentRequest | dict, host: str = "127.0.0.1", port: int
     if isinstance(request, dict):
         request = parse(DeploymentRequest, request, "deployment request")
     check_request(request)
-    if not ray.is_initialized():
-        ray.init()
+    connect(ray)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(request), name=request.name, route_prefix=request.prefix)
     h, p = _http_address()

@@ -26,6 +26,7 @@ def _port_free(host: str, port: int) -> bool:
 def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flm.config import FLMConfigError, parse
+    from flm.connect import connect, ray_address
     from service.spec import DeploymentRequest, check_request
 
     fields = dict(checkpoint=args.checkpoint, name=args.name, tp=args.tp, replicas=args.replicas,
@@ -35,8 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         fields["autoscaling"] = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
     request = parse(DeploymentRequest, fields, "flm serve")
     check_request(request)  # every input error before a cluster starts
-    started = args.address is None
-    if started and not _port_free(args.host, args.port):
+    local = ray_address(args.address) == "local"  # a cluster of our own, which goes when we stop
+    if local and not _port_free(args.host, args.port):
         raise FLMConfigError(f"--port: {args.host}:{args.port} is in use; choose another port")
 
     import ray
@@ -44,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from service.app import deploy, undeploy
 
-    ray.init(address=args.address or "local")
+    connected = connect(ray, args.address)
     try:
         url = deploy(request, host=args.host, port=args.port)
         print(f"serving {request.name!r} at {url} (OpenAI base_url {url}/v1, model {request.name!r}); "
@@ -57,11 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             pass
     finally:
-        if started:
+        if local:
             serve.shutdown()  # our own local cluster: everything goes
         else:
             undeploy(request.name)  # a shared cluster: only our application
-        ray.shutdown()
+        if connected:
+            ray.shutdown()
 
 
 def add_serve_cli(subparsers) -> None:

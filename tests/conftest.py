@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flm.config import GrowthPlan
+from flm.connect import connect
 from flm.data import TokenizerSpec, prepare_dataset
 
 # --- parallel runs -----------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def local_ray(num_cpus: int = 2, **env: str):
     _kept_key.append(key)
     for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            connect(ray, "local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:
             ray.shutdown()

@@ -1,4 +1,4 @@
-"""Scoring of the IQ test and the FLM-101B paper's numbers to compare against (DESIGN §5).
+"""Scoring of the IQ test and the FLM-101B paper's numbers to compare against (its IQ tables).
 
 A prediction is correct iff it equals the answer after whitespace normalisation (runs of whitespace collapse to one
 space, ends stripped): no partial credit, no case folding. Accuracy is in %. A category's score is
@@ -17,9 +17,9 @@ def _row(flm: float | None, gpt3: float | None, glm: float | None) -> dict[str, 
     return dict(zip(PAPER_MODELS, (flm, gpt3, glm), strict=True))
 
 
-# Accuracy (%) per subtask and per category, as DESIGN §5 gives them; None where the paper reports no number (GPT-3
-# was not run on CLUE). DESIGN §5 lists only the CLUE-IQ average, so the CLUE subtasks have no entry (NOT_IN_DESIGN:
-# shown as "n/a"); their numbers are in the paper's table and wait to be copied into DESIGN §5 first.
+# Accuracy (%) per subtask and per category, as the paper gives them; None where it reports no number (GPT-3 was not
+# run on CLUE). Of CLUE only the CLUE-IQ average is copied here, so the CLUE subtasks have no entry (NOT_COPIED:
+# shown as "n/a"); their numbers are in the paper's table and wait to be copied.
 paper_numbers: dict[str, dict[str, float | None]] = {
     "counting": _row(69.59, 82.43, 60.81),
     "replace_lowercase": _row(64.00, 80.67, 69.67),
@@ -42,13 +42,13 @@ paper_numbers: dict[str, dict[str, float | None]] = {
 }
 
 
-NOT_IN_DESIGN = ("afqmc", "csl", "ocnli", "cluewsc2020")
+NOT_COPIED = ("afqmc", "csl", "ocnli", "cluewsc2020")
 
 
 def paper_cell(name: str, model: str) -> str:
     """The paper's number for a subtask or category as a table cell: "–" where the paper reports none, "n/a" where
-    DESIGN §5 does not give it, "" where the paper has no such subtask (local datasets)."""
-    if name in NOT_IN_DESIGN:
+    it is not copied here (NOT_COPIED), "" where the paper has no such subtask (local datasets)."""
+    if name in NOT_COPIED:
         return "n/a"
     if name not in paper_numbers:
         return ""

@@ -225,7 +225,7 @@ def run_suite(backend: Backend, subtasks: str | Sequence[str] = "offline", seed:
 def print_result(result: SuiteResult, console: Console | None = None) -> None:
     """Our accuracy beside the paper's three models, subtask by subtask, with each category's average."""
     table = Table(title=f"IQ test: {result.backend}, seed {result.seed}",
-                  caption="paper: – none reported; n/a not in DESIGN §5 (CLUE per subtask)")
+                  caption="paper: – none reported; n/a not copied here (CLUE per subtask)")
     for col in ("category", "subtask", "n", "ours", *PAPER_MODELS):
         table.add_column(col, justify="left" if col in ("category", "subtask") else "right")
     for cat, avg in result.categories.items():

@@ -1,16 +1,21 @@
 """api/jobs.py: every kind's Ray Job entrypoint is an argv list that the `flm` command (or `python -m api.pipeline` /
 `api.deploy`) parses as meant, and that survives the one quoting at submission, spaces and quotes in paths included."""
 
+import json
+import os
 import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from api.jobs import deployment_entrypoint, entrypoint
+from api.jobs import JobRunner, deployment_entrypoint, entrypoint, error_file, failure_message, job_env
 from api.settings import GatewaySettings
-from api.store import Deployment, Job
+from api.store import Deployment, Job, get_job, open_store
 from flm.cli import build_parser
 
 JOB_ID = "job-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -49,3 +54,42 @@ def test_pipeline_and_deployment_entrypoints(settings):
     assert down == [settings.job_python, "-m", "api.deploy", "down", "tiny"]
     with pytest.raises(ValueError, match="unknown job kind"):
         entrypoint(settings, Job(id=JOB_ID, kind="nope", spec={}))
+
+
+def test_a_failing_jobs_error_file_reaches_its_record(tmp_path):
+    """A pipeline resubmitted after its train step succeeded, whose run left no checkpoint: its entrypoint, run as Ray
+    runs it (one shell string, the environment the gateway submits with), fails the eval step and writes its error
+    file; the reconciler's sync of Ray's FAILED puts that file's message, naming the step, on the job record (no log
+    is read). Without a file, the error is Ray's message and the log's last lines, saying so."""
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    settings = GatewaySettings(home=tmp_path, ray_address="http://127.0.0.1:9")  # Ray is never called
+    sessions = open_store(settings.db_url)
+    job = Job(id=JOB_ID, owner="me", kind="pipeline", spec={"kind": "pipeline"}, state="RUNNING", attempt=1,
+              ray_submission_id=JOB_ID)
+    with sessions.begin() as s:
+        s.add(job)
+    jd = settings.job_dir(JOB_ID)
+    jd.mkdir(parents=True)
+    (jd / "spec.json").write_text(json.dumps({"id": JOB_ID, "home": str(tmp_path), "python": settings.job_python,
+                                              "eval": {"subtasks": "rule", "seed": 0}}))
+    steps = [{"name": n, "state": state, "seconds": None, "result": None}
+             for n, state in (("tune", "SKIPPED"), ("train", "SUCCEEDED"), ("eval", "PENDING"), ("deploy", "SKIPPED"))]
+    (jd / "pipeline.json").write_text(json.dumps({"steps": steps}))
+    command = shlex.join(entrypoint(settings, job))
+    env = {**os.environ, **job_env(settings, error_file(jd, JOB_ID)), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+
+    ray_says = "Job entrypoint command failed with exit code 1, last available logs:\n..."
+    JobRunner(settings, sessions)._sync(job, JobDetails(type=JobType.SUBMISSION, submission_id=JOB_ID,
+                                                        status=JobStatus.FAILED, entrypoint=command, message=ray_says))
+    stored = get_job(sessions, JOB_ID)
+    assert stored.state == "FAILED"
+    assert stored.error == f"pipeline step eval: training left no checkpoint in runs/{JOB_ID}"
+    assert json.loads((jd / "pipeline.json").read_text())["steps"][2]["state"] == "FAILED"
+
+    log = "step 1\nTraceback (most recent call last):\nKeyError: 'x'\n"
+    assert failure_message(tmp_path / "none.json", log, ray_says) == (
+        "Job entrypoint command failed with exit code 1 (it left no error file; its log ends: step 1 | Traceback (most "
+        "recent call last): | KeyError: 'x')")

@@ -25,6 +25,7 @@ import ray
 
 from cluster.train import cluster_capacity, run_plan
 from flm.config import GrowthPlan
+from flm.connect import connect
 from flm.train import Trainer, read_metrics
 from tests.cluster.test_train import LOSS_ATOL
 from tests.conftest import RAY_TEST_ENV, micro_plan, release_local_ray
@@ -98,7 +99,7 @@ def autoscaling_cluster():
         deadline = time.monotonic() + 120  # a loaded machine: the head takes its time
         while True:
             try:
-                ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+                connect(ray, f"127.0.0.1:{port}", log_to_driver=False)
                 break
             except Exception as e:
                 if time.monotonic() > deadline or head.poll() is not None:

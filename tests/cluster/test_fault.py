@@ -28,10 +28,11 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from cluster.train import ATTEMPTS, StageTrainer, run_plan
+from cluster.train import ATTEMPTS, StageHooks, run_plan
 from flm.checkpoint import load_checkpoint
 from flm.config import GrowthPlan
-from flm.train import read_metrics
+from flm.connect import connect
+from flm.train import Trainer, read_metrics
 from tests.conftest import micro_plan, ray_test_env, release_local_ray
 
 TIMING = ("tokens_per_s", "mfu")
@@ -78,7 +79,7 @@ def reference(micro_data, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        StageTrainer(stage_plan(micro_data, out)).fit()
+        Trainer(stage_plan(micro_data, out), hooks=StageHooks()).fit()
     finally:
         torch.set_num_threads(threads)
     return out
@@ -92,7 +93,7 @@ def multinode():
         cluster = Cluster(initialize_head=True, connect=False,
                           head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": GCS_CONFIG})
         use_worker_nodes(cluster, 2)
-        ray.init(address=cluster.address, log_to_driver=False)
+        connect(ray, cluster.address, log_to_driver=False)
         yield cluster
         ray.shutdown()
         cluster.shutdown()

@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from cluster.cli import add_cluster_cli
-from cluster.connect import check_reachable
 from cluster.train import run_plan, stage_backend
 from flm.checkpoint import list_checkpoints, load_checkpoint
 from flm.config import FLMConfigError, GrowthPlan
+from flm.connect import check_reachable
 from flm.train import Trainer, read_metrics
 from tests.conftest import local_ray, micro_plan
 

@@ -7,7 +7,8 @@ import pytest
 
 from flm.checkpoint import list_checkpoints
 from flm.config import GrowthPlan
-from flm.train import Trainer, lr_at, read_metrics
+from flm.flops import flops_per_token
+from flm.train import Trainer, TrainerHooks, lr_at, read_metrics
 from tests.conftest import micro_plan
 
 TIMING = ("tokens_per_s", "mfu")
@@ -143,6 +144,35 @@ def test_metrics_are_json_lines_with_the_documented_fields(reference_run):
     out, _ = reference_run
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "stage", "tokens", "flops", "loss", "lr", "tokens_per_s", "mfu"} <= set(first)
+
+
+class Calls(TrainerHooks):
+    def __init__(self):
+        self.starts, self.fed = [], []
+
+    def on_start(self, trainer):
+        self.starts.append((trainer.stage, trainer.step))
+
+    def on_step(self, trainer, tokens):
+        self.fed.append(tokens)
+
+    def on_record(self, record):
+        return {**record, "seen": True}
+
+
+def test_hooks_see_the_start_each_step_and_each_record(micro_data, tmp_path):
+    """The loop's extension points (cluster/train.py's StageHooks use them): where a launch starts, the tokens fed
+    per step, and each record before it is written. MFU is the flops.py formula at train.peak_tflops."""
+    plan = micro_plan(micro_data, tmp_path, peak_tflops=1.0)
+    first, second = Calls(), Calls()
+    Trainer(plan, hooks=first).fit(max_steps=6)
+    Trainer(plan, hooks=second).fit(max_steps=7)  # resumes from the step-5 checkpoint
+    assert first.starts == [(0, 0)] and second.starts == [(0, 5)]
+    assert first.fed == [4 * 32] * 6 and second.fed == [4 * 32] * 2  # batch_size x seq_len per step
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7] and all(r["seen"] for r in records)
+    cfg = plan.model_configs()[0]
+    assert records[0]["mfu"] == pytest.approx(flops_per_token(cfg) * records[0]["tokens_per_s"] / 1e12)
 
 
 def test_a_stage_needs_its_predecessor_finished(micro_data, tmp_path):

@@ -25,7 +25,7 @@ def test_bad_arguments_exit_2_with_one_line(grown, capsys, extra, message):
     assert err.startswith("flm: error:") and message in err and "\n" not in err
 
 
-def test_missing_checkpoint_and_busy_port_exit_2(grown, tmp_path, capsys):
+def test_missing_checkpoint_busy_port_and_unreachable_cluster_exit_2(grown, tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
     with socket.socket() as s:
@@ -34,3 +34,5 @@ def test_missing_checkpoint_and_busy_port_exit_2(grown, tmp_path, capsys):
         port = s.getsockname()[1]
         assert main(["serve", str(grown["final"]), "--port", str(port)]) == 2
     assert f"--port: 127.0.0.1:{port} is in use" in capsys.readouterr().err
+    assert main(["serve", str(grown["final"]), "--address", "127.0.0.1:1"]) == 2  # flm/connect.py: in seconds
+    assert "--address: nothing answers at 127.0.0.1:1" in capsys.readouterr().err

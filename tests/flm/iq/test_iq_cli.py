@@ -51,7 +51,7 @@ def test_table_shows_the_papers_numbers_per_subtask_and_category(oracle_endpoint
     rows = dict(table)
     assert rows["Counting"] == ["4", "100.00", "69.59", "82.43", "60.81"]
     assert rows["BoolQ"] == ["4", "100.00", "49.50", "50.84", "40.13"]
-    assert rows["AFQMC"] == ["4", "100.00", "n/a", "n/a", "n/a"]  # DESIGN §5 has only the CLUE-IQ average
+    assert rows["AFQMC"] == ["4", "100.00", "n/a", "n/a", "n/a"]  # only the CLUE-IQ average is copied
     assert [cells for name, cells in table if name == "average"] == [
         ["", "100.00", "76.42", "86.03", "71.49"],  # rule understanding
         ["", "100.00", "46.76", "47.60", "48.19"],  # SuperGLUE-IQ
