@@ -70,7 +70,7 @@ ARMS = {  # name -> (label, colour); one source of truth for the arms, their sta
     "scratch_restarts": ("target, restarts at 50%/75%", "#999999"),
     "scratch_at_msg": ("target, cosine over MSG's FLOPs", "#1f4e9c"),
     "msg": ("MSG small > middle > target", "#2a7f62"),
-    "stack": ("stacking 2x > 4x target width", "#d0702a"),
+    "stack": ("stacking, half depth > target by layer copies", "#d0702a"),
     "stack_at_msg": ("stacking over MSG's FLOPs", "#e8a878"),
     "small_only": ("small only", "#8a3ab9"),
     "small_at_msg": ("small only over MSG's FLOPs", "#c8a0e0"),
@@ -116,10 +116,10 @@ class Regime(BaseModel):
 
 
 FULL = Regime()
-QUICK = Regime(seq_len=32, batch=4, head_dim=16, base_width=32, small=(1, 32), middle=(2, 32), target=(2, 64),
-               stack_small=(1, 64), budgets=(4 * 32 * 24,), pilot_grid=(4e-3, 8e-3), sweep_grid=(4e-3, 8e-3, 16e-3),
-               max_sweep_points=4, seeds=(0, 1), eval_pct=10.0, dense_eval_pct=5.0, coarse_eval_pct=50.0,
-               eval_batches=2)
+QUICK = Regime(  # every code path in seconds: one-point grids (a sweep extends once), one headline seed
+    seq_len=32, batch=4, head_dim=16, base_width=32, small=(1, 32), middle=(2, 32), target=(2, 64), stack_small=(1, 64),
+    budgets=(4 * 32 * 12,), pilot_grid=(8e-3,), sweep_grid=(8e-3,), max_sweep_points=2, seeds=(0,), eval_pct=10.0,
+    dense_eval_pct=5.0, coarse_eval_pct=50.0, eval_batches=2)
 
 
 # --- the depth-stacking baseline --------------------------------------------------------------------------------
@@ -592,7 +592,7 @@ def resolve_data(source: str, rg: Regime) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny shapes and budget, 2 seeds, every path")
+    ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny shapes and budget, 1 seed, every path")
     ap.add_argument("--pilot-only", action="store_true", help="stop after the pilot (the regime rule)")
     ap.add_argument("--status", action="store_true", help="report which runs exist; train nothing")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma list of headline arms (default: all)")
