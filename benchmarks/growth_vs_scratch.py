@@ -277,6 +277,7 @@ class Campaign:
         self.results, self.workdir = args.results, args.workdir
         self.made = self.read = 0
         self.missing: list[str] = []  # --status: the runs not made yet, as far as the campaign can see
+        self.code = code_version()  # read once: the code this process runs, however HEAD moves meanwhile
 
     def run(self, kind: str, tag: str, arm: str, seed: int, lr: float, steps: int, eval_pct: float,
             budget: int) -> dict:
@@ -308,7 +309,7 @@ class Campaign:
         result = train(plan, eval_steps(steps, eval_pct), stack_layers if arm.startswith("stack") else None)
         result |= {"name": name, "spec": spec, "data": str(self.data), "epochs": result["tokens"] / self.train_tokens,
                    "loadavg": {"start": load, "end": os.getloadavg()}, "threads": torch.get_num_threads(),
-                   "finished": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", "commit": git_commit()}
+                   "finished": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", "code": self.code}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
@@ -349,12 +350,17 @@ def decide_lr(losses: dict[float, float]) -> tuple[float, bool]:
     return chosen, min(losses) < chosen < max(losses)
 
 
-def git_commit() -> str | None:
+def code_version() -> dict:
+    """The commit of the code and whether flm/ or this script differed from it, so a result names what made it."""
+    def git(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except OSError:
-        return None
+        return {"commit": git("rev-parse", "HEAD").stdout.strip() or None,
+                "modified": git("diff", "--quiet", "HEAD", "--", "flm", "benchmarks/growth_vs_scratch.py",
+                                "benchmarks/common.py").returncode != 0}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "modified": None}
 
 
 # --- analysis -------------------------------------------------------------------------------------------------------
