@@ -33,6 +33,7 @@ curve first gets down to it, linearly interpolated between evaluations. Statisti
     nohup nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/growth_vs_scratch.py --pilot-only &
     .venv/bin/python benchmarks/growth_vs_scratch.py            # the campaign: pilot (resumed), then the rest
     .venv/bin/python benchmarks/growth_vs_scratch.py --status   # which runs exist, nothing trained
+    .venv/bin/python benchmarks/growth_vs_scratch.py --cost 4   # s/step of the shapes, the pilot's hours at that
     .venv/bin/python benchmarks/growth_vs_scratch.py --quick    # CI smoke test: tiny shapes, every code path
 
 The old three-arm protocol (655k tokens, BPE 2048) that made benchmarks/results/growth_vs_scratch.json is this file
@@ -583,6 +584,49 @@ def run_headline(c: Campaign, pilot: dict) -> dict:
     return result
 
 
+def measure_cost(rg: Regime, data: Path, n_steps: int) -> dict:
+    """Seconds per optimizer step (batch x seq_len tokens, AdamW with μP groups, clipping) and per evaluation batch
+    (8 x seq_len) of each shape, the median of `n_steps` after one warm-up step; then what the pilot at each budget
+    costs at those rates (its runs and evaluations counted as run_pilot makes them, the winning scratch schedule
+    run twice)."""
+    from flm import mup
+
+    vocab, train_data = Manifest.load(data).vocab_size, TokenDataset(data, "train", seed=0)
+    per_step, per_eval = {}, {}
+    for name, lw in (("small", rg.small), ("target", rg.target)):
+        model = GPT(ModelConfig(**shape(rg, vocab, lw)), generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(mup.param_groups(model, model.cfg, 1e-3, 0.1), betas=(0.9, 0.95))
+        times = []
+        for i in range(n_steps + 1):
+            x, y = train_data.batch_at(i * rg.batch, rg.batch, rg.seq_len)
+            t = time.perf_counter()
+            model(x, y)[1].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+        with torch.no_grad():
+            model.eval()
+            t = time.perf_counter()
+            model(*train_data.batch_at(0, 8, rg.seq_len))
+            per_eval[name] = time.perf_counter() - t
+        per_step[name] = statistics.median(times[1:])
+        log(f"{name} {lw[0]}x{lw[1]}: {per_step[name]:.2f} s/step, {per_eval[name]:.2f} s per eval batch")
+
+    def run_s(arm_shape: str, steps: int) -> float:
+        evals = len(eval_steps(steps, rg.coarse_eval_pct)) * rg.eval_batches * per_eval[arm_shape]
+        return steps * per_step[arm_shape] + evals
+
+    pilot_h = {}
+    for budget in rg.budgets:
+        steps = budget // rg.tokens_per_step
+        short = max(4, round(steps * SWEEP_FRACTION))
+        sweeps = len(rg.pilot_grid) * (run_s("small", short) + 2 * run_s("target", short))
+        pilot_h[f"{budget / 1e6:g}M"] = (sweeps + 2 * run_s("small", steps) + 3 * run_s("target", steps)) / 3600
+    return {"n_steps": n_steps, "s_per_step": per_step, "s_per_eval_batch": per_eval, "pilot_hours": pilot_h,
+            "loadavg": os.getloadavg(), "threads": torch.get_num_threads()}
+
+
 def resolve_data(source: str, rg: Regime) -> Path:
     """A prepared dataset directory as is; any other source prepared once with a 512-token byte-level BPE."""
     path = Path(source).expanduser().absolute()
@@ -601,6 +645,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny shapes and budget, 1 seed, every path")
     ap.add_argument("--pilot-only", action="store_true", help="stop after the pilot (the regime rule)")
     ap.add_argument("--status", action="store_true", help="report which runs exist; train nothing")
+    ap.add_argument("--cost", type=int, default=0, metavar="N", help="only time N steps of the small and target "
+                    "shapes and estimate the pilot's hours from them (-> <results>/cost.json)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma list of headline arms (default: all)")
     ap.add_argument("--seeds", type=ints, default=None, help="headline seeds (default 0,1,2; never fewer than 3)")
     ap.add_argument("--budgets", type=floats, default=None, help="pilot budgets in tokens (default 2e6,4e6,8e6)")
@@ -624,7 +670,16 @@ def main(argv=None) -> dict:
     rg = rg.model_copy(update={k: tuple(v) if k == "seeds" else tuple(int(b) for b in v)
                                for k, v in (("seeds", args.seeds), ("budgets", args.budgets)) if v})
     t_start, load = time.perf_counter(), os.getloadavg()
-    c = Campaign(args, rg, resolve_data(args.data, rg))
+    data = resolve_data(args.data, rg)
+    if args.cost:
+        cost = {"command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
+                **measure_cost(rg, data, args.cost)}
+        out = args.out or args.results / "cost.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=2))
+        return cost
+    c = Campaign(args, rg, data)
     pilot = run_pilot(c)
     result = {"benchmark": "growth_vs_scratch", "protocol": "benchmarks/growth_protocol.md",
               "command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
