@@ -119,8 +119,8 @@ class Regime(BaseModel):
 FULL = Regime()
 QUICK = Regime(  # every code path in seconds: one-point grids (a sweep extends once), one headline seed
     seq_len=32, batch=4, head_dim=16, base_width=32, small=(1, 32), middle=(2, 32), target=(2, 64), stack_small=(1, 64),
-    budgets=(4 * 32 * 12,), pilot_grid=(8e-3,), sweep_grid=(8e-3,), max_sweep_points=2, seeds=(0,), eval_pct=10.0,
-    dense_eval_pct=5.0, coarse_eval_pct=50.0, eval_batches=2)
+    budgets=(4 * 32 * 8,), pilot_grid=(8e-3,), sweep_grid=(8e-3,), max_sweep_points=2, seeds=(0,), eval_pct=25.0,
+    dense_eval_pct=12.5, coarse_eval_pct=50.0, eval_batches=2)
 
 
 # --- the depth-stacking baseline --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 tiny shapes (pilot, bracketing sweeps, every arm, the analysis and the PNGs), writes one JSON per run, and a second
 call after a lost run trains only that run.
 
-The figures themselves are not checked (a 12-step run says nothing about growth); only that every arm ran on the
+The figures themselves are not checked (an 8-step run says nothing about growth); only that every arm ran on the
 budget the protocol gives it, every reported number is finite or explicitly absent, and the rules are applied.
 """
 
@@ -67,7 +67,7 @@ def test_quick_campaign_and_resume(tmp_path, micro_data):
     # budgets: the B arms train the same tokens; the *_at_msg arms spend MSG's FLOPs within a step's worth
     assert len({arms[a]["tokens"] for a in ("scratch_cosine", "scratch_restarts", "msg", "stack", "small_only")}) == 1
     for arm in ("scratch_at_msg", "stack_at_msg", "small_at_msg"):
-        assert abs(arms[arm]["flops"] / arms["msg"]["flops"] - 1) < 0.35  # 12-step budget: a step is ~10%
+        assert abs(arms[arm]["flops"] / arms["msg"]["flops"] - 1) < 0.35  # an 8-step budget: a step is 10-30% of these
     assert len(arms["msg"]["growth_dloss"]) == 2 and len(arms["stack"]["growth_dloss"]) == 1
     assert arms["scratch_restarts"]["growth_dloss"] == []  # LR restarts are not growth events
 
