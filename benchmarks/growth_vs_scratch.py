@@ -26,8 +26,9 @@ not re-run, after checking that it was made with the same settings):
      check), the rest every 1% -> results/growth/headline/*.json, headline.json, headline.png.
 
 Validation loss is the mean over one fixed sample of 24 batches of 8 x seq_len (the same windows for every arm and
-seed). "Reaching" a loss: the FLOPs (and wall-clock training seconds, evaluation excluded) at which the validation
-curve first gets down to it, linearly interpolated between evaluations. Statistics over seeds: mean ± std, min and a
+seed), every 1% of a headline run; sweep and pilot runs, which only their final loss decides, every 10%. "Reaching" a
+loss: the FLOPs (and wall-clock training seconds, evaluation excluded) at which the validation curve first gets
+down to it, linearly interpolated between evaluations. Statistics over seeds: mean ± std, min and a
 95% percentile bootstrap CI of the mean (10,000 resamples).
 
     nohup nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/growth_vs_scratch.py --pilot-only &
