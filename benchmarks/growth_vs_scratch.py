@@ -44,6 +44,7 @@ before issue 15's runner (git history); its results are not evidence under the n
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -680,6 +681,14 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(cost, indent=1))
         print(json.dumps(cost, indent=2))
         return cost
+    if not args.status:  # two campaigns in one workdir would delete each other's run directories
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        lock = open(args.workdir / ".campaign.lock", "a+")  # noqa: SIM115 (held until the process exits)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another campaign is running in {args.workdir}; wait for it or give --workdir", file=sys.stderr)
+            raise SystemExit(2) from None
     c = Campaign(args, rg, data)
     pilot = run_pilot(c)
     result = {"benchmark": "growth_vs_scratch", "protocol": "benchmarks/growth_protocol.md",
