@@ -1,58 +1,128 @@
-"""Does growing save compute? Validation loss per training FLOP, and per wall-clock second, of three arms that see
-the same Shakespeare tokens in the same order (BPE 2048, seq_len 128, batch 16, 320 steps = 655k tokens per arm;
-for seed s every arm uses plan seed s, which fixes the data order, and its own init):
+"""Does growing save compute? The pre-registered protocol of benchmarks/growth_protocol.md (issue 15), run as written.
 
-  scratch  the target model, 4 layers x 256, from step 0;
-  msg      FLM-101B's Masked Structural Growth, most tokens spent small: 2x128 (50% of tokens) -> 4x128 (25%, depth)
-           -> 4x256 (25%, width + heads + FFN), function-preserving, with linear mask ramps (the Trainer's grow_model);
-  stack    a G_stack-style depth baseline: 2x256 (50%), then new layer i = copy of trained layer i mod 2, no masks.
+Eight arms see the same Shakespeare tokens in the same order for a seed (the plan seed fixes the data order; byte-level
+BPE 512, seq_len 256, global batch 16 sequences = 4,096 tokens per step), each at the LR its own sweep chose:
 
-One LR schedule for all arms: FLM's per-stage cosine (each stage warms up/restarts at its LR, min_lr at the very end),
-with stage boundaries at 50% and 75% of the tokens for every arm (scratch and stack merely restart the LR where MSG
-grows; this is the stronger scratch baseline: a single cosine ended at a worse loss, see --scratch-single-cosine).
-The one base LR (muP, transferred across widths) is picked by a sweep of scratch runs on 25% of the tokens, seed 0
-(1e-3, 2e-3, 4e-3; the lowest val loss wins; --sweep-tol T gives near-ties within T to the smaller LR).
+  scratch_cosine    target 4x256 from step 0, one cosine over B tokens;
+  scratch_restarts  target from step 0, FLM's per-stage restarts at MSG's boundaries (50%, 75%);
+  scratch_at_msg    target, one cosine over MSG's FLOPs worth of target tokens (the fair equal-FLOPs point);
+  msg               2x128 (50% of B) -> 4x128 (25%, depth, interleaved) -> 4x256 (25%, width + heads + FFN), MSG
+                    with mask ramps of 5% of the stage, each stage restarting its cosine at the arm's LR;
+  stack             2x256 (50%) -> 4x256 (50%), G_stack-style layer copies (no masks), per-stage cosine;
+  stack_at_msg      as stack, tokens scaled so that its FLOPs equal MSG's;
+  small_only        2x128 for B tokens, one cosine;   small_at_msg  2x128 for MSG's FLOPs, one cosine.
 
-Reported, mean +- std over seeds: speedup = FLOPs scratch needs to reach its final val loss / FLOPs the arm needs to
-reach it (first crossing, linear interpolation between evals; if never, "reached" says so and final_gap gives the
-distance); the same in wall-clock; each arm's final val loss against scratch's val loss at the arm's (smaller) total
-FLOPs. Wall-clock is everything inside Trainer.fit (steps, growth surgery, stage-end checkpoints) minus evaluation,
-which is timed and subtracted. The machine may be shared: the JSON records the load average.
+"scratch" (the reference of every speedup) is whichever of scratch_cosine / scratch_restarts ended lower in the
+pilot at seed 100; both are run and reported. The campaign, each part resumable (a run whose JSON exists is read,
+not re-run, after checking that it was made with the same settings):
 
-    .venv/bin/python benchmarks/growth_vs_scratch.py            # full: LR sweep + 3 seeds x 3 arms
-    .venv/bin/python benchmarks/growth_vs_scratch.py --quick    # CI smoke test: 1 seed, 16 small steps, no sweep
-    .venv/bin/python benchmarks/growth_vs_scratch.py --replot benchmarks/results/growth_vs_scratch.json
+  1. pilot: B = 2M tokens (then 4M, 8M only while the regime rule fails): small_only, scratch_cosine and
+     scratch_restarts swept over {1,2,4,8}e-3 on 25% of B at seed 100, then run on B at seeds 100 and 101 (the
+     losing scratch schedule at 100 only). B qualifies when scratch beats small_only by >= 0.1 nats (mean of 100,
+     101). -> results/growth/pilot/*.json, pilot.json, pilot.png
+  2. only if a B qualified: every arm's sweep on 25% of its horizon, seed 0, grid from {1,2,4,8}e-3 extended by 2x
+     until the chosen LR is interior (ties within 0.005 nats to the smaller LR) -> results/growth/sweeps/*.json;
+  3. headline: seeds 0, 1, 2, every arm; seed 0's reference scratch and msg evaluated every 0.25% (interpolation
+     check), the rest every 1% -> results/growth/headline/*.json, headline.json, headline.png.
 
-Writes benchmarks/results/growth_vs_scratch.{json,png} (`--out`) and prints the JSON without its curves. Run
-directories go under --workdir (default runs/bench/growth_vs_scratch) and are replaced on every run.
+Validation loss is the mean over one fixed sample of 24 batches of 8 x seq_len (the same windows for every arm and
+seed), every 1% of a headline run; sweep and pilot runs, which only their final loss decides, every 10%. "Reaching" a
+loss: the FLOPs (and wall-clock training seconds, evaluation excluded) at which the validation curve first gets
+down to it, linearly interpolated between evaluations. Statistics over seeds: mean ± std, min and a
+95% percentile bootstrap CI of the mean (10,000 resamples).
+
+    nohup nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/growth_vs_scratch.py --pilot-only &
+    .venv/bin/python benchmarks/growth_vs_scratch.py            # the campaign: pilot (resumed), then the rest
+    .venv/bin/python benchmarks/growth_vs_scratch.py --status   # which runs exist, nothing trained
+    .venv/bin/python benchmarks/growth_vs_scratch.py --cost 4   # s/step of the shapes, the pilot's hours at that
+    .venv/bin/python benchmarks/growth_vs_scratch.py --quick    # CI smoke test: tiny shapes, every code path
+
+The old three-arm protocol (655k tokens, BPE 2048) that made benchmarks/results/growth_vs_scratch.json is this file
+before issue 15's runner (git history); its results are not evidence under the new protocol.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
+import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from common import floats, log  # benchmarks/common.py (the script's own folder)
+from common import floats, ints, log  # benchmarks/common.py (the script's own folder)
+from pydantic import BaseModel, ConfigDict
 
 from flm.config import GrowthPlan, ModelConfig, flm_home
-from flm.data import TokenizerSpec, prepare_dataset
+from flm.data import Manifest, TokenDataset, TokenizerSpec, prepare_dataset
+from flm.flops import flops_per_token
 from flm.model import GPT
 from flm.train import Trainer
 
-ARMS = ("scratch", "msg", "stack")
-LABELS = {"scratch": "4x256", "msg": "MSG 2x128 > 4x128 > 4x256", "stack": "stacking 2x256 > 4x256"}
-COLORS = {"scratch": "#555555", "msg": "#2a7f62", "stack": "#d0702a"}
-HEAD_DIM = 64
-MODEL = {"vocab_size": 2048, "seq_len": 128, "pos": "xpos", "xpos_scale_base": 512, "base_width": 128,
-         "output_mult": 2.0, "init_std": 0.02}
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {  # name -> (label, colour); one source of truth for the arms, their stages are built in arm_stages()
+    "scratch_cosine": ("target, one cosine", "#555555"),
+    "scratch_restarts": ("target, restarts at 50%/75%", "#999999"),
+    "scratch_at_msg": ("target, cosine over MSG's FLOPs", "#1f4e9c"),
+    "msg": ("MSG small > middle > target", "#2a7f62"),
+    "stack": ("stacking, half depth > target by layer copies", "#d0702a"),
+    "stack_at_msg": ("stacking over MSG's FLOPs", "#e8a878"),
+    "small_only": ("small only", "#8a3ab9"),
+    "small_at_msg": ("small only over MSG's FLOPs", "#c8a0e0"),
+}
+SCRATCH = ("scratch_cosine", "scratch_restarts")
+PILOT_ARMS = ("small_only", *SCRATCH)
+AT_MSG = ("scratch_at_msg", "stack_at_msg", "small_at_msg")
+MSG_SPLIT = [0.5, 0.25, 0.25]  # token fractions of MSG's stages; scratch_restarts restarts its LR at the same steps
+STACK_SPLIT = [0.5, 0.5]
+SWEEP_FRACTION = 0.25  # every sweep runs on 25% of its arm's horizon
+SWEEP_TOL = 0.005  # nats: near-ties go to the smaller LR
+REGIME_MARGIN = 0.1  # nats by which pilot scratch must beat small_only
+EVAL_BATCHES = 24  # of 8 sequences each: the fixed validation sample
+BOOTSTRAP = 10_000
+
+
+class Regime(BaseModel):
+    """Data shape and model shapes of a campaign: widths in channels, budgets in tokens."""
+
+    model_config = ConfigDict(frozen=True)
+    seq_len: int = 256
+    batch: int = 16  # sequences per optimizer step
+    head_dim: int = 64
+    base_width: int = 128  # μP: multipliers are 1 at this width
+    small: tuple[int, int] = (2, 128)  # (layers, width)
+    middle: tuple[int, int] = (4, 128)
+    target: tuple[int, int] = (4, 256)
+    stack_small: tuple[int, int] = (2, 256)
+    budgets: tuple[int, ...] = (2_000_000, 4_000_000, 8_000_000)  # B, tried in order by the pilot
+    pilot_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    sweep_grid: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)  # where every headline sweep starts
+    max_sweep_points: int = 10  # a safety stop of the grid extension (recorded as not bracketed if hit)
+    pilot_seeds: tuple[int, ...] = (100, 101)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_pct: float = 1.0  # headline evaluation grid, % of the arm's steps
+    dense_eval_pct: float = 0.25  # seed 0's scratch and msg: the interpolation check
+    coarse_eval_pct: float = 10.0  # sweeps and pilot runs: only their final loss decides anything
+    eval_batches: int = EVAL_BATCHES
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+
+FULL = Regime()
+QUICK = Regime(  # every code path in seconds: one-point grids (a sweep extends once), one headline seed
+    seq_len=32, batch=4, head_dim=16, base_width=32, small=(1, 32), middle=(2, 32), target=(2, 64), stack_small=(1, 64),
+    budgets=(4 * 32 * 8,), pilot_grid=(8e-3,), sweep_grid=(8e-3,), max_sweep_points=2, seeds=(0,), eval_pct=25.0,
+    dense_eval_pct=12.5, coarse_eval_pct=50.0, eval_batches=2)
 
 
 # --- the depth-stacking baseline --------------------------------------------------------------------------------
@@ -74,9 +144,12 @@ def stack_layers(model: GPT, new_cfg: ModelConfig, operator_order=None, depth_pl
     return GPT.from_state(new_cfg, state)
 
 
-# --- plans --------------------------------------------------------------------------------------------------------
-def shape(n_layer: int, d_model: int) -> dict:
-    return {**MODEL, "n_layer": n_layer, "d_model": d_model, "n_head": d_model // HEAD_DIM}
+# --- arms -> plans --------------------------------------------------------------------------------------------------
+def shape(rg: Regime, vocab: int, layers_width: tuple[int, int]) -> dict:
+    n_layer, d_model = layers_width
+    return {"n_layer": n_layer, "d_model": d_model, "n_head": d_model // rg.head_dim, "vocab_size": vocab,
+            "seq_len": rg.seq_len, "pos": "xpos", "xpos_scale_base": 512, "base_width": rg.base_width,
+            "output_mult": 2.0, "init_std": 0.02}
 
 
 def split_steps(total: int, fractions: list[float]) -> list[int]:
@@ -88,47 +161,78 @@ def split_steps(total: int, fractions: list[float]) -> list[int]:
     return steps
 
 
-def arm_stages(arm: str, args, lr: float) -> list[dict]:
-    """The stages of one arm. Every arm trains args.steps steps of batch x seq_len tokens on one LR schedule: the
-    stages split the steps at the same boundaries (--split) and each stage restarts its cosine at its LR. MSG grows
-    at both boundaries, stacking at the first, scratch never (its later stages only restart the LR)."""
-    tok = args.batch * MODEL["seq_len"]
-    same = ("4x256", {"grow": {}})
-    shapes = {"msg": [("2x128", {"model": shape(2, 128)}), ("4x128", {"grow": {"n_layer": 4}}),
-                      ("4x256", {"grow": {"d_model": 256}})],
-              "stack": [("2x256", {"model": shape(2, 256)}), ("4x256", {"grow": {"n_layer": 4}}), same],
-              "scratch": [("4x256", {"model": shape(4, 256)}), same, same]}[arm]
-    split = [1.0] if arm == "scratch" and args.scratch_single_cosine else args.split
-    steps = split_steps(args.steps, split)
-    lrs = {"scratch": None, "msg": args.msg_lrs, "stack": args.stack_lrs}[arm] or [lr] * len(steps)
+def step_flops(rg: Regime, vocab: int, layers_width: tuple[int, int]) -> float:
+    """Training FLOPs of one optimizer step of this shape."""
+    return flops_per_token(ModelConfig(**shape(rg, vocab, layers_width))) * rg.tokens_per_step
+
+
+def msg_flops(rg: Regime, vocab: int, steps: int) -> float:
+    return sum(n * step_flops(rg, vocab, s)
+               for n, s in zip(split_steps(steps, MSG_SPLIT), (rg.small, rg.middle, rg.target), strict=True))
+
+
+def arm_steps(arm: str, rg: Regime, vocab: int, budget_steps: int) -> int:
+    """Optimizer steps of an arm on a budget of `budget_steps` steps: the budget, or for an *_at_msg arm as many
+    steps as MSG's FLOPs buy at its own FLOPs per step."""
+    if arm not in AT_MSG:
+        return budget_steps
+    per_step = {"scratch_at_msg": step_flops(rg, vocab, rg.target),
+                "small_at_msg": step_flops(rg, vocab, rg.small),
+                "stack_at_msg": sum(f * step_flops(rg, vocab, s) for f, s in
+                                    zip(STACK_SPLIT, (rg.stack_small, rg.target), strict=True))}[arm]
+    return round(msg_flops(rg, vocab, budget_steps) / per_step)
+
+
+def arm_stages(arm: str, rg: Regime, vocab: int, steps: int, lr: float) -> list[dict]:
+    """The stages of one arm over `steps` optimizer steps at peak LR `lr`. Warmup is 2% of the arm's steps, at the
+    start only; a later stage restarts its cosine at `lr` without re-warmup (FLM's per-stage schedule)."""
+    tok, target = rg.tokens_per_step, shape(rg, vocab, rg.target)
+    warmup = max(1, round(0.02 * steps)) * rg.batch
+    if arm in ("scratch_cosine", "scratch_at_msg"):
+        layout = [({"model": target}, steps)]
+    elif arm in ("small_only", "small_at_msg"):
+        layout = [({"model": shape(rg, vocab, rg.small)}, steps)]
+    elif arm == "scratch_restarts":
+        layout = list(zip([{"model": target}, {"grow": {}}, {"grow": {}}], split_steps(steps, MSG_SPLIT),
+                          strict=True))
+    elif arm == "msg":
+        n = split_steps(steps, MSG_SPLIT)
+        layout = [({"model": shape(rg, vocab, rg.small)}, n[0]),
+                  ({"grow": {"n_layer": rg.middle[0]}, "depth_placement": "interleave"}, n[1]),
+                  ({"grow": {"d_model": rg.target[1]}}, n[2])]
+    elif arm in ("stack", "stack_at_msg"):
+        layout = list(zip([{"model": shape(rg, vocab, rg.stack_small)}, {"grow": {"n_layer": rg.target[0]}}],
+                          split_steps(steps, STACK_SPLIT), strict=True))
+    else:
+        raise SystemExit(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     stages = []
-    for k, ((name, model), n, stage_lr) in enumerate(zip(shapes[: len(steps)], steps, lrs, strict=True)):
-        stage = {"name": name, **model, "tokens": n * tok, "lr": stage_lr, "batch_size": args.batch,
-                 "warmup_samples": (args.warmup if k == 0 else args.rewarmup) * args.batch}
+    for k, (spec, n) in enumerate(layout):
+        stage = {**spec, "tokens": n * tok, "lr": lr, "batch_size": rg.batch, "warmup_samples": warmup if k == 0 else 0}
         if k:
-            msg = arm == "msg"  # stacking copies layers on top: its optimizer moments follow the "stack" layout
-            stage |= {"growth": "online", "ramp_steps": min(args.ramp, n) if msg else 0,
-                      "depth_placement": args.msg_placement if msg else "stack"}
+            stage |= {"growth": "online", "ramp_steps": max(1, round(0.05 * n)) if arm == "msg" else 0}
         stages.append(stage)
     return stages
 
 
-def make_plan(name: str, stages: list[dict], seed: int, out: Path, data: Path, args) -> GrowthPlan:
-    return GrowthPlan.model_validate({
-        "name": name, "seed": seed, "min_lr": args.min_lr, "stages": stages,
-        "train": {"data": str(data), "out": str(out), "log_every": args.eval_every, "eval_every": args.eval_every,
-                  "eval_batches": args.eval_batches, "checkpoint_every": 10**9, "keep_checkpoints": 1,
-                  "precision": "fp32", "device": "cpu"},
-    })
+def eval_steps(steps: int, pct: float) -> list[int]:
+    """Evaluation steps every `pct`% of a run plus its last step; the 1% grid is a subset of the 0.25% one."""
+    n = round(100 / pct)
+    return sorted({math.ceil(i * steps / n) for i in range(1, n + 1)} | {steps})
 
 
 # --- running ------------------------------------------------------------------------------------------------------
-class TimedTrainer(Trainer):
-    """The Trainer, with evaluation time measured so it can be left out of wall-clock."""
+class ProtocolTrainer(Trainer):
+    """The Trainer, evaluating only on the run's grid, always on the same validation windows, and timing evaluation
+    so that it can be left out of wall-clock."""
 
-    eval_seconds = 0.0
+    def __init__(self, plan: GrowthPlan, grid: list[int], **kw):
+        super().__init__(plan, **kw)
+        self.grid, self.eval_seconds = set(grid), 0.0
+        self.val_data = TokenDataset(self.data_dir, "val", seed=0)  # one fixed sample for every arm and seed
 
     def evaluate(self) -> float:
+        if self.step not in self.grid:
+            return float("nan")  # off the grid: the record is dropped
         t = time.perf_counter()
         try:
             return super().evaluate()
@@ -136,9 +240,9 @@ class TimedTrainer(Trainer):
             self.eval_seconds += time.perf_counter() - t
 
 
-def run_plan(plan: GrowthPlan, grow_fn=None) -> dict:
-    """Train a plan from scratch; returns its eval curve and growth events, each stamped with train seconds
-    (wall-clock since fit() began, minus evaluation)."""
+def train(plan: GrowthPlan, grid: list[int], grow_fn=None) -> dict:
+    """Train a plan from scratch; its eval curve and growth events, each stamped with train seconds (wall-clock
+    since fit() began, minus evaluation)."""
     out = Path(plan.train.out)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the Trainer would otherwise resume
     evals, events, cfgs = [], [], plan.model_configs()
@@ -146,41 +250,122 @@ def run_plan(plan: GrowthPlan, grow_fn=None) -> dict:
 
     def stamp(record: dict) -> None:
         wall = time.perf_counter() - t0
-        row = {**record, "wall_s": wall, "train_s": wall - trainer.eval_seconds}
+        row = {**record, "train_s": wall - trainer.eval_seconds}
         if record.get("event") == "growth":
-            if cfgs[record["stage"]] == cfgs[record["stage"] - 1]:
-                return  # a stage that only restarts the LR
-            events.append({k: row[k] for k in ("step", "stage", "dloss", "params", "train_s")})
-        elif "val_loss" in record:
+            if cfgs[record["stage"]] != cfgs[record["stage"] - 1]:  # else a stage that only restarts the LR
+                events.append({k: v for k, v in row.items() if k != "event"})
+        elif "val_loss" in record and not math.isnan(record["val_loss"]):
             evals.append({k: row[k] for k in ("step", "stage", "tokens", "flops", "loss", "val_loss", "train_s")})
 
-    trainer = TimedTrainer(plan, on_record=stamp, **({} if grow_fn is None else {"grow_fn": grow_fn}))
-    t0 = time.perf_counter()
+    trainer = ProtocolTrainer(plan, grid, on_record=stamp, **({} if grow_fn is None else {"grow_fn": grow_fn}))
+    t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.fit()
     wall = time.perf_counter() - t0
-    for ev in events:  # growth happens at a step boundary: same FLOPs as the eval at that step
-        ev["flops"] = next(e["flops"] for e in evals if e["step"] == ev["step"])
-    return {"evals": evals, "growth": events, "wall_s": wall, "eval_s": trainer.eval_seconds,
+    flops_at = {e["step"]: e["flops"] for e in evals}
+    for ev in events:  # growth happens at a step boundary: the FLOPs spent so far
+        ev["flops"] = flops_at.get(ev["step"])
+    shutil.rmtree(out, ignore_errors=True)  # the JSON keeps what matters; checkpoints would fill the disk
+    # cpu_s / wall_s says how much of the wall-clock the process ran: on a shared machine it can be far below 1
+    return {"evals": evals, "growth": events, "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+            "eval_s": trainer.eval_seconds,
             "train_s": wall - trainer.eval_seconds, "final_val_loss": evals[-1]["val_loss"],
             "flops": evals[-1]["flops"], "tokens": evals[-1]["tokens"]}
 
 
-def lr_sweep(args, data: Path) -> dict:
-    """Scratch at the target size on a short run (its own full schedule) per LR, seed 0. The smallest LR whose val
-    loss is within --sweep-tol of the best wins (default 0: the argmin). The optimal LR shrinks as the token horizon
-    grows, so a tolerance gives a short run's near-tie to the smaller LR."""
-    steps = max(8, round(args.steps * args.sweep_fraction))
-    short = argparse.Namespace(**{**vars(args), "steps": steps, "warmup": min(args.warmup, steps // 4)})
-    results = {}
-    for lr in args.sweep_lrs:
-        plan = make_plan("sweep", arm_stages("scratch", short, lr), 0, args.workdir / f"sweep-lr{lr:g}", data, args)
-        results[lr] = run_plan(plan)["final_val_loss"]
-        log(f"sweep lr={lr:g}: val_loss {results[lr]:.4f} after {steps} steps")
-    best = min(results.values())
-    chosen = min(lr for lr, v in results.items() if v <= best + args.sweep_tol)
-    return {"steps": steps, "tokens": steps * args.batch * MODEL["seq_len"], "seed": 0, "tol": args.sweep_tol,
-            "val_loss": {f"{k:g}": v for k, v in results.items()}, "best_lr": min(results, key=results.get),
-            "chosen_lr": chosen}
+class Campaign:
+    """Where runs live and how one is made or read back: one JSON per run, written when it finishes."""
+
+    def __init__(self, args: argparse.Namespace, rg: Regime, data: Path):
+        self.args, self.rg, self.data = args, rg, data
+        self.vocab = Manifest.load(data).vocab_size
+        self.train_tokens = Manifest.load(data).splits["train"].tokens
+        self.results, self.workdir = args.results, args.workdir
+        self.made = self.read = 0
+        self.missing: list[str] = []  # --status: the runs not made yet, as far as the campaign can see
+        self.code = code_version()  # read once: the code this process runs, however HEAD moves meanwhile
+
+    def run(self, kind: str, tag: str, arm: str, seed: int, lr: float, steps: int, eval_pct: float,
+            budget: int) -> dict:
+        """One run's result: read from results/<kind>/<name>.json if it exists (with the same spec), else trained
+        and written there."""
+        rg = self.rg
+        stages = arm_stages(arm, rg, self.vocab, steps, lr)
+        spec = {"kind": kind, "arm": arm, "seed": seed, "lr": lr, "steps": steps, "budget_tokens": budget,
+                "eval_pct": eval_pct, "eval_batches": rg.eval_batches, "min_lr": lr / 100, "stages": stages,
+                "data": {"vocab_size": self.vocab, "train_tokens": self.train_tokens}}  # not the path: it moves
+        name = f"B{budget / 1e6:g}M-{arm}-{tag}s{seed}-lr{lr:g}"
+        path = self.results / kind / f"{name}.json"
+        if path.exists():
+            done = json.loads(path.read_text())
+            if done["spec"] != json.loads(json.dumps(spec)):
+                raise SystemExit(f"{path} was made with other settings than this run's; move it away to re-run")
+            self.read += 1
+            return done
+        if self.args.status:
+            self.missing.append(f"{kind}/{name}")
+            return {"spec": spec, "missing": True}
+        plan = GrowthPlan.model_validate({
+            "name": name, "seed": seed, "min_lr": lr / 100, "stages": stages,
+            "train": {"data": str(self.data), "out": str(self.workdir / name), "log_every": 10**9, "eval_every": 1,
+                      "eval_batches": rg.eval_batches, "checkpoint_every": 10**9, "keep_checkpoints": 1,
+                      "precision": "fp32", "device": "cpu", "loggers": ["jsonl"]}})
+        load = os.getloadavg()
+        log(f"{datetime.now(UTC):%H:%M:%S} {kind}/{name}: {steps} steps ...")
+        result = train(plan, eval_steps(steps, eval_pct), stack_layers if arm.startswith("stack") else None)
+        result |= {"name": name, "spec": spec, "data": str(self.data), "epochs": result["tokens"] / self.train_tokens,
+                   "loadavg": {"start": load, "end": os.getloadavg()}, "threads": torch.get_num_threads(),
+                   "finished": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", "code": self.code}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)  # whole or absent: a killed campaign never leaves half a JSON
+        self.made += 1
+        log(f"  val_loss {result['final_val_loss']:.4f}  flops {result['flops']:.3g}  train {result['train_s']:.0f}s "
+            f"(+{result['eval_s']:.0f}s eval)  load {load[0]:.1f}")
+        return result
+
+    def sweep(self, kind: str, arm: str, steps: int, seed: int, grid: tuple[float, ...], extend: bool,
+              budget: int) -> dict:
+        """The arm's LR sweep on SWEEP_FRACTION of its `steps`. The decision rule: the smallest LR within SWEEP_TOL
+        of the lowest final val loss; with `extend`, while it is an end of the grid the grid grows by 2x on that
+        side (non-finite losses count as infinitely bad)."""
+        short = max(4, round(steps * SWEEP_FRACTION))
+        losses: dict[float, float] = {}
+        todo = sorted(grid)
+        while True:
+            for lr in todo:
+                r = self.run(kind, "sweep-", arm, seed, lr, short, self.rg.coarse_eval_pct, budget)
+                v = r.get("final_val_loss")
+                losses[lr] = v if v is not None and math.isfinite(v) else math.inf
+            if self.args.status and any(math.isinf(v) for v in losses.values()):
+                return {"missing": True}
+            chosen, interior = decide_lr(losses)
+            if interior or not extend or len(losses) >= self.rg.max_sweep_points:
+                break
+            todo = [chosen / 2 if chosen == min(losses) else max(losses) * 2]
+        return {"arm": arm, "seed": seed, "steps": short, "fraction": SWEEP_FRACTION, "tol": SWEEP_TOL,
+                "val_loss": {f"{k:g}": losses[k] for k in sorted(losses)}, "chosen_lr": chosen,
+                "interior": interior, "extended": extend}
+
+
+def decide_lr(losses: dict[float, float]) -> tuple[float, bool]:
+    """(chosen LR, whether it is interior to the grid): the smallest LR within SWEEP_TOL of the best loss."""
+    best = min(losses.values())
+    chosen = min(lr for lr, v in losses.items() if v <= best + SWEEP_TOL)
+    return chosen, min(losses) < chosen < max(losses)
+
+
+def code_version() -> dict:
+    """The commit of the code and whether flm/ or this script differed from it, so a result names what made it."""
+    def git(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+
+    try:
+        return {"commit": git("rev-parse", "HEAD").stdout.strip() or None,
+                "modified": git("diff", "--quiet", "HEAD", "--", "flm", "benchmarks/growth_vs_scratch.py",
+                                "benchmarks/common.py").returncode != 0}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "modified": None}
 
 
 # --- analysis -------------------------------------------------------------------------------------------------------
@@ -195,199 +380,342 @@ def reach(xs: list[float], ys: list[float], target: float) -> float | None:
     return None
 
 
-def interp(xs: list[float], ys: list[float], x: float) -> float | None:
-    if not xs or x < xs[0] or x > xs[-1]:
-        return None
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-    return ys[-1]
-
-
-def mean_std(values: list[float]) -> dict:
+def stats(values: list[float | None]) -> dict:
+    """Mean ± std, min, max and a 95% percentile bootstrap CI of the mean (BOOTSTRAP resamples, fixed RNG) over the
+    finite values; n says how many there were."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        return {"mean": None, "std": None, "min": None, "max": None, "ci95": None, "n": 0}
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(vals, k=len(vals))) for _ in range(BOOTSTRAP))
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals),
+            "ci95": [means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]], "n": len(vals)}
 
 
-def analyse(runs: dict[str, dict[int, dict]]) -> tuple[dict, dict]:
-    """Speedups to scratch's final loss (FLOPs and train seconds) and losses at equal FLOPs, per seed and summed."""
-    speedup, equal = {}, {}
-    for arm in (a for a in runs if a != "scratch"):
+def curve(run: dict, axis: str, steps: set[int] | None = None) -> tuple[list[float], list[float]]:
+    evals = [e for e in run["evals"] if steps is None or e["step"] in steps]
+    return [e[axis] for e in evals], [e["val_loss"] for e in evals]
+
+
+def speedups(runs: dict[str, dict[int, dict]], ref: str) -> dict:
+    """Per arm: scratch's total FLOPs (train seconds) / the arm's FLOPs (seconds) to reach scratch's final val loss,
+    same seed; 'reached' counts seeds; the final gap (arm - scratch, > 0: above) is given for every seed."""
+    out = {}
+    for arm in (a for a in runs if a != ref):
         rows = []
-        for seed, run in runs[arm].items():
-            ref = runs["scratch"][seed]
-            target = ref["final_val_loss"]
-            row = {"seed": seed, "target_val_loss": target}
-            for axis in ("flops", "train_s"):
-                ref_x = reach([e[axis] for e in ref["evals"]], [e["val_loss"] for e in ref["evals"]], target)
-                x = reach([e[axis] for e in run["evals"]], [e["val_loss"] for e in run["evals"]], target)
-                row[f"speedup_{axis}"] = None if x is None else ref_x / x
-            row["reached"] = row["speedup_flops"] is not None
-            row["gap"] = run["final_val_loss"] - target  # > 0: the arm ends above scratch's final loss
+        for seed, run in sorted(runs[arm].items()):
+            base = runs[ref][seed]
+            target, row = base["final_val_loss"], {"seed": seed}
+            row["target_val_loss"] = target
+            for axis, total in (("flops", base["flops"]), ("train_s", base["train_s"])):
+                x = reach(*curve(run, axis), target)
+                row[f"reach_{axis}"] = x
+                row[f"speedup_{axis}"] = None if x is None else total / x
+            row["gap"] = run["final_val_loss"] - target
             rows.append(row)
-        speedup[arm] = {"flops": mean_std([r["speedup_flops"] for r in rows]),
-                        "wall": mean_std([r["speedup_train_s"] for r in rows]),
-                        "reached": f"{sum(r['reached'] for r in rows)}/{len(rows)} seeds",
-                        "final_gap": mean_std([r["gap"] for r in rows]), "per_seed": rows}
-        eq = []
-        for seed, run in runs[arm].items():
-            ref = runs["scratch"][seed]
-            at = interp([e["flops"] for e in ref["evals"]], [e["val_loss"] for e in ref["evals"]], run["flops"])
-            eq.append({"seed": seed, "flops": run["flops"], "arm_val_loss": run["final_val_loss"],
-                       "scratch_val_loss": at, "delta": None if at is None else run["final_val_loss"] - at})
-        equal[arm] = {"flops": eq[0]["flops"], "flops_fraction_of_scratch": eq[0]["flops"] / runs["scratch"][
-            eq[0]["seed"]]["flops"], "arm_val_loss": mean_std([e["arm_val_loss"] for e in eq]),
-            "scratch_val_loss": mean_std([e["scratch_val_loss"] for e in eq]),
-            "delta": mean_std([e["delta"] for e in eq]), "per_seed": eq}
-    return speedup, equal
+        out[arm] = {"flops": stats([r["speedup_flops"] for r in rows]),
+                    "wall": stats([r["speedup_train_s"] for r in rows]),
+                    "reached": f"{sum(r['speedup_flops'] is not None for r in rows)} of {len(rows)} seeds",
+                    "final_gap": stats([r["gap"] for r in rows]), "per_seed": rows}
+    return out
+
+
+def analyse(runs: dict[str, dict[int, dict]], ref: str, rg: Regime) -> dict:
+    """Every headline figure and the three claims, judged by the protocol's rules."""
+    sp = speedups(runs, ref)
+    seeds = sorted(runs[ref])
+    claims = {}
+    if "msg" in sp:
+        per = [r["speedup_flops"] for r in sp["msg"]["per_seed"]]
+        claims["speed"] = {"rule": "msg speedup in FLOPs >= 2.0 on every seed", "per_seed": per,
+                           "met": all(v is not None and v >= 2.0 for v in per)}
+    others = [a for a in AT_MSG if a in runs]
+    if "msg" in runs and others:
+        eq = {a: {"val_loss": stats([runs[a][s]["final_val_loss"] for s in seeds]),
+                  "flops_ratio_to_msg": runs[a][seeds[0]]["flops"] / runs["msg"][seeds[0]]["flops"],
+                  "msg_minus_arm": [runs["msg"][s]["final_val_loss"] - runs[a][s]["final_val_loss"] for s in seeds]}
+              for a in others}
+        eq["msg"] = {"val_loss": stats([runs["msg"][s]["final_val_loss"] for s in seeds])}
+        claims["equal_compute"] = {
+            "rule": "msg's final val loss below scratch_at_msg's, small_at_msg's and stack_at_msg's on the mean and "
+                    "on every seed", "arms": eq,
+            "met": len(others) == len(AT_MSG) and all(
+                max(eq[a]["msg_minus_arm"]) < 0 and eq["msg"]["val_loss"]["mean"] < eq[a]["val_loss"]["mean"]
+                for a in others)}
+    if "msg" in runs:
+        dl = [ev["dloss"] for r in runs["msg"].values() for ev in r["growth"]]
+        claims["preservation"] = {"rule": "every msg growth event (ramped) has |dloss| <= 1e-5", "max_dloss": max(dl),
+                                  "events": len(dl), "met": max(dl) <= 1e-5}
+    interp_check = {}
+    s0 = seeds[0]
+    for arm in ("msg", *[a for a in runs if a not in ("msg", ref)]):
+        run, base = runs.get(arm, {}).get(s0), runs[ref][s0]
+        if run is None or run["spec"]["eval_pct"] != rg.dense_eval_pct:
+            continue
+        coarse = set(eval_steps(run["spec"]["steps"], rg.eval_pct))
+        dense_x = reach(*curve(run, "flops"), base["final_val_loss"])
+        coarse_x = reach(*curve(run, "flops", coarse), base["final_val_loss"])
+        interp_check[arm] = {"seed": s0, "reach_flops_dense": dense_x, "reach_flops_1pct": coarse_x,
+                             "rel_diff": None if None in (dense_x, coarse_x) else coarse_x / dense_x - 1}
+    if interp_check:
+        diffs = [abs(v["rel_diff"]) for v in interp_check.values() if v["rel_diff"] is not None]
+        interp_check["within_2pct"] = all(d <= 0.02 for d in diffs) if diffs else None
+    arms = {arm: {"label": ARMS[arm][0], "steps": next(iter(r.values()))["spec"]["steps"],
+                  "lr": next(iter(r.values()))["spec"]["lr"], "flops": next(iter(r.values()))["flops"],
+                  "tokens": next(iter(r.values()))["tokens"], "epochs": next(iter(r.values()))["epochs"],
+                  "final_val_loss": stats([x["final_val_loss"] for x in r.values()]),
+                  "train_s": stats([x["train_s"] for x in r.values()]),
+                  "eval_s": stats([x["eval_s"] for x in r.values()]),
+                  "growth_dloss": [stats([x["growth"][k]["dloss"] for x in r.values()])
+                                   for k in range(len(next(iter(r.values()))["growth"]))],
+                  "seeds": sorted(r)}
+            for arm, r in runs.items()}
+    return {"reference": ref, "arms": arms, "speedup_to_scratch_final_loss": sp, "claims": claims,
+            "interpolation_check": interp_check}
 
 
 # --- plot -----------------------------------------------------------------------------------------------------------
-def plot(runs: dict[str, dict[int, dict]], path: Path, title: str) -> None:
+def plot(runs: dict[str, dict[int, dict]], ref: str | None, path: Path, title: str) -> None:
+    """Validation loss vs FLOPs and vs train seconds: each arm's mean over seeds, the seeds' range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    target = statistics.fmean(r["final_val_loss"] for r in runs["scratch"].values())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, axis, label in ((axes[0], "flops", "cumulative training FLOPs"),
-                            (axes[1], "train_s", "wall-clock seconds (evaluation excluded)")):
+                            (axes[1], "train_s", "wall-clock training seconds (evaluation excluded)")):
         for arm, seeds in runs.items():
-            c = COLORS[arm]
-            for run in seeds.values():
-                ax.plot([e[axis] for e in run["evals"]], [e["val_loss"] for e in run["evals"]], color=c, lw=0.6,
-                        alpha=0.35)
-            n = min(len(r["evals"]) for r in seeds.values())
-            xs = [statistics.fmean(r["evals"][i][axis] for r in seeds.values()) for i in range(n)]
-            ys = [statistics.fmean(r["evals"][i]["val_loss"] for r in seeds.values()) for i in range(n)]
-            ax.plot(xs, ys, color=c, lw=2, label=f"{arm}: {LABELS[arm]} (mean of {len(seeds)})")
+            c = ARMS[arm][1]
+            common = set.intersection(*({e["step"] for e in r["evals"]} for r in seeds.values()))
+            cs = [curve(r, axis, common) for r in seeds.values()]
+            xs = [statistics.fmean(x) for x in zip(*(c_[0] for c_ in cs), strict=True)]
+            ys = list(zip(*(c_[1] for c_ in cs), strict=True))
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.2, lw=0)
+            ax.plot(xs, [statistics.fmean(y) for y in ys], color=c, lw=1.6,
+                    label=f"{arm}: {ARMS[arm][0]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
             first = next(iter(seeds.values()))
             for k in range(len(first["growth"])):
-                gx = statistics.fmean(r["growth"][k][axis] for r in seeds.values())
-                ax.axvline(gx, color=c, ls="--", lw=0.9, alpha=0.8)
-        ax.axhline(target, color="k", ls=":", lw=0.8, label="scratch final val loss; dashed: growth")
+                gx = [r["growth"][k][axis] for r in seeds.values() if r["growth"][k].get(axis) is not None]
+                if gx:
+                    ax.axvline(statistics.fmean(gx), color=c, ls="--", lw=0.8, alpha=0.7)
+        if ref in runs:
+            ax.axhline(statistics.fmean(r["final_val_loss"] for r in runs[ref].values()), color="k", ls=":", lw=0.8,
+                       label=f"{ref} final val loss; dashed: growth")
         ax.set_xscale("log" if axis == "flops" else "linear")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("validation loss")
+    axes[0].set_ylabel("validation loss (fixed 24-batch sample)")
     lo = min(r["final_val_loss"] for s in runs.values() for r in s.values())
-    axes[0].set_ylim(lo - 0.1, min(lo + 2.5, max(e["val_loss"] for s in runs.values() for r in s.values()
-                                                  for e in r["evals"])))
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    axes[0].set_ylim(lo - 0.1, lo + 1.5)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# --- main -----------------------------------------------------------------------------------------------------------
+# --- the campaign ---------------------------------------------------------------------------------------------------
+def run_pilot(c: Campaign) -> dict:
+    """The regime rule: the smallest budget at which scratch beats small_only by REGIME_MARGIN (module docstring)."""
+    rg, budgets, out = c.rg, [], None
+    for budget in rg.budgets:
+        steps = budget // rg.tokens_per_step
+        sweeps = {a: c.sweep("pilot", a, steps, rg.pilot_seeds[0], rg.pilot_grid, False, budget) for a in PILOT_ARMS}
+        if any(s.get("missing") for s in sweeps.values()):
+            return {"budgets": budgets, "qualified": None, "status": f"B = {budget}: sweeps unfinished"}
+        lr = {a: s["chosen_lr"] for a, s in sweeps.items()}
+        s0, s1 = rg.pilot_seeds
+        runs = {a: {s0: c.run("pilot", "", a, s0, lr[a], steps, rg.coarse_eval_pct, budget)} for a in PILOT_ARMS}
+        if any(r[s0].get("missing") for r in runs.values()):
+            return {"budgets": budgets, "qualified": None, "status": f"B = {budget}: seed {s0} runs unfinished"}
+        finals = {a: runs[a][s0]["final_val_loss"] for a in SCRATCH}
+        scratch = min(SCRATCH, key=lambda a: finals[a] if math.isfinite(finals[a]) else math.inf)
+        for a in ("small_only", scratch):
+            runs[a][s1] = c.run("pilot", "", a, s1, lr[a], steps, rg.coarse_eval_pct, budget)
+        if any(r[s1].get("missing") for a, r in runs.items() if s1 in r):
+            return {"budgets": budgets, "qualified": None, "status": f"B = {budget}: seed {s1} runs unfinished"}
+        mean = {a: statistics.fmean(runs[a][s]["final_val_loss"] for s in rg.pilot_seeds)
+                for a in ("small_only", scratch)}
+        gap = mean["small_only"] - mean[scratch]
+        budgets.append({"budget_tokens": budget, "steps": steps, "epochs": steps * rg.tokens_per_step / c.train_tokens,
+                        "sweeps": sweeps, "scratch_schedule": scratch, "scratch_schedule_val_loss_seed": finals,
+                        "final_val_loss": {a: {str(s): r["final_val_loss"] for s, r in runs[a].items()}
+                                           for a in runs},
+                        "mean_final_val_loss": mean, "small_minus_scratch": gap,
+                        "qualifies": gap >= REGIME_MARGIN})
+        out = (runs, scratch, budget)
+        if gap >= REGIME_MARGIN:
+            break
+    result = {"rule": f"the smallest B where scratch beats small_only by >= {REGIME_MARGIN} nats (mean of seeds "
+                      f"{list(rg.pilot_seeds)})", "budgets": budgets, "qualified": budgets[-1]["qualifies"],
+              "budget_tokens": budgets[-1]["budget_tokens"] if budgets[-1]["qualifies"] else None,
+              "scratch_schedule": budgets[-1]["scratch_schedule"]}
+    runs, scratch, budget = out
+    plot(runs, scratch, c.results / "pilot.png",
+         f"pilot at B = {budget / 1e6:g}M tokens: {scratch} vs small_only, gap "
+         f"{budgets[-1]['small_minus_scratch']:+.3f} nats (>= {REGIME_MARGIN} qualifies: {budgets[-1]['qualifies']})")
+    return result
+
+
+def run_headline(c: Campaign, pilot: dict) -> dict:
+    """Every arm's sweep, then every seed's runs, then the figures and claims (module docstring)."""
+    rg, budget, ref = c.rg, pilot["budget_tokens"], pilot["scratch_schedule"]
+    steps = budget // rg.tokens_per_step
+    arms = [a for a in ARMS if a in c.args.arms]
+    if ref not in arms:
+        raise SystemExit(f"--arms must include the reference scratch schedule {ref}")
+    horizon = {a: arm_steps(a, rg, c.vocab, steps) for a in arms}
+    sweeps = {a: c.sweep("sweeps", a, horizon[a], rg.seeds[0], rg.sweep_grid, True, budget) for a in arms}
+    if any(s.get("missing") for s in sweeps.values()):
+        return {"status": "sweeps unfinished"}
+    runs: dict[str, dict[int, dict]] = {a: {} for a in arms}
+    for seed in rg.seeds:  # seed-major: an interrupted campaign has whole seeds
+        for a in arms:
+            pct = rg.dense_eval_pct if seed == rg.seeds[0] and a in (ref, "msg") else rg.eval_pct
+            runs[a][seed] = c.run("headline", "", a, seed, sweeps[a]["chosen_lr"], horizon[a], pct, budget)
+    if any(r.get("missing") for s in runs.values() for r in s.values()):
+        return {"status": "headline runs unfinished"}
+    result = {"budget_tokens": budget, "steps": steps, "sweeps": sweeps, **analyse(runs, ref, rg)}
+    sp = result["speedup_to_scratch_final_loss"].get("msg")
+    fmt = "n/a" if not sp or sp["flops"]["mean"] is None else (
+        f"{sp['flops']['mean']:.2f}x ± {sp['flops']['std']:.2f} in FLOPs (min {sp['flops']['min']:.2f}x), "
+        f"reached on {sp['reached']}")
+    plot(runs, ref, c.results / "headline.png", f"Shakespeare BPE {c.vocab}, target {rg.target[0]}x{rg.target[1]}, "
+         f"B = {budget / 1e6:g}M tokens, seeds {list(rg.seeds)}; msg to {ref}'s final val loss: {fmt}")
+    return result
+
+
+def measure_cost(rg: Regime, data: Path, n_steps: int) -> dict:
+    """Seconds per optimizer step (batch x seq_len tokens, AdamW with μP groups, clipping) and per evaluation batch
+    (8 x seq_len) of each shape, the median of `n_steps` after one warm-up step; then what the pilot at each budget
+    costs at those rates (its runs and evaluations counted as run_pilot makes them, the winning scratch schedule
+    run twice)."""
+    from flm import mup
+
+    vocab, train_data = Manifest.load(data).vocab_size, TokenDataset(data, "train", seed=0)
+    per_step, per_eval = {}, {}
+    for name, lw in (("small", rg.small), ("target", rg.target)):
+        model = GPT(ModelConfig(**shape(rg, vocab, lw)), generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(mup.param_groups(model, model.cfg, 1e-3, 0.1), betas=(0.9, 0.95))
+        times = []
+        for i in range(n_steps + 1):
+            x, y = train_data.batch_at(i * rg.batch, rg.batch, rg.seq_len)
+            t = time.perf_counter()
+            model(x, y)[1].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+        with torch.no_grad():
+            model.eval()
+            t = time.perf_counter()
+            model(*train_data.batch_at(0, 8, rg.seq_len))
+            per_eval[name] = time.perf_counter() - t
+        per_step[name] = statistics.median(times[1:])
+        log(f"{name} {lw[0]}x{lw[1]}: {per_step[name]:.2f} s/step, {per_eval[name]:.2f} s per eval batch")
+
+    def run_s(arm_shape: str, steps: int) -> float:
+        evals = len(eval_steps(steps, rg.coarse_eval_pct)) * rg.eval_batches * per_eval[arm_shape]
+        return steps * per_step[arm_shape] + evals
+
+    pilot_h = {}
+    for budget in rg.budgets:
+        steps = budget // rg.tokens_per_step
+        short = max(4, round(steps * SWEEP_FRACTION))
+        sweeps = len(rg.pilot_grid) * (run_s("small", short) + 2 * run_s("target", short))
+        pilot_h[f"{budget / 1e6:g}M"] = (sweeps + 2 * run_s("small", steps) + 3 * run_s("target", steps)) / 3600
+    return {"n_steps": n_steps, "s_per_step": per_step, "s_per_eval_batch": per_eval, "pilot_hours": pilot_h,
+            "loadavg": os.getloadavg(), "threads": torch.get_num_threads()}
+
+
+def resolve_data(source: str, rg: Regime) -> Path:
+    """A prepared dataset directory as is; any other source prepared once with a 512-token byte-level BPE."""
+    path = Path(source).expanduser().absolute()
+    if (path / "manifest.json").is_file():
+        return path
+    slug = "".join(ch if ch.isalnum() else "-" for ch in source).strip("-")
+    out = flm_home() / "data" / f"{slug}-bpe512"
+    if not (out / "manifest.json").is_file():
+        log(f"preparing {source} -> {out}")
+        prepare_dataset(source, out, TokenizerSpec(kind="bpe", vocab_size=512), seed=0, seq_len=rg.seq_len)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke test: 1 seed, few steps, no LR sweep")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=320, help="optimizer steps per arm (batch x 128 tokens each)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3, help="scratch LR when there is no sweep")
-    ap.add_argument("--sweep-lrs", type=floats, default=[1e-3, 2e-3, 4e-3], help="comma list; empty: no sweep")
-    ap.add_argument("--sweep-tol", type=float, default=0.0, help="val-loss tie margin; ties go to the smaller LR")
-    ap.add_argument("--sweep-fraction", type=float, default=0.25, help="sweep run length, as a fraction of --steps")
-    ap.add_argument("--split", type=floats, default=[0.5, 0.25, 0.25],
-                    help="token fractions of the 3 stages (MSG: 2x128, 4x128, 4x256; stack: 2x256, 4x256, 4x256)")
-    ap.add_argument("--scratch-single-cosine", action="store_true", help="scratch without the stage LR restarts")
-    ap.add_argument("--msg-lrs", type=floats, default=None, help="per-stage LRs (default: scratch's LR)")
-    ap.add_argument("--stack-lrs", type=floats, default=None, help="per-stage LRs (default: scratch's LR)")
-    ap.add_argument("--ramp", type=int, default=16, help="MSG mask ramp, optimizer steps")
-    ap.add_argument("--msg-placement", choices=["stack", "interleave"], default="stack")
-    ap.add_argument("--warmup", type=int, default=16, help="LR warmup of the first stage, steps")
-    ap.add_argument("--rewarmup", type=int, default=0, help="LR warmup of later stages, steps")
-    ap.add_argument("--min-lr", type=float, default=3e-5)
-    ap.add_argument("--eval-every", type=int, default=16)
-    ap.add_argument("--eval-batches", type=int, default=6, help="fixed val batches of 8 x 128 tokens")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma list of arms (scratch is always run)")
-    ap.add_argument("--data", type=Path, default=None, help="prepared dataset (default: $FLM_HOME/data/...)")
-    ap.add_argument("--workdir", type=Path, default=Path("runs/bench/growth_vs_scratch"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/growth_vs_scratch.json"))
-    ap.add_argument("--replot", type=Path, default=None, help="only redraw the PNG next to this result JSON")
+    ap.add_argument("--quick", action="store_true", help="CI smoke test: tiny shapes and budget, 1 seed, every path")
+    ap.add_argument("--pilot-only", action="store_true", help="stop after the pilot (the regime rule)")
+    ap.add_argument("--status", action="store_true", help="report which runs exist; train nothing")
+    ap.add_argument("--cost", type=int, default=0, metavar="N", help="only time N steps of the small and target "
+                    "shapes and estimate the pilot's hours from them (-> <results>/cost.json)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma list of headline arms (default: all)")
+    ap.add_argument("--seeds", type=ints, default=None, help="headline seeds (default 0,1,2; never fewer than 3)")
+    ap.add_argument("--budgets", type=floats, default=None, help="pilot budgets in tokens (default 2e6,4e6,8e6)")
+    ap.add_argument("--data", default="shakespeare", help="a prepared dataset dir, or a source to prepare (BPE 512)")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "growth")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/bench/growth"), help="run directories (deleted after)")
+    ap.add_argument("--out", type=Path, default=None, help="the campaign's summary JSON (default: "
+                                                           "<results>/headline.json once the headline ran)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps, args.batch, args.sweep_lrs = 1, 16, 4, []
-        args.eval_every, args.eval_batches, args.warmup, args.ramp = 4, 2, 2, 2
-    args.arms = ["scratch", *[a for a in args.arms.split(",") if a in ARMS and a != "scratch"]]
+    args.arms = [a for a in args.arms.split(",") if a]
+    if bad := [a for a in args.arms if a not in ARMS]:
+        ap.error(f"unknown arm(s) {', '.join(bad)}; arms: {', '.join(ARMS)}")
+    if args.seeds is not None and len(args.seeds) < 3 and not args.quick:
+        ap.error("the protocol needs at least 3 headline seeds")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.replot:
-        result = json.loads(args.replot.read_text())
-        plot_result(result, args.replot.with_suffix(".png"))
-        return result
-    t_start, load_start = time.perf_counter(), os.getloadavg()
-    data = args.data or flm_home() / "data" / "shakespeare-bpe2048"
-    if not (data / "manifest.json").is_file():  # the split the Trainer itself would make for a seed-0 plan
-        log(f"preparing {data}")
-        prepare_dataset("shakespeare", data, TokenizerSpec(kind="bpe", vocab_size=MODEL["vocab_size"]), seed=0)
-
-    sweep = lr_sweep(args, data) if args.sweep_lrs else None
-    lr = sweep["chosen_lr"] if sweep else args.lr
-    runs: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
-    for seed in range(args.seeds):
-        for arm in args.arms:
-            stages = arm_stages(arm, args, lr)
-            plan = make_plan(f"{arm}-s{seed}", stages, seed, args.workdir / f"seed{seed}" / arm, data, args)
-            run = run_plan(plan, stack_layers if arm == "stack" else None)
-            run["stages"] = [{k: s[k] for k in ("name", "tokens", "lr") if k in s} for s in stages]
-            runs[arm][seed] = run
-            log(f"seed {seed} {arm:7s}: val_loss {run['final_val_loss']:.4f}  flops {run['flops']:.3g}  "
-                f"train {run['train_s']:.0f}s (+{run['eval_s']:.0f}s eval)")
-
-    speedup, equal = analyse(runs)
-    result = {
-        "benchmark": "growth_vs_scratch",
-        "command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("workdir", "out", "data", "replot")},
-        "data": {"dir": str(data), "tokenizer": "bpe", "vocab_size": MODEL["vocab_size"],
-                 "seq_len": MODEL["seq_len"], "tokens_per_arm": args.steps * args.batch * MODEL["seq_len"]},
-        "lr_sweep": sweep,
-        "arms": {arm: {"stages": next(iter(seeds.values()))["stages"],
-                       "flops": next(iter(seeds.values()))["flops"],
-                       "final_val_loss": mean_std([r["final_val_loss"] for r in seeds.values()]),
-                       "train_s": mean_std([r["train_s"] for r in seeds.values()]),
-                       "eval_s": mean_std([r["eval_s"] for r in seeds.values()]),
-                       "growth_dloss": [mean_std([r["growth"][k]["dloss"] for r in seeds.values()])
-                                        for k in range(len(next(iter(seeds.values()))["growth"]))]}
-                 for arm, seeds in runs.items()},
-        "speedup_to_scratch_final_loss": speedup,
-        "equal_flops": equal,
-        "wall_s_total": time.perf_counter() - t_start,
-        "loadavg": {"start": load_start, "end": os.getloadavg()},
-        "threads": torch.get_num_threads(),
-    }
-    summary = json.loads(json.dumps(result))
-    result["curves"] = {arm: {str(seed): {"evals": r["evals"], "growth": r["growth"]} for seed, r in seeds.items()}
-                        for arm, seeds in runs.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    plot_result(result, args.out.with_suffix(".png"))
-    print(json.dumps(summary, indent=2))
+    rg = QUICK if args.quick else FULL
+    rg = rg.model_copy(update={k: tuple(v) if k == "seeds" else tuple(int(b) for b in v)
+                               for k, v in (("seeds", args.seeds), ("budgets", args.budgets)) if v})
+    t_start, load = time.perf_counter(), os.getloadavg()
+    data = resolve_data(args.data, rg)
+    if args.cost:
+        cost = {"command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
+                **measure_cost(rg, data, args.cost)}
+        out = args.out or args.results / "cost.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=2))
+        return cost
+    if not args.status:  # two campaigns in one workdir would delete each other's run directories
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        lock = open(args.workdir / ".campaign.lock", "a+")  # noqa: SIM115 (held until the process exits)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another campaign is running in {args.workdir}; wait for it or give --workdir", file=sys.stderr)
+            raise SystemExit(2) from None
+    c = Campaign(args, rg, data)
+    pilot = run_pilot(c)
+    result = {"benchmark": "growth_vs_scratch", "protocol": "benchmarks/growth_protocol.md",
+              "command": " ".join(["benchmarks/growth_vs_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
+              "regime": rg.model_dump(), "data": str(c.data), "vocab_size": c.vocab, "train_tokens": c.train_tokens,
+              "pilot": pilot}
+    if not args.status and pilot.get("qualified") is not None:
+        (c.results / "pilot.json").write_text(json.dumps(pilot, indent=1))
+    if args.pilot_only or pilot.get("qualified") is None:
+        pass
+    elif not pilot["qualified"] and not args.quick:
+        result["headline"] = {"status": "not run: no budget qualified in the pilot (a negative result)"}
+    else:  # --quick goes on whatever its tiny pilot shows: it tests the code paths, not the regime
+        pilot = pilot if pilot["qualified"] else {**pilot, "budget_tokens": pilot["budgets"][-1]["budget_tokens"]}
+        result["headline"] = run_headline(c, pilot)
+    result |= {"runs_trained": c.made, "runs_read": c.read, "wall_s_total": time.perf_counter() - t_start,
+               "loadavg": {"start": load, "end": os.getloadavg()}}
+    if args.status:
+        result["next_runs"] = c.missing  # the next ones the campaign would make (later ones depend on them)
+    out = args.out or (None if args.status or "headline" not in result else c.results / "headline.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=2))
     return result
-
-
-def plot_result(result: dict, path: Path) -> None:
-    """The PNG from a result JSON (also `--replot`)."""
-    runs = {arm: {int(seed): {**r, "final_val_loss": r["evals"][-1]["val_loss"]} for seed, r in seeds.items()}
-            for arm, seeds in result["curves"].items()}
-    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.2f}x ± {s['std']:.2f}"  # noqa: E731
-    lines = "\n".join(f"{a}: {fmt(s['flops'])} in FLOPs, {fmt(s['wall'])} in wall-clock (reached on {s['reached']})"
-                       for a, s in result["speedup_to_scratch_final_loss"].items())
-    st = result["settings"]
-    plot(runs, path, f"Shakespeare BPE-2048, target 4x256, {st['steps']} steps x {st['batch'] * MODEL['seq_len']} "
-                     f"tokens per arm, {st['seeds']} seed(s); speedup to scratch's final val loss:\n{lines}")
 
 
 if __name__ == "__main__":

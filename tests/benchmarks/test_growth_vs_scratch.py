@@ -1,7 +1,9 @@
-"""Smoke test of benchmarks/growth_vs_scratch.py: the --quick mode runs end to end and writes a complete report.
+"""Smoke test of benchmarks/growth_vs_scratch.py (issue 15's protocol runner): --quick runs the whole campaign on
+tiny shapes (pilot, bracketing sweeps, every arm, the analysis and the PNGs), writes one JSON per run, and a second
+call after a lost run trains only that run.
 
-The speedup value itself is not checked (a one-seed, 16-step run says nothing about it); only that every arm ran
-and every reported number is finite.
+The figures themselves are not checked (an 8-step run says nothing about growth); only that every arm ran on the
+budget the protocol gives it, every reported number is finite or explicitly absent, and the rules are applied.
 """
 
 import json
@@ -15,47 +17,76 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "growth_vs_scratch.py"
-ARMS = ("scratch", "msg", "stack")
+ARMS = {"scratch_cosine", "scratch_restarts", "scratch_at_msg", "msg", "stack", "stack_at_msg", "small_only",
+        "small_at_msg"}
 
 
 def finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-@pytest.mark.timeout(600)
-def test_quick_mode_report(tmp_path, micro_data):
+def quick(tmp_path: Path, data: Path) -> dict:
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data", str(micro_data), "--out", str(out),
-                           "--workdir", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=590)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data", str(data), "--out", str(out),
+                           "--results", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")], cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=590)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = json.loads(proc.stdout)
     result = json.loads(out.read_text())
-    assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "curves" not in printed and set(result["curves"]) == set(ARMS)
+    assert json.loads(proc.stdout) == result
+    return result
 
-    assert set(result["arms"]) == set(ARMS)
-    for arm in ARMS:
-        info = result["arms"][arm]
+
+@pytest.mark.timeout(600)
+def test_quick_campaign_and_resume(tmp_path, micro_data):
+    result = quick(tmp_path, micro_data)
+    res = tmp_path / "res"
+    runs = {kind: sorted(p.name for p in (res / kind).glob("*.json")) for kind in ("pilot", "sweeps", "headline")}
+    assert result["runs_trained"] == sum(map(len, runs.values())) and result["runs_read"] == 0
+    for png in ("pilot.png", "headline.png"):
+        assert (res / png).stat().st_size > 10_000
+
+    # the pilot: three arms swept and run at seed 100, the chosen scratch schedule and small_only at 101
+    pilot = result["pilot"]
+    assert json.loads((res / "pilot.json").read_text()) == pilot
+    (b,) = pilot["budgets"]
+    assert set(b["sweeps"]) == {"small_only", "scratch_cosine", "scratch_restarts"}
+    assert set(b["final_val_loss"][pilot["scratch_schedule"]]) == {"100", "101"}
+    assert b["qualifies"] == (b["small_minus_scratch"] >= 0.1)
+
+    head = result["headline"]
+    assert set(head["arms"]) == ARMS and set(head["sweeps"]) == ARMS
+    for sweep in head["sweeps"].values():  # one-point grid: the chosen end point extends the grid once (downward)
+        assert len(sweep["val_loss"]) == 2 and sweep["extended"]
+    arms = head["arms"]
+    for arm, info in arms.items():
         assert finite(info["final_val_loss"]["mean"]) and finite(info["flops"]) and finite(info["train_s"]["mean"])
-        evals = result["curves"][arm]["0"]["evals"]
-        assert len(evals) >= 3
-        assert all(finite(e["val_loss"]) and finite(e["flops"]) and finite(e["train_s"]) for e in evals)
-        assert [e["flops"] for e in evals] == sorted(e["flops"] for e in evals)
-    # every arm trains the same tokens; growth arms spend fewer FLOPs and record their growth events
-    tokens = {result["curves"][a]["0"]["evals"][-1]["tokens"] for a in ARMS}
-    assert len(tokens) == 1
-    assert len(result["curves"]["msg"]["0"]["growth"]) == 2 and len(result["curves"]["stack"]["0"]["growth"]) == 1
-    for arm in ("msg", "stack"):
-        assert result["arms"][arm]["flops"] < result["arms"]["scratch"]["flops"]
-        sp = result["speedup_to_scratch_final_loss"][arm]
-        assert {"flops", "wall", "reached", "final_gap", "per_seed"} <= set(sp)
-        assert finite(sp["final_gap"]["mean"])
-        for key in ("flops", "wall"):  # None only when the arm never reached scratch's final loss
-            assert sp[key]["mean"] is None or finite(sp[key]["mean"])
-        eq = result["equal_flops"][arm]
-        assert finite(eq["arm_val_loss"]["mean"]) and finite(eq["scratch_val_loss"]["mean"])
-        assert 0 < eq["flops_fraction_of_scratch"] < 1
-    assert result["arms"]["msg"]["growth_dloss"][0]["mean"] < 1e-3  # MSG preserves the function; stacking need not
-    assert finite(result["wall_s_total"])
+        run = json.loads((res / "headline" / f"B{head['budget_tokens'] / 1e6:g}M-{arm}-s0-lr{info['lr']:g}.json")
+                         .read_text())
+        assert run["spec"]["arm"] == arm and run["evals"][-1]["step"] == run["spec"]["steps"]
+        assert [e["flops"] for e in run["evals"]] == sorted(e["flops"] for e in run["evals"])
+    # budgets: the B arms train the same tokens; the *_at_msg arms spend MSG's FLOPs within a step's worth
+    assert len({arms[a]["tokens"] for a in ("scratch_cosine", "scratch_restarts", "msg", "stack", "small_only")}) == 1
+    for arm in ("scratch_at_msg", "stack_at_msg", "small_at_msg"):
+        assert abs(arms[arm]["flops"] / arms["msg"]["flops"] - 1) < 0.35  # an 8-step budget: a step is 10-30% of these
+    assert len(arms["msg"]["growth_dloss"]) == 2 and len(arms["stack"]["growth_dloss"]) == 1
+    assert arms["scratch_restarts"]["growth_dloss"] == []  # LR restarts are not growth events
+
+    ref = head["reference"]
+    assert ref == pilot["scratch_schedule"]
+    sp = head["speedup_to_scratch_final_loss"]
+    assert set(sp) == ARMS - {ref}
+    for arm in sp.values():
+        assert arm["flops"]["mean"] is None or finite(arm["flops"]["ci95"][0])
+        assert finite(arm["final_gap"]["mean"])
+    claims = head["claims"]
+    assert claims["preservation"]["met"] and claims["preservation"]["max_dloss"] <= 1e-5  # ramped MSG
+    assert set(claims["equal_compute"]["arms"]) == {"msg", "scratch_at_msg", "stack_at_msg", "small_at_msg"}
+    assert isinstance(claims["speed"]["met"], bool)
+    assert "msg" in head["interpolation_check"]  # seed 0's msg ran on the dense grid
+
+    # a killed campaign: one lost run is the only one trained again, the rest are read back
+    lost = res / "headline" / runs["headline"][0]
+    lost.unlink()
+    again = quick(tmp_path, micro_data)
+    assert again["runs_trained"] == 1 and again["runs_read"] == result["runs_trained"] - 1
+    assert lost.exists() and again["headline"]["arms"].keys() == arms.keys()
