@@ -337,7 +337,9 @@ class JobRunner:
         return True
 
     def _register_deployment(self, job: Job) -> None:
-        """A pipeline's deploy step (run inside its Ray job) becomes a deployment of the job's owner."""
+        """A pipeline's deploy step (run inside its Ray job) becomes a deployment of the job's owner; a FAILED or
+        DELETED one of the same name and owner (a Ray cluster since restarted, an earlier `flm demo`) is replaced, as
+        POST /v1/deployments replaces it."""
         if job.kind != "pipeline" or not job.spec.get("deploy"):
             return
         steps = (read_json(self.settings.job_dir(job.id) / "pipeline.json") or {}).get("steps", [])
@@ -345,11 +347,16 @@ class JobRunner:
                       None)
         if not result:
             return
+        values = dict(owner=job.owner, job_id=job.id, checkpoint=result["checkpoint"],
+                      spec={**job.spec["deploy"], "name": result["name"]}, state="RUNNING", url=result["url"],
+                      error=None, ray_submission_id=None)
         with self.sessions.begin() as s:
-            if s.get(Deployment, result["name"]) is None:
-                s.add(Deployment(id=result["name"], owner=job.owner, job_id=job.id, checkpoint=result["checkpoint"],
-                                 spec={**job.spec["deploy"], "name": result["name"]}, state="RUNNING",
-                                 url=result["url"], attempt=0))
+            dep = s.get(Deployment, result["name"])
+            if dep is None:
+                s.add(Deployment(id=result["name"], attempt=0, **values))
+            elif dep.state in ("FAILED", "DELETED") and dep.owner == job.owner and dep.job_id != job.id:
+                for k, v in {**values, "updated_at": utcnow()}.items():
+                    setattr(dep, k, v)
 
 
 def relative(settings: GatewaySettings, path: Path) -> str:

@@ -93,3 +93,41 @@ def test_a_failing_jobs_error_file_reaches_its_record(tmp_path):
     assert failure_message(tmp_path / "none.json", log, ray_says) == (
         "Job entrypoint command failed with exit code 1 (it left no error file; its log ends: step 1 | Traceback (most "
         "recent call last): | KeyError: 'x')")
+
+
+def test_a_pipeline_deploys_again_under_the_name_of_a_failed_deployment(tmp_path):
+    """A FAILED deployment (its Ray cluster restarted, as after an earlier `flm demo`) and a pipeline whose deploy step
+    then deployed the same name: the record is the pipeline's RUNNING deployment (it stayed FAILED, and requests for
+    the model got 409). Another owner's record of the name is left alone."""
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    from api.store import Deployment
+
+    settings = GatewaySettings(home=tmp_path, ray_address="http://127.0.0.1:9")  # Ray is never called
+    sessions = open_store(settings.db_url)
+    job = Job(id=JOB_ID, owner="me", kind="pipeline", spec={"kind": "pipeline", "deploy": {"tp": 2}}, state="RUNNING",
+              attempt=1, ray_submission_id=JOB_ID)
+    with sessions.begin() as s:
+        s.add(job)
+        s.add(Deployment(id="tiny", owner="me", job_id=None, checkpoint="runs/old/checkpoints/step_1",
+                         spec={"name": "tiny"}, state="FAILED", error="Serve has no application tiny", attempt=0))
+        s.add(Deployment(id="theirs", owner="them", checkpoint="x", spec={"name": "theirs"}, state="FAILED",
+                         attempt=0))
+    jd = settings.job_dir(JOB_ID)
+    jd.mkdir(parents=True)
+    runner = JobRunner(settings, sessions)
+
+    def deployed(name: str) -> None:
+        result = {"name": name, "url": f"http://127.0.0.1:8000/{name}", "checkpoint": f"runs/{JOB_ID}/checkpoints/s"}
+        (jd / "pipeline.json").write_text(json.dumps({"steps": [{"name": "deploy", "state": "SUCCEEDED",
+                                                                 "result": result}]}))
+        runner._sync(job, JobDetails(type=JobType.SUBMISSION, submission_id=JOB_ID, status=JobStatus.RUNNING,
+                                     entrypoint="x"))
+
+    deployed("tiny")
+    deployed("theirs")
+    with sessions.begin() as s:
+        tiny, theirs = s.get(Deployment, "tiny"), s.get(Deployment, "theirs")
+        assert (tiny.state, tiny.error, tiny.job_id, tiny.url) == ("RUNNING", None, JOB_ID, "http://127.0.0.1:8000/tiny")
+        assert tiny.checkpoint == f"runs/{JOB_ID}/checkpoints/s" and tiny.spec == {"tp": 2, "name": "tiny"}
+        assert (theirs.state, theirs.owner) == ("FAILED", "them")
