@@ -294,6 +294,7 @@ def plot(result: dict, path: Path) -> None:
     ex.plot(x, result["scaling_efficiency_per_round"], "o-", label="pipeline (--num-proc 2 vs 1)")
     ex.plot(x, result["ceiling_efficiency_per_round"], "s--", label="ceiling (tokenizer alone, 2 forks vs 1)")
     ex.axhline(GOAL_EFFICIENCY, color="grey", lw=0.8, label="goal")
+    ex.set_xticks(list(x))
     ex.set_xlabel("round")
     ex.set_ylabel("scaling efficiency 1 -> 2 processes")
     ex.set_ylim(0, 1.2)
