@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from api.client import Client, console, follow
-from api.settings import Limits
+from api.settings import GatewaySettings, Limits
 from flm.config import FLMConfigError, flm_home
 
 
@@ -222,20 +222,31 @@ def cmd_keys_limits(args) -> None:
                     f"for the rest; in effect at its next request)")
 
 
+def stack_lines(stack: dict) -> list[str]:
+    """What `flm up` tells the user about the stack `api.stack.start_stack` started: where each part answers, where
+    the jobs' curves are, how to stop it."""
+    from api.stack import STACK_FILE
+
+    gateway, ray, home = stack["processes"]["gateway"], stack["processes"]["ray"], Path(stack["home"])
+    lines = [f"gateway  {gateway['url']}  (API docs: /docs)",
+             f"console  {gateway['url']}/console/  (sign in with a key of `flm keys create`)",
+             f"ray      {ray['address']}  dashboard {ray['dashboard']}",
+             f"serve    {stack['serve_url']} (once a model is deployed)",
+             f"curves   tensorboard --logdir {GatewaySettings(home=home).runs_dir}  (a job's run writes "
+             f"<job id>/tensorboard)"]
+    if ray.get("auth_token_path"):
+        lines.append(f"Ray token auth: on, its token in {ray['auth_token_path']} (for the ray CLI: "
+                     f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>)")
+    return lines + [f"PIDs in {home / STACK_FILE}, logs in {stack['logs']}; stop with `flm down`",
+                    f"export FLM_URL={gateway['url']}  # and FLM_API_KEY from `flm keys create`"]
+
+
 def cmd_up(args) -> None:
-    from api.stack import STACK_FILE, start_stack
+    from api.stack import start_stack
 
     stack = start_stack(flm_home(), args.port, args.ray_port, args.dashboard_port, args.serve_port, args.num_cpus)
-    c = console()
-    c.print(f"gateway  {stack['processes']['gateway']['url']}  (API docs: /docs)")
-    c.print(f"console  {stack['processes']['gateway']['url']}/console/  (sign in with a key of `flm keys create`)")
-    c.print(f"ray      {stack['processes']['ray']['address']}  dashboard {stack['processes']['ray']['dashboard']}")
-    c.print(f"serve    {stack['serve_url']} (once a model is deployed)")
-    if stack["processes"]["ray"].get("auth_token_path"):
-        c.print(f"Ray token auth: on, its token in {stack['processes']['ray']['auth_token_path']} (for the ray CLI: "
-                f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>)")
-    c.print(f"PIDs in {Path(stack['home']) / STACK_FILE}, logs in {stack['logs']}; stop with `flm down`")
-    c.print(f"export FLM_URL={stack['processes']['gateway']['url']}  # and FLM_API_KEY from `flm keys create`")
+    for line in stack_lines(stack):
+        console().print(line)
 
 
 def cmd_demo(args) -> None:

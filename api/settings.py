@@ -112,8 +112,13 @@ class GatewaySettings(BaseModel):
     def job_dir(self, job_id: str) -> Path:
         return self.home / "jobs" / job_id
 
+    @property
+    def runs_dir(self) -> Path:
+        """Where every job's run directory is (its metrics.jsonl, checkpoints, tensorboard/): TensorBoard's logdir."""
+        return self.home / "runs"
+
     def run_dir(self, job_id: str) -> Path:
-        return self.home / "runs" / job_id
+        return self.runs_dir / job_id
 
     def deployment_dir(self, name: str) -> Path:
         """A deployment's files: the spec.json its Ray job deploys, the result.json (its URL) that job writes."""

@@ -133,6 +133,20 @@ def test_up_refuses_a_taken_port(env, capsys, server):
     assert code == 2 and "10002-19999" in err
 
 
+def test_up_says_where_the_jobs_curves_are(tmp_path):
+    """`flm up`'s lines for a started stack (the dict api.stack.start_stack returns) name TensorBoard's logdir: the
+    directory the gateway's jobs write their runs to."""
+    from api.cli import stack_lines
+
+    stack = {"home": str(tmp_path), "serve_url": "http://127.0.0.1:8000", "logs": str(tmp_path / "stack"),
+             "processes": {"gateway": {"url": "http://127.0.0.1:8080"},
+                           "ray": {"address": "127.0.0.1:6379", "dashboard": "http://127.0.0.1:8265"}}}
+    lines = stack_lines(stack)
+    logdir = GatewaySettings(home=tmp_path).run_dir("job-1").parent
+    assert f"curves   tensorboard --logdir {logdir}  (a job's run writes <job id>/tensorboard)" in lines
+    assert lines[-1] == "export FLM_URL=http://127.0.0.1:8080  # and FLM_API_KEY from `flm keys create`"
+
+
 @pytest.fixture
 def deployed(server, env, micro_data):
     """A RUNNING deployment of the key's owner: a random checkpoint of 32 tokens of context among the owner's files,
