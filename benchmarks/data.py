@@ -170,22 +170,25 @@ ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THR
        "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def in_process(name: str, args: tuple, fresh: bool) -> dict:
+    """This module's function `name`(*args) in a fresh Python process with ENV (`fresh`), else in this one."""
+    if not fresh:
+        os.environ.update(ENV)
+        return globals()[name](*args)
+    code = f"import json; from benchmarks.data import {name}; print(json.dumps({name}(*{args!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}{args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_arm(corpus: Path, corpus_bytes: int, mode: str, num_proc: int, work: Path, fresh: bool = True) -> dict:
     """`measure` in a fresh process (`fresh`; else in this one: --quick, where memory figures are not the point);
     adds throughput and the load average it started under."""
     out = work / f"out-{mode}-{num_proc}-{corpus.name}"
     load = os.getloadavg()
-    if fresh:
-        code = (f"import json; from benchmarks.data import measure; "
-                f"print(json.dumps(measure({str(corpus)!r}, {str(out)!r}, {mode!r}, {num_proc})))")
-        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
-                              cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{mode} x{num_proc} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-    else:
-        os.environ.update(ENV)
-        r = measure(str(corpus), str(out), mode, num_proc)
+    r = in_process("measure", (str(corpus), str(out), mode, num_proc), fresh)
     mb = corpus_bytes / 1e6
     r.update(mode=mode, num_proc=num_proc, corpus_mb=round(mb, 1), load_avg_1m_before=round(load[0], 2),
              tokenize_mb_per_s=mb / r["tokenize_s"], tokenize_tokens_per_s=r["tokens"] / r["tokenize_s"])
@@ -214,16 +217,7 @@ def _dataset_hash(directory: Path) -> str:
 def run_ceiling(corpus: Path, corpus_bytes: int, work: Path, fresh: bool = True) -> dict:
     """`ceiling` in a fresh process (else in this one); adds MB/s and the efficiency of 2 processes."""
     load = os.getloadavg()
-    args = (str(corpus), str(work / "tokenizer"))
-    if fresh:
-        code = f"import json; from benchmarks.data import ceiling; print(json.dumps(ceiling(*{args!r})))"
-        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
-                              cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"ceiling failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-    else:
-        r = ceiling(*args)
+    r = in_process("ceiling", (str(corpus), str(work / "tokenizer")), fresh)
     mb = corpus_bytes / 1e6
     r.update(load_avg_1m_before=round(load[0], 2), one_process_mb_per_s=mb / r["one_process_s"],
              two_processes_mb_per_s=mb / r["two_processes_s"],
