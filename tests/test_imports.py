@@ -165,18 +165,13 @@ def test_the_gateway_process_imports_neither_torch_nor_ray_train():
 
 
 CLI = """
-import contextlib, io, sys
-from flm.cli import main
+import sys
+from tests.cli_capture import run_captured
 
 for argv in (["--help"], ["jobs", "--help"], ["jobs"], ["status", "job-0000000000"]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    assert code == (0 if "--help" in argv else 2), (argv, code, err.getvalue())
-    assert "--help" in argv or "nothing answers" in err.getvalue(), err.getvalue()
+    code, _, err = run_captured(argv)
+    assert code == (0 if "--help" in argv else 2), (argv, code, err)
+    assert "--help" in argv or "nothing answers" in err, err
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "ray", "fastapi", "deepspeed"))))
 """
 

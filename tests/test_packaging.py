@@ -28,7 +28,7 @@ ABSENT = sorted(m for m, extra in EXTRAS.items() if extra != "client")
 # In the child: a meta-path finder that refuses ABSENT (argv[1], JSON) as if not installed, then `flm` on each argv of
 # argv[2] (JSON); prints one JSON line [exit code, stdout, stderr] per command.
 CLIENT = """
-import contextlib, io, json, sys
+import json, sys
 from importlib.abc import MetaPathFinder
 
 absent = set(json.loads(sys.argv[1]))
@@ -39,20 +39,10 @@ class NotInstalled(MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, NotInstalled())
-from flm.cli import main
+from tests.cli_capture import run_captured
 
 for argv in json.loads(sys.argv[2]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-        except BaseException as e:
-            import traceback
-            traceback.print_exc()
-            code = f"raised {type(e).__name__}"
-    print(json.dumps([code, out.getvalue(), err.getvalue()]), flush=True)
+    print(json.dumps(run_captured(argv)), flush=True)
 assert not [m for m in sys.modules if m.split(".")[0] in absent]
 """
 
