@@ -32,6 +32,10 @@ RAY_MODULES = ("tests/api/test_e2e.py", "tests/cluster/test_autoscaling.py", "te
 # ... except the end-to-end stack: a `ray start` head of its own (own temp dir and ports, never connected to this
 # process), which runs beside the others as a unit of its own
 OWN_HEAD = "tests/api/test_e2e.py"
+# Ray modules that start clusters of their own (multi-node, autoscaling): they run first in the unit, so that the
+# `local_ray` modules after them run one after another and share one local cluster (each start costs ~7 s of CPU and
+# more than twice that of waiting on a loaded machine)
+OWN_CLUSTER = ("tests/cluster/test_autoscaling.py", "tests/cluster/test_fault.py")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -55,6 +59,12 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return RayGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """OWN_CLUSTER's modules first (see above); the order is otherwise the collection's (xdist's workers collect
+    the same order: this runs on each)."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in OWN_CLUSTER)
 
 
 def pytest_configure(config):
@@ -103,13 +113,16 @@ def micro_plan(data, out, **train) -> GrowthPlan:
     })
 
 
-# Ray for tests: no telemetry or auth tokens; Ray Train without its preemption watcher (one actor fewer per run) and
-# with its controller polling workers every 0.5 s instead of 2 s (measured: a 12-step stage run 20 s instead of 25 s,
-# most of the difference in the wait between the workers finishing and the controller noticing); a `ray start --block`
-# head that gets SIGTERM stops at once instead of draining for up to 30 s (as `flm up`'s does: api.stack.start_ray)
+# Ray for tests: worker processes at nice 0 (Ray's default is 15: beside the other xdist worker's tests at 0, the Ray
+# modules, the suite's longest unit, got the CPU last and ran minutes after the rest had finished; measured at 0:
+# both workers end within 20 s); no telemetry or auth tokens; Ray Train without its preemption watcher (one actor
+# fewer per run) and with its controller polling workers every 0.5 s instead of 2 s (measured: a 12-step stage run
+# 20 s instead of 25 s, most of the difference in the wait between the workers finishing and the controller
+# noticing); a `ray start --block` head that gets SIGTERM stops at once instead of draining for up to 30 s (as
+# `flm up`'s does: api.stack.start_ray)
 RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_worker_niceness": "0"}
 
 
 @contextlib.contextmanager
@@ -124,12 +137,17 @@ def ray_test_env(**env: str):
 
 _kept = contextlib.ExitStack()  # the local cluster `local_ray` keeps for the next module that asks for the same one
 _kept_key: list = []
+_kept_s3: list = []  # its object store's boto3 client
+# what the local cluster's object store sets (moto_s3): not part of what a module asks for
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "FLM_HOME")
 
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2, **env: str):
     """A local Ray cluster of `num_cpus` CPUs (for a module- or package-scoped fixture), with RAY_TEST_ENV and `env`
-    set while it runs; yields its resources. Never `ray stop`: it stops only the cluster it started.
+    set while it runs, and an object store beside it as a cloud cluster has one (`local_s3()`: a moto S3 server its
+    workers reach through AWS_*; FLM_HOME a temporary directory); yields its resources. Never `ray stop`: it stops
+    only the cluster it started.
 
     The cluster outlives the fixture: the next module of this worker that asks for the same CPUs in the same
     environment (the Ray modules run one after another on one worker) gets it as it is, since starting and stopping
@@ -138,13 +156,16 @@ def local_ray(num_cpus: int = 2, **env: str):
     import ray
 
     _check_ray_module()
-    key = (num_cpus, sorted({**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
-                             **RAY_TEST_ENV, **env}.items()))
+    key = (num_cpus, sorted({**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and
+                                k not in S3_ENV}, **RAY_TEST_ENV, **env}.items()))
     if _kept_key == [key] and ray.is_initialized():
         yield ray.cluster_resources()
         return
     release_local_ray()
     _kept.enter_context(ray_test_env(**env))
+    home = tempfile.mkdtemp(prefix="flm-home-")
+    _kept.callback(shutil.rmtree, home, ignore_errors=True)
+    _kept_s3.append(_kept.enter_context(moto_s3(None, home)))  # started before Ray: its workers inherit AWS_*
     _kept.callback(ray.shutdown)
     _kept_key.append(key)
     for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
@@ -159,10 +180,25 @@ def local_ray(num_cpus: int = 2, **env: str):
     yield ray.cluster_resources()
 
 
+def local_s3():
+    """A boto3 S3 client of the object store beside the cluster `local_ray` keeps."""
+    assert _kept_s3, "no local Ray cluster: use local_ray() first"
+    return _kept_s3[0]
+
+
 def release_local_ray() -> None:
-    """Stop the cluster `local_ray` kept, if any, and undo its environment."""
+    """Stop the cluster `local_ray` kept, if any, and its object store, and undo their environment."""
     _kept.close()
     _kept_key.clear()
+    _kept_s3.clear()
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's teardown of the item's fixtures
+def pytest_runtest_teardown(item, nextitem):
+    """The kept cluster goes when this worker leaves the Ray modules: its object store's AWS_* and FLM_HOME are not
+    for the tests that follow, nor are its idle processes' CPU."""
+    if nextitem is None or nextitem.nodeid.split("::")[0] not in RAY_MODULES:
+        release_local_ray()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -170,9 +206,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @contextlib.contextmanager
-def moto_s3(bucket: str, home):
-    """A moto S3 server (a real S3 API over HTTP) on a free port holding `bucket`; AWS_* point at it and FLM_HOME at
-    `home` while it runs (set before a Ray cluster starts, its workers inherit them). Yields a boto3 client."""
+def moto_s3(bucket: str | None, home):
+    """A moto S3 server (a real S3 API over HTTP) on a free port holding `bucket` (if given); AWS_* point at it and
+    FLM_HOME at `home` while it runs (set before a Ray cluster starts, its workers inherit them). Yields a boto3
+    client."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -188,7 +225,8 @@ def moto_s3(bucket: str, home):
             mp.setenv(k, v)
         try:
             client = boto3.client("s3")
-            client.create_bucket(Bucket=bucket)
+            if bucket:
+                client.create_bucket(Bucket=bucket)
             yield client
         finally:  # moto's backends are global to the process: empty them for the next server
             urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))

@@ -1,12 +1,13 @@
-"""cluster/data.py: Ray Data reads (local paths and a real S3 API: moto) and tokenizes on a local 2-CPU cluster; the
-dataset equals `flm data prepare`'s byte for byte (shards, tokenizer, manifest)."""
+"""cluster/data.py: Ray Data reads (local paths and a real S3 API: the moto server beside the local cluster) and
+tokenizes on a local 2-CPU cluster; the dataset equals `flm data prepare`'s byte for byte (shards, tokenizer,
+manifest)."""
 
 import pytest
 
 from cluster.data import prepare_dataset_ray, shard_pieces
 from flm.cli import main
 from flm.data import Manifest, TokenizerSpec, prepare_dataset
-from tests.conftest import local_ray, moto_s3
+from tests.conftest import local_ray, local_s3
 from tests.flm.test_data import file_hashes, make_docs, mixed_corpus
 
 BUCKET = "flm-corpus"
@@ -14,15 +15,17 @@ OPTIONS = dict(tokenizer=TokenizerSpec(vocab_size=300), val_fraction=0.25, seed=
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with moto_s3(BUCKET, tmp_path_factory.mktemp("home")) as client:
-        yield client
+def ray_cluster():
+    with local_ray(num_cpus=2) as resources:
+        yield resources
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3):  # started after the S3 server: its workers inherit AWS_*
-    with local_ray(num_cpus=2) as resources:
-        yield resources
+def s3(ray_cluster):
+    """The object store beside the cluster (its workers have AWS_*), with a bucket of this module's."""
+    client = local_s3()
+    client.create_bucket(Bucket=BUCKET)
+    return client
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from flm.config import GrowthPlan, flm_home
 from flm.storage import staging_dir
 from flm.train import Trainer, read_metrics
 from tests.cluster.test_train import LOSS_ATOL, MODEL_RTOL, rel_diff
-from tests.conftest import local_ray, micro_plan, moto_s3
+from tests.conftest import local_ray, local_s3, micro_plan
 
 BUCKET, ROOT, NAME = "flm-runs", "s3://flm-runs/team", "micro"
 PREFIX = f"team/{NAME}"
@@ -33,15 +33,17 @@ def s3_plan(data, out="") -> GrowthPlan:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with moto_s3(BUCKET, tmp_path_factory.mktemp("home")) as client:
-        yield client
+def ray_cluster():
+    with local_ray() as resources:
+        yield resources
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3):  # started after the S3 server: its workers inherit AWS_* and FLM_HOME
-    with local_ray() as resources:
-        yield resources
+def s3(ray_cluster):
+    """The object store beside the cluster (its workers have AWS_* and FLM_HOME), with a bucket of this module's."""
+    client = local_s3()
+    client.create_bucket(Bucket=BUCKET)
+    return client
 
 
 def keys(client, prefix: str) -> list[str]:
