@@ -12,26 +12,25 @@ TORCH_INDEX ?=
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 CHECK_PY ?= python3.12
 
-.PHONY: setup test lint demo clean chromium postgresql check-client check-py check-py312
+.PHONY: setup test lint demo clean system-packages check-client check-py check-py312
 
-setup: $(STAMP) chromium postgresql
+setup: $(STAMP) system-packages
 
-# tests/api/test_e2e.py's console tests drive Debian's chromium (Playwright with executable_path: no browser download). Installed
-# here when it is missing and we are root; if apt-get fails, setup goes on and that test is skipped, saying why.
-chromium:
-	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "apt-get could not install chromium: the console tests of tests/api/test_e2e.py will be skipped"; fi
-
-# tests/api/test_store.py (and a test of tests/api/test_app.py) run the gateway's store on a real PostgreSQL server as
-# well as SQLite: tests/conftest.py starts a throwaway one from Debian's server programs (/usr/lib/postgresql/<major>/bin,
-# run as the `postgres` user when we are root). Installed here when missing and we are root; if apt-get fails, setup
-# goes on and those tests are skipped, saying why.
-postgresql:
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
-	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
-	  echo "apt-get could not install postgresql: the PostgreSQL tests of tests/api/ will be skipped"; fi
+# Debian packages the suite uses, installed with one apt-get call when missing and we are root (`make -j2 setup`, as
+# .ci/run does, runs it beside the venv's installs: apt's downloads and pip's overlap). If apt-get fails, setup goes
+# on and the tests that need them are skipped, saying why:
+# - chromium: tests/api/test_e2e.py's console tests drive it (Playwright with executable_path: no browser download);
+# - postgresql: tests/api/test_store.py (and a test of tests/api/test_app.py) run the gateway's store on a real
+#   PostgreSQL server as well as SQLite: tests/conftest.py starts a throwaway one from Debian's server programs
+#   (/usr/lib/postgresql/<major>/bin, run as the `postgres` user when we are root).
+system-packages:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "apt-get install$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || \
+	  echo "apt-get could not install$$missing: the tests that need it are skipped (console: chromium; store: postgresql)"; fi
 
 # torch==$(TORCH_VERSION) into the venv whose bin/ is $(1) (a shell word), from TORCH_INDEX (see above)
 install_torch = index="$(TORCH_INDEX)"; \
