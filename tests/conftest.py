@@ -168,16 +168,35 @@ def local_ray(num_cpus: int = 2, **env: str):
     _kept_s3.append(_kept.enter_context(moto_s3(None, home)))  # started before Ray: its workers inherit AWS_*
     _kept.callback(ray.shutdown)
     _kept_key.append(key)
-    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, try once more
-        try:
-            connect(ray, "local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                release_local_ray()
-                raise
+    try:
+        start_ray_node(lambda: connect(ray, "local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False),
+                       cleanup=ray.shutdown)
+    except Exception:
+        ray.shutdown()
+        release_local_ray()
+        raise
     yield ray.cluster_resources()
+
+
+def start_ray_node(start, cleanup=lambda: None):
+    """`start()` (a Ray node's start: `ray.init`, `Cluster.add_node`), once more if the node did not register in time:
+    Ray gives a new node a fixed 30 s to appear in the GCS, and on a loaded machine one RPC can take all of it (seen
+    when a 3-node cluster's head started beside the end-to-end stack's). Before the second try, `cleanup()` and the
+    failed node's processes (children of this process) are killed."""
+    import psutil
+
+    for attempt in (1, 2):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            return start()
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            cleanup()
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
 
 
 def local_s3():

@@ -33,7 +33,7 @@ from flm.checkpoint import load_checkpoint
 from flm.config import GrowthPlan
 from flm.connect import connect
 from flm.train import Trainer, read_metrics
-from tests.conftest import micro_plan, ray_test_env, release_local_ray
+from tests.conftest import micro_plan, ray_test_env, release_local_ray, start_ray_node
 
 TIMING = ("tokens_per_s", "mfu")
 # The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s). Only the
@@ -91,7 +91,7 @@ def multinode():
     release_local_ray()  # a module before this one may have left its local cluster running
     with ray_test_env():
         cluster = Cluster()
-        start_node(lambda: cluster.add_node(num_cpus=1, include_dashboard=False, _system_config=GCS_CONFIG))
+        start_ray_node(lambda: cluster.add_node(num_cpus=1, include_dashboard=False, _system_config=GCS_CONFIG))
         use_worker_nodes(cluster, 2)
         connect(ray, cluster.address, log_to_driver=False)
         yield cluster
@@ -99,29 +99,12 @@ def multinode():
         cluster.shutdown()
 
 
-def start_node(add):
-    """`add()` (a Cluster.add_node), once more if the node did not register in time: Ray gives a new node a fixed
-    30 s to appear in the GCS, and on a loaded machine one RPC can take all of it (seen when this module's head
-    started beside the end-to-end stack's). The failed node's processes (children of this process) are killed."""
-    for attempt in (1, 2):
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
-        try:
-            return add()
-        except Exception as e:
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            for p in psutil.Process().children(recursive=True):
-                if p.pid not in before:
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
-
-
 def use_worker_nodes(cluster: Cluster, n: int) -> None:
     """Exactly n live worker nodes (added from the main thread: a Ray node installs signal handlers)."""
     while len(cluster.worker_nodes) > n:
         cluster.remove_node(next(iter(cluster.worker_nodes)))
     while len(cluster.worker_nodes) < n:
-        start_node(lambda: cluster.add_node(num_cpus=1))
+        start_ray_node(lambda: cluster.add_node(num_cpus=1))
 
 
 def _lines(path) -> list[dict]:
