@@ -221,7 +221,11 @@ def stop_processes(procs: dict, grace_s: float = 30.0) -> list[str]:
     """SIGTERM each recorded process that is still the one we started (its command line says so), the gateway
     first, so it does not see Ray vanish under running jobs. A blocking `ray start` stops the processes it started
     itself; whatever of that process tree (noted before the SIGTERM) is still there after `grace_s` (a loaded
-    machine can take that long) is SIGKILLed, each only if it is still the same process (PID and start time)."""
+    machine can take that long) is SIGKILLed, each only if it is still the same process (PID and start time).
+
+    One line per process stopped, e.g. "ray (PID 7)"; a tree that needed SIGKILL says which of its processes did
+    not exit in time and what they were ("ray (PID 7; SIGKILLed after 30 s: 12 python3 -m ...)"), so a slow
+    `flm down` names its cause."""
     marks = {"gateway": "api.server", "ray": "ray start"}
     stopped = []
     for name in ("gateway", "ray"):
@@ -230,17 +234,21 @@ def stop_processes(procs: dict, grace_s: float = 30.0) -> list[str]:
             continue
         pid = info["pid"]
         tree = {pid: start_time(pid), **descendants(pid)}
+        names = {p: cmdline(p).strip()[:100] for p in tree}  # read now: a killed process has none
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(alive(p) and start_time(p) == t for p, t in tree.items()):
             _reap(pid)
             time.sleep(0.2)
+        killed = []
         for p, t in tree.items():
             if alive(p) and start_time(p) == t:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
+                    killed.append(f"{p} {names[p]}")
         _reap(pid)
-        stopped.append(f"{name} (PID {pid})")
+        stopped.append(f"{name} (PID {pid}; SIGKILLed after {grace_s:.0f} s: {', '.join(killed)})" if killed
+                       else f"{name} (PID {pid})")
     return stopped
 
 

@@ -556,9 +556,10 @@ def test_down_stops_exactly_the_stack(stack):
     assert stack.get("/v1/deployments")["deployments"], "no deployment to stop"
     t0 = time.perf_counter()
     stopped = stop_processes({"gateway": {"pid": stack.gw["pid"]}, "ray": {"pid": stack.ray["pid"]}}, grace_s=30)
-    print(f"\nstack down in {time.perf_counter() - t0:.1f} s")
-    assert time.perf_counter() - t0 < 20
-    assert stopped == [f"gateway (PID {stack.gw['pid']})", f"ray (PID {stack.ray['pid']})"]
+    took = time.perf_counter() - t0
+    print(f"\nstack down in {took:.1f} s")
+    assert stopped == [f"gateway (PID {stack.gw['pid']})", f"ray (PID {stack.ray['pid']})"]  # none SIGKILLed
+    assert took < 20
     deadline = time.monotonic() + 30
     while (left := [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]):
         assert time.monotonic() < deadline, [psutil.Process(p).cmdline()[:2] for p in left]
