@@ -33,7 +33,9 @@ def start(kind: str) -> tuple[subprocess.Popen, int]:
 def test_stop_names_what_had_to_be_killed(kind):
     proc, child = start(kind)
     t0 = time.perf_counter()
-    stopped = stop_processes({"gateway": {"pid": proc.pid}}, grace_s=2)
+    # the cooperative tree's grace is long so that a loaded machine cannot make it look stubborn; it costs nothing
+    # (stop_processes returns as soon as the tree is gone)
+    stopped = stop_processes({"gateway": {"pid": proc.pid}}, grace_s=2 if kind == "stubborn" else 30)
     took = time.perf_counter() - t0
     proc.wait(5)
     if kind == "stubborn":  # the child ignored its SIGTERM (its parent's handler sent one): killed at the grace's end
@@ -42,7 +44,7 @@ def test_stop_names_what_had_to_be_killed(kind):
                                "signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)"), line
         assert 2 <= took < 5
     else:
-        assert stopped == [f"gateway (PID {proc.pid})"] and took < 2
+        assert stopped == [f"gateway (PID {proc.pid})"] and took < 30
     deadline = time.monotonic() + 5
     while alive(child):
         assert time.monotonic() < deadline
