@@ -44,7 +44,7 @@ def test_stop_names_what_had_to_be_killed(kind):
                                "signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)"), line
         assert 2 <= took < 5
     else:
-        assert stopped == [f"gateway (PID {proc.pid})"] and took < 30
+        assert stopped == [f"gateway (PID {proc.pid})"]
     deadline = time.monotonic() + 5
     while alive(child):
         assert time.monotonic() < deadline
