@@ -461,6 +461,24 @@ def analyse(runs: dict[str, dict[int, dict]], ref: str, rg: Regime) -> dict:
     if interp_check:
         diffs = [abs(v["rel_diff"]) for v in interp_check.values() if v["rel_diff"] is not None]
         interp_check["within_2pct"] = all(d <= 0.02 for d in diffs) if diffs else None
+    # post hoc (protocol amendment of 2026-11-30, evening): the check above is empty when msg never reaches scratch's
+    # final loss, so the 1% grid's error is also measured on the densely evaluated curves for the losses they do
+    # cross: every arm's seed-0 final val loss
+    dense_error = {}
+    for arm in (ref, "msg"):
+        run = runs.get(arm, {}).get(s0)
+        if run is None or run["spec"]["eval_pct"] != rg.dense_eval_pct:
+            continue
+        coarse = set(eval_steps(run["spec"]["steps"], rg.eval_pct))
+        rows = {}
+        for other in (a for a in runs if a != arm and s0 in runs[a]):
+            target = runs[other][s0]["final_val_loss"]
+            dense_x, coarse_x = reach(*curve(run, "flops"), target), reach(*curve(run, "flops", coarse), target)
+            if dense_x is not None and coarse_x is not None:
+                rows[other] = {"target_val_loss": target, "reach_flops_dense": dense_x,
+                               "reach_flops_1pct": coarse_x, "rel_diff": coarse_x / dense_x - 1}
+        dense_error[arm] = {"targets": rows, "max_abs_rel_diff": max((abs(r["rel_diff"]) for r in rows.values()),
+                                                                     default=None)}
     arms = {arm: {"label": ARMS[arm][0], "steps": next(iter(r.values()))["spec"]["steps"],
                   "lr": next(iter(r.values()))["spec"]["lr"], "flops": next(iter(r.values()))["flops"],
                   "tokens": next(iter(r.values()))["tokens"], "epochs": next(iter(r.values()))["epochs"],
@@ -472,7 +490,7 @@ def analyse(runs: dict[str, dict[int, dict]], ref: str, rg: Regime) -> dict:
                   "seeds": sorted(r)}
             for arm, r in runs.items()}
     return {"reference": ref, "arms": arms, "speedup_to_scratch_final_loss": sp, "claims": claims,
-            "interpolation_check": interp_check}
+            "interpolation_check": interp_check, "interpolation_error_dense_curves": dense_error}
 
 
 # --- plot -----------------------------------------------------------------------------------------------------------

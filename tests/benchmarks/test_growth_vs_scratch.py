@@ -83,6 +83,13 @@ def test_quick_campaign_and_resume(tmp_path, micro_data):
     assert set(claims["equal_compute"]["arms"]) == {"msg", "scratch_at_msg", "stack_at_msg", "small_at_msg"}
     assert isinstance(claims["speed"]["met"], bool)
     assert "msg" in head["interpolation_check"]  # seed 0's msg ran on the dense grid
+    # the 1% grid's error on the dense curves, for every other arm's final loss they cross
+    dense = head["interpolation_error_dense_curves"]
+    assert set(dense) == {ref, "msg"}
+    for curve in dense.values():
+        rows = curve["targets"].values()
+        assert all(r["rel_diff"] == pytest.approx(r["reach_flops_1pct"] / r["reach_flops_dense"] - 1) for r in rows)
+        assert curve["max_abs_rel_diff"] == (max(abs(r["rel_diff"]) for r in rows) if rows else None)
 
     # a killed campaign: one lost run is the only one trained again, the rest are read back
     lost = res / "headline" / runs["headline"][0]
