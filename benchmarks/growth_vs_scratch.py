@@ -598,7 +598,7 @@ def run_headline(c: Campaign, pilot: dict) -> dict:
         return {"status": "headline runs unfinished"}
     result = {"budget_tokens": budget, "steps": steps, "sweeps": sweeps, **analyse(runs, ref, rg)}
     sp = result["speedup_to_scratch_final_loss"].get("msg")
-    fmt = "n/a" if not sp or sp["flops"]["mean"] is None else (
+    fmt = "n/a" if not sp else f"never reached ({sp['reached']})" if sp["flops"]["mean"] is None else (
         f"{sp['flops']['mean']:.2f}x ± {sp['flops']['std']:.2f} in FLOPs (min {sp['flops']['min']:.2f}x), "
         f"reached on {sp['reached']}")
     plot(runs, ref, c.results / "headline.png", f"Shakespeare BPE {c.vocab}, target {rg.target[0]}x{rg.target[1]}, "
