@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 CHECK_PY ?= python3.12
 
-.PHONY: setup test lint demo clean system-packages check-client check-py check-py312
+.PHONY: setup test lint demo compose-check clean system-packages check-client check-py check-py312
 
 setup: $(STAMP) system-packages
 
@@ -50,6 +50,11 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.15"
 	$(BIN)/pip install --quiet -e ".[dev]" torch==$(TORCH_VERSION)
 	touch $(STAMP)
+
+# docker-compose.yml run for real (not part of `make test`: it builds images and takes ~15 min; needs root, which
+# installs docker.io, docker-compose and debootstrap when missing): benchmarks/compose_check.py
+compose-check: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python benchmarks/compose_check.py
 
 lint: setup
 	$(BIN)/ruff check .
