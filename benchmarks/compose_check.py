@@ -45,6 +45,9 @@ DEBIAN = "flm/debian-local:bookworm"
 LOCAL_PYTHON, LOCAL_POSTGRES = "flm/local-python:3.11", "flm/local-postgres:15"
 TORCH = "torch==2.13.0"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# set by ensure_tools (the docker client, the compose command) and main (the stack's secrets, POSTGRES_IMAGE)
+DOCKER, COMPOSE = "docker", None
+ENV: dict[str, str] = {}
 
 
 class CheckFailed(Exception):
@@ -336,9 +339,6 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(result, indent=1, default=str))
     return 0 if result["passed"] else 1
 
-
-DOCKER, COMPOSE = "docker", None
-ENV: dict[str, str] = {}
 
 if __name__ == "__main__":
     sys.exit(main())
