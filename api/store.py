@@ -136,7 +136,12 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {}
+    if url.startswith("postgresql+psycopg") and "client_encoding" not in url:
+        # a database created SQL_ASCII (initdb without a locale, as a bare container makes it) would otherwise hand
+        # psycopg bytes, which SQLAlchemy's first query cannot parse; UTF-8 both ways stores what we send as sent
+        connect_args["client_encoding"] = "utf8"
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def migrate(engine: Engine) -> None:

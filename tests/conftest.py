@@ -350,10 +350,11 @@ def postgres():
 
         count = itertools.count()
 
-        def new_database() -> str:
+        def new_database(encoding: str = "UTF8") -> str:
             name = f"t{next(count)}"
             with psycopg.connect(admin.replace("+psycopg", ""), autocommit=True) as conn:
-                conn.execute(f"CREATE DATABASE {name}")
+                conn.execute(f"CREATE DATABASE {name}" if encoding == "UTF8" else
+                             f"CREATE DATABASE {name} ENCODING '{encoding}' TEMPLATE template0 LOCALE 'C'")
             return admin.rsplit("/", 1)[0] + f"/{name}"
 
         yield new_database

@@ -181,3 +181,15 @@ def test_unusable_database_url_is_a_user_error_without_its_password():
     with pytest.raises(FLMConfigError, match="FLM_DATABASE_URL: cannot open the store") as err:
         open_store("postgresql+psycopg://flm:s3cret@127.0.0.1:9/flm")
     assert "s3cret" not in str(err.value) and "127.0.0.1:9/flm" in str(err.value)
+
+
+def test_a_sql_ascii_database_works_and_keeps_text_as_sent(postgres):
+    """A database created SQL_ASCII (a server initialised without a locale, as in a bare container) opens, and a
+    name outside ASCII comes back as written: the store talks UTF-8 to it (without that, psycopg got bytes and
+    opening the store failed in SQLAlchemy's version check)."""
+    sessions = open_store(postgres("SQL_ASCII"))
+    with sessions() as s:
+        assert s.execute(text("SHOW server_encoding")).scalar() == "SQL_ASCII"
+    _, row = create_key(sessions, "équipe-東京")
+    assert [k.name for k in list_keys(sessions)] == ["équipe-東京"] and row.name == "équipe-東京"
+
