@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]" torch==$(TORCH_VERSION)
 	touch $(STAMP)
 
-# docker-compose.yml run for real (not part of `make test`: it builds images and takes ~15 min; needs root, which
+# docker-compose.yml run for real (not part of `make test`: it builds images, ~8 min from nothing here; needs root, which
 # installs docker.io, docker-compose and debootstrap when missing): benchmarks/compose_check.py
 compose-check: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python benchmarks/compose_check.py

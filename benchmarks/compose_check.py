@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -173,8 +174,6 @@ def ray_nodes() -> int:
 
 
 def reachable(host: str, port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
         s.settimeout(3)
         return s.connect_ex((host, port)) == 0

@@ -398,6 +398,12 @@ def curve(run: dict, axis: str, steps: set[int] | None = None) -> tuple[list[flo
     return [e[axis] for e in evals], [e["val_loss"] for e in evals]
 
 
+def reach_dense_and_1pct(run: dict, target: float, rg: Regime) -> tuple[float | None, float | None]:
+    """FLOPs at which a densely evaluated run reaches `target`, from all its evaluations and from the 1% grid's."""
+    coarse = set(eval_steps(run["spec"]["steps"], rg.eval_pct))
+    return reach(*curve(run, "flops"), target), reach(*curve(run, "flops", coarse), target)
+
+
 def speedups(runs: dict[str, dict[int, dict]], ref: str) -> dict:
     """Per arm: scratch's total FLOPs (train seconds) / the arm's FLOPs (seconds) to reach scratch's final val loss,
     same seed; 'reached' counts seeds; the final gap (arm - scratch, > 0: above) is given for every seed."""
@@ -453,9 +459,7 @@ def analyse(runs: dict[str, dict[int, dict]], ref: str, rg: Regime) -> dict:
         run, base = runs.get(arm, {}).get(s0), runs[ref][s0]
         if run is None or run["spec"]["eval_pct"] != rg.dense_eval_pct:
             continue
-        coarse = set(eval_steps(run["spec"]["steps"], rg.eval_pct))
-        dense_x = reach(*curve(run, "flops"), base["final_val_loss"])
-        coarse_x = reach(*curve(run, "flops", coarse), base["final_val_loss"])
+        dense_x, coarse_x = reach_dense_and_1pct(run, base["final_val_loss"], rg)
         interp_check[arm] = {"seed": s0, "reach_flops_dense": dense_x, "reach_flops_1pct": coarse_x,
                              "rel_diff": None if None in (dense_x, coarse_x) else coarse_x / dense_x - 1}
     if interp_check:
@@ -469,11 +473,10 @@ def analyse(runs: dict[str, dict[int, dict]], ref: str, rg: Regime) -> dict:
         run = runs.get(arm, {}).get(s0)
         if run is None or run["spec"]["eval_pct"] != rg.dense_eval_pct:
             continue
-        coarse = set(eval_steps(run["spec"]["steps"], rg.eval_pct))
         rows = {}
         for other in (a for a in runs if a != arm and s0 in runs[a]):
             target = runs[other][s0]["final_val_loss"]
-            dense_x, coarse_x = reach(*curve(run, "flops"), target), reach(*curve(run, "flops", coarse), target)
+            dense_x, coarse_x = reach_dense_and_1pct(run, target, rg)
             if dense_x is not None and coarse_x is not None:
                 rows[other] = {"target_val_loss": target, "reach_flops_dense": dense_x,
                                "reach_flops_1pct": coarse_x, "rel_diff": coarse_x / dense_x - 1}

@@ -192,4 +192,3 @@ def test_a_sql_ascii_database_works_and_keeps_text_as_sent(postgres):
         assert s.execute(text("SHOW server_encoding")).scalar() == "SQL_ASCII"
     _, row = create_key(sessions, "équipe-東京")
     assert [k.name for k in list_keys(sessions)] == ["équipe-東京"] and row.name == "équipe-東京"
-
